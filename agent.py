@@ -1,0 +1,1838 @@
+"""arcbox-agent: a tiny PID 1 for Linux VM guests that the host can power off cleanly.
+
+One flat, stdlib-only module. In the guest it runs as init (PID 1), speaks the ArcBox
+host<->guest wire protocol (format V2) on AF_VSOCK port 1024 and, when the host asks, tears
+the guest down in order: ack, SIGTERM+SIGCONT to everyone, reap until nobody is left or the
+grace ends, SIGKILL, reap, sync, reboot(LINUX_REBOOT_CMD_POWER_OFF). On the host the same
+file is the client: `ping`, `info`, `shutdown`.
+
+Sections, top-down:
+  1. constants and configuration      5. the shutdown sequence (state machine)
+  2. wire codec (frames, proto3)      6. the event loop (connections, signals, timers)
+  3. requests (Ping, Info, Shutdown)  7. host-side client commands
+  4. PID 1 duties (reaping, reboot)   8. main()
+
+Import discipline: the guest path imports only os, signal, socket, time, ctypes (plus sys and
+C built-ins such as select, errno, _struct, which need no .py files). A minimal guest carries
+only the stdlib files those pull in. Host-side commands import argparse/json lazily.
+"""
+
+import errno
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from struct import Struct
+
+__version__ = "0.1.0"
+PROG = "arcbox-agent"
+
+
+# =============================================================================================
+# 1. Constants and configuration
+# =============================================================================================
+
+AGENT_PORT = 1024                 # ArcBox: the guest agent listens on vsock port 1024
+VMADDR_CID_ANY = 0xFFFFFFFF       # -1U: bind on every CID (Python 3.11 lacks some constants)
+VMADDR_CID_LOCAL = 1              # vsock_loopback: a guest talking to itself
+VMADDR_CID_HOST = 2               # the hypervisor/host side of vsock
+
+HOST_REPLY_BUDGET = 2.0           # ArcBox host waits 2 s for the ShutdownResponse
+
+# reboot(2) commands, from <linux/reboot.h>. The libc wrapper adds the two magic numbers
+# (0xFEE1DEAD, 672274793) the raw syscall also wants.
+LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+LINUX_REBOOT_CMD_RESTART = 0x01234567
+LINUX_REBOOT_CMD_HALT = 0xCDEF0123
+LINUX_REBOOT_CMD_CAD_OFF = 0x00000000   # Ctrl-Alt-Del becomes SIGINT to PID 1
+
+REBOOT_COMMANDS = {
+    "poweroff": LINUX_REBOOT_CMD_POWER_OFF,
+    "reboot": LINUX_REBOOT_CMD_RESTART,
+    "halt": LINUX_REBOOT_CMD_HALT,
+}
+
+LOG_LEVELS = {"error": 0, "warn": 1, "info": 2, "debug": 3}
+
+
+class ConfigError(ValueError):
+    """A flag or cmdline value that cannot be used; the message says why."""
+
+
+def parse_seconds(text):
+    """'25', '1.5', '2s', '500ms' -> float seconds (> 0, at most a day)."""
+    s = str(text).strip().lower()
+    scale = 1.0
+    if s.endswith("ms"):
+        s, scale = s[:-2], 0.001
+    elif s.endswith("s"):
+        s = s[:-1]
+    try:
+        value = float(s) * scale
+    except ValueError:
+        raise ConfigError("%r is not a duration (try 25, 1.5, 2s or 500ms)" % (text,))
+    if not (0 < value <= 86400):       # NaN fails this test too
+        raise ConfigError("%r is out of range (0 < seconds <= 86400)" % (text,))
+    return value
+
+
+def _int_in_range(lo, hi):
+    def parse(text):
+        try:
+            value = int(str(text).strip(), 0)
+        except ValueError:
+            raise ConfigError("%r is not a whole number" % (text,))
+        if not lo <= value <= hi:
+            raise ConfigError("%r is out of range (%d..%d)" % (text, lo, hi))
+        return value
+    return parse
+
+
+def _choice(*names):
+    def parse(text):
+        value = str(text).strip().lower()
+        if value not in names:
+            raise ConfigError("%r is not one of %s" % (text, ", ".join(names)))
+        return value
+    return parse
+
+
+def _parse_cid(text):
+    named = {"any": VMADDR_CID_ANY, "-1": VMADDR_CID_ANY, "local": VMADDR_CID_LOCAL,
+             "host": VMADDR_CID_HOST}
+    if text.lower() in named:
+        return named[text.lower()]
+    cid = _int_in_range(0, 0xFFFFFFFF)(text)
+    return cid
+
+
+def parse_address(text, default_port=AGENT_PORT):
+    """Parse a listen/connect address into a tuple.
+
+    vsock:CID[:PORT]          ("vsock", cid, port); CID is a number, any, local or host
+    unix:PATH  / unix:@NAME   ("unix", path); @NAME is the Linux abstract namespace
+    hvsock:UDS_PATH[:PORT]    ("hvsock", uds_path, port): Firecracker/Cloud Hypervisor
+    """
+    kind, sep, rest = str(text).partition(":")
+    kind = kind.strip().lower()
+    if not sep or not rest:
+        raise ConfigError("%r is not an address (vsock:CID[:PORT], unix:PATH, "
+                          "hvsock:UDS_PATH[:PORT])" % (text,))
+    if kind == "vsock":
+        cid_text, _, port_text = rest.partition(":")
+        port = _int_in_range(0, 0xFFFFFFFF)(port_text) if port_text else default_port
+        return ("vsock", _parse_cid(cid_text), port)
+    if kind == "unix":
+        return ("unix", rest)
+    if kind == "hvsock":
+        path, _, port_text = rest.rpartition(":")
+        if path and port_text.isdigit():
+            return ("hvsock", path, _int_in_range(0, 0xFFFFFFFF)(port_text))
+        return ("hvsock", rest, default_port)
+    raise ConfigError("%r: unknown address kind %r (vsock, unix, hvsock)" % (text, kind))
+
+
+def format_address(addr):
+    if addr[0] == "vsock":
+        cid = "any" if addr[1] == VMADDR_CID_ANY else str(addr[1])
+        return "vsock:%s:%d" % (cid, addr[2])
+    if addr[0] == "hvsock":
+        return "hvsock:%s:%d" % (addr[1], addr[2])
+    return "%s:%s" % addr[:2]
+
+
+def _parse_listen(text):
+    addrs = [parse_address(part) for part in str(text).split(",") if part.strip()]
+    for addr in addrs:
+        if addr[0] == "hvsock":
+            raise ConfigError("hvsock: is a host-side address; a guest listens on vsock:")
+    if not addrs:
+        raise ConfigError("no address given")
+    return addrs
+
+
+def _parse_allow(text):
+    """'cid:2,cid:3,uid:0' -> {"cid": {2, 3}, "uid": {0}}; 'any' allows every peer."""
+    allow = {"cid": set(), "uid": set(), "any": False}
+    for item in str(text).split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        if item == "any":
+            allow["any"] = True
+            continue
+        kind, _, value = item.partition(":")
+        if kind not in ("cid", "uid") or not value:
+            raise ConfigError("%r: expected cid:N, uid:N or any" % (item,))
+        allow[kind].add(_parse_cid(value) if kind == "cid" else _int_in_range(0, 2**32 - 1)(value))
+    return allow
+
+
+# The serve options: (name, metavar, parser, default, help). The flag is --name (with dashes),
+# the kernel cmdline key is arcbox.name; flags win over the cmdline, which wins over defaults.
+SERVE_OPTIONS = (
+    ("listen", "ADDR", _parse_listen, "vsock:any:1024",
+     "where to listen (repeatable, or comma-separated): vsock:CID:PORT, unix:PATH"),
+    ("grace", "SECONDS", parse_seconds, "25",
+     "SIGTERM grace for signals and for a Shutdown that asks for 0 (ArcBox's default)"),
+    ("action", "ACTION", _choice("poweroff", "reboot", "halt"), "poweroff",
+     "final reboot(2) command: poweroff, reboot (the only one that ends a Firecracker "
+     "x86 VMM), halt"),
+    ("log", "LEVEL", _choice(*LOG_LEVELS), "info", "log level: error, warn, info, debug"),
+    ("allow", "PEERS", _parse_allow, "cid:2,uid:0",
+     "who may request Shutdown: cid:N (vsock peer), uid:N (unix peer), any"),
+    ("max_frame", "BYTES", _int_in_range(64, 16 << 20), "65536",
+     "largest frame accepted; a larger declared length gets an Error and the connection "
+     "is closed"),
+    ("max_conns", "N", _int_in_range(1, 100000), "128",
+     "concurrent connections; a connection beyond it is closed at once"),
+    ("idle_timeout", "SECONDS", parse_seconds, "60",
+     "close a connection that sends nothing for this long"),
+    ("kill_wait", "SECONDS", parse_seconds, "0.5", "how long to reap after SIGKILL"),
+    ("sync_timeout", "SECONDS", parse_seconds, "10", "bound on sync() before power-off"),
+    ("power_timeout", "SECONDS", parse_seconds, "10",
+     "how long reboot(2) may take before the agent declares it failed"),
+)
+
+
+def flag_name(name):
+    return "--" + name.replace("_", "-")
+
+
+def default_config():
+    return {name: parse(default) for name, _, parse, default, _ in SERVE_OPTIONS}
+
+
+def parse_cmdline(text):
+    """Kernel command line -> ({name: raw value}, [problems]). Only arcbox.* words count."""
+    found, problems = {}, []
+    known = {name for name, _, _, _, _ in SERVE_OPTIONS}
+    for word in str(text).split():
+        if not word.startswith("arcbox."):
+            continue
+        key, sep, value = word[len("arcbox."):].partition("=")
+        key = key.replace("-", "_")
+        if key not in known:
+            problems.append("kernel cmdline: unknown key arcbox.%s (ignored)" % key)
+        elif not sep:
+            problems.append("kernel cmdline: arcbox.%s needs =VALUE (ignored)" % key)
+        elif key == "listen" and key in found:
+            found[key] += "," + value
+        else:
+            found[key] = value
+    return found, problems
+
+
+def parse_serve_flags(argv):
+    """argv (after 'serve') -> ({name: [raw values]}, [problems], wants_help)."""
+    by_flag = {flag_name(name): name for name, _, _, _, _ in SERVE_OPTIONS}
+    found, problems, wants_help = {}, [], False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg in ("-h", "--help"):
+            wants_help = True
+            continue
+        flag, eq, value = arg.partition("=")
+        name = by_flag.get(flag)
+        if name is None:
+            problems.append("unknown argument %r" % arg)
+            continue
+        if not eq:
+            if i >= len(argv):
+                problems.append("%s needs a value" % flag)
+                continue
+            value = argv[i]
+            i += 1
+        found.setdefault(name, []).append(value)
+    return found, problems, wants_help
+
+
+def build_config(flags, cmdline):
+    """Defaults < cmdline < flags. Returns (config, [(origin, problem)]), origin "flag" or
+    "cmdline": a bad value keeps what was there before and is named, never raised."""
+    config = default_config()
+    problems = []
+    parsers = {name: parse for name, _, parse, _, _ in SERVE_OPTIONS}
+    layers = (("cmdline", {k: [v] for k, v in cmdline.items()}), ("flag", flags))
+    for origin, values in layers:
+        for name, raws in values.items():
+            label = "arcbox." + name if origin == "cmdline" else flag_name(name)
+            try:
+                if name == "listen":
+                    config[name] = [a for raw in raws for a in parsers[name](raw)]
+                else:
+                    config[name] = parsers[name](raws[-1])
+            except ConfigError as exc:
+                problems.append((origin, "%s: %s; keeping %s" % (label, exc,
+                                                                 _describe(name, config[name]))))
+    return config, problems
+
+
+def _describe(name, value):
+    if name == "listen":
+        return ",".join(format_address(a) for a in value)
+    if name == "allow":
+        if value["any"]:
+            return "any"
+        return ",".join(["cid:%d" % c for c in sorted(value["cid"])] +
+                        ["uid:%d" % u for u in sorted(value["uid"])])
+    return "%g" % value if isinstance(value, float) else str(value)
+
+
+# =============================================================================================
+# 2. Wire codec: frames, a tiny proto3 encoder/decoder, Error payloads (pure functions)
+# =============================================================================================
+
+MSG_EMPTY = 0x0000
+MSG_PING = 0x0001
+MSG_GET_SYSTEM_INFO = 0x0002
+MSG_SHUTDOWN = 0x000A
+MSG_ERROR = 0xFFFF
+RESPONSE_BIT = 0x1000             # a response is request | 0x1000
+REQUEST_MAX = 0x0FFF              # requests are 0x0001..0x0FFF
+
+MESSAGE_NAMES = {
+    0x0001: "Ping", 0x0002: "GetSystemInfo", 0x0003: "EnsureRuntime", 0x0004: "RuntimeStatus",
+    0x0005: "Kubernetes", 0x0006: "Kubernetes", 0x0007: "Kubernetes", 0x0008: "Kubernetes",
+    0x0009: "Kubernetes", 0x000A: "Shutdown",
+}
+
+ERROR_INVALID = 400               # the Rust agent's code for "invalid request: ..."
+ERROR_FORBIDDEN = 403             # peer not allowed to ask for this
+ERROR_UNSUPPORTED = 501           # a known ArcBox request this agent does not implement
+ERROR_UNAVAILABLE = 503           # cannot do it here (not PID 1, not Linux)
+
+_FRAME_HEAD = Struct(">IIH")      # u32 length, u32 type, u16 trace_len (big-endian)
+_FRAME_PREFIX = Struct(">II")
+_TRACE_LEN = Struct(">H")
+_ERROR_HEAD = Struct(">iI")       # i32 code, u32 msg_len
+_DOUBLE_LE = Struct("<d")         # proto3 doubles are little-endian
+_FIXED64_LE = Struct("<Q")
+_FIXED32_LE = Struct("<I")
+
+
+class ProtocolError(ValueError):
+    """Bytes that do not follow the wire protocol. `fatal` means the frame boundary is lost
+    and the connection can no longer be trusted."""
+
+    def __init__(self, message, fatal=False):
+        ValueError.__init__(self, message)
+        self.fatal = fatal
+
+
+def encode_frame(msg_type, payload=b"", trace=b""):
+    return _FRAME_HEAD.pack(6 + len(trace) + len(payload), msg_type, len(trace)) + trace + payload
+
+
+def decode_frame(buf, max_frame):
+    """Take one frame off the front of buf (bytes/bytearray).
+
+    Returns (msg_type, trace, payload, consumed), or None when more bytes are needed.
+    Raises ProtocolError(fatal=True) when the length field cannot be honoured (too short to
+    hold the type, or over max_frame: never allocated), and a non-fatal ProtocolError with
+    `consumed` set when one complete frame is malformed but the stream is still in step.
+    """
+    if len(buf) < _FRAME_PREFIX.size:
+        if len(buf) >= 4:          # judge the length as soon as it is known
+            _check_length(int.from_bytes(bytes(buf[:4]), "big"), max_frame)
+        return None
+    length, msg_type = _FRAME_PREFIX.unpack_from(buf)
+    _check_length(length, max_frame)
+    end = 4 + length
+    if len(buf) < end:
+        return None
+    body = bytes(buf[8:end])
+    if length < 6:
+        # Too short for the trace field: like the Rust agent, the 0-1 bytes left are payload.
+        return msg_type, b"", body, end
+    (trace_len,) = _TRACE_LEN.unpack_from(body)
+    if 2 + trace_len > len(body):
+        err = ProtocolError("trace length %d overruns the frame (%d bytes left)"
+                            % (trace_len, len(body) - 2))
+        err.consumed = end
+        err.msg_type = msg_type
+        raise err
+    return msg_type, body[2:2 + trace_len], body[2 + trace_len:], end
+
+
+def _check_length(length, max_frame):
+    if length < 4:
+        raise ProtocolError("frame length %d is too short to hold a message type" % length,
+                            fatal=True)
+    if length > max_frame:
+        raise ProtocolError("frame length %d exceeds the limit of %d bytes" % (length, max_frame),
+                            fatal=True)
+
+
+def encode_error(code, message):
+    data = message.encode("utf-8", "replace")
+    return _ERROR_HEAD.pack(code, len(data)) + data
+
+
+def decode_error(payload):
+    """Error payload -> (code, message). Lenient: a short message is returned as found."""
+    if len(payload) < _ERROR_HEAD.size:
+        raise ProtocolError("error payload of %d bytes is too short" % len(payload))
+    code, length = _ERROR_HEAD.unpack_from(payload)
+    text = payload[_ERROR_HEAD.size:_ERROR_HEAD.size + length]
+    return code, text.decode("utf-8", "replace")
+
+
+# ---- proto3 -------------------------------------------------------------------------------
+
+WT_VARINT, WT_I64, WT_LEN, WT_SGROUP, WT_EGROUP, WT_I32 = 0, 1, 2, 3, 4, 5
+_U64 = (1 << 64) - 1
+_MAX_GROUP_DEPTH = 32             # bound recursion on (deprecated) group fields
+
+
+def encode_varint(value):
+    value &= _U64                 # negative int64 -> two's complement, 10 bytes
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def decode_varint(data, pos):
+    """-> (value, new_pos). At most 10 bytes, as protobuf allows."""
+    result = shift = 0
+    for i in range(pos, min(pos + 10, len(data))):
+        byte = data[i]
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result & _U64, i + 1
+        shift += 7
+    if len(data) - pos >= 10:
+        raise ProtocolError("varint longer than 10 bytes")
+    raise ProtocolError("truncated varint")
+
+
+def iter_fields(data, _depth=0):
+    """Yield (field_number, wire_type, value) for each field; value is an int for varint,
+    fixed32 and fixed64, bytes for length-delimited. Groups are skipped whole."""
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = decode_varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if field == 0 or field > 0x1FFFFFFF:
+            raise ProtocolError("invalid field number %d" % field)
+        if wire == WT_VARINT:
+            value, pos = decode_varint(data, pos)
+        elif wire == WT_I64:
+            if pos + 8 > end:
+                raise ProtocolError("truncated fixed64 field %d" % field)
+            (value,) = _FIXED64_LE.unpack_from(data, pos)
+            pos += 8
+        elif wire == WT_I32:
+            if pos + 4 > end:
+                raise ProtocolError("truncated fixed32 field %d" % field)
+            (value,) = _FIXED32_LE.unpack_from(data, pos)
+            pos += 4
+        elif wire == WT_LEN:
+            length, pos = decode_varint(data, pos)
+            if length > end - pos:
+                raise ProtocolError("field %d: length %d overruns the message" % (field, length))
+            value = bytes(data[pos:pos + length])
+            pos += length
+        elif wire == WT_SGROUP:
+            pos = _skip_group(data, pos, field, _depth + 1)
+            continue
+        else:
+            raise ProtocolError("field %d: unexpected wire type %d" % (field, wire))
+        yield field, wire, value
+
+
+def _skip_group(data, pos, group_field, depth):
+    if depth > _MAX_GROUP_DEPTH:
+        raise ProtocolError("groups nested too deeply")
+    end = len(data)
+    while pos < end:
+        key, pos = decode_varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == WT_EGROUP:
+            if field != group_field:
+                raise ProtocolError("group %d closed by end-group %d" % (group_field, field))
+            return pos
+        if wire == WT_VARINT:
+            _, pos = decode_varint(data, pos)
+        elif wire == WT_I64:
+            pos += 8
+        elif wire == WT_I32:
+            pos += 4
+        elif wire == WT_LEN:
+            length, pos = decode_varint(data, pos)
+            pos += length
+        elif wire == WT_SGROUP:
+            pos = _skip_group(data, pos, field, depth + 1)
+        else:
+            raise ProtocolError("field %d: unexpected wire type %d" % (field, wire))
+        if pos > end:
+            raise ProtocolError("truncated field %d inside group %d" % (field, group_field))
+    raise ProtocolError("group %d is not closed" % group_field)
+
+
+# A schema maps field number -> (name, kind). Kinds: string, int64, uint64, uint32, bool,
+# doubles (repeated double, packed), strings (repeated string).
+PING_REQUEST = {1: ("message", "string"), 2: ("timestamp_secs", "int64")}
+PING_RESPONSE = {1: ("message", "string"), 2: ("version", "string")}
+SYSTEM_INFO = {
+    1: ("kernel_version", "string"), 2: ("os_name", "string"), 3: ("os_version", "string"),
+    4: ("arch", "string"), 5: ("total_memory", "uint64"), 6: ("available_memory", "uint64"),
+    7: ("cpu_count", "uint32"), 8: ("load_average", "doubles"), 9: ("hostname", "string"),
+    10: ("uptime", "uint64"), 11: ("ip_addresses", "strings"),
+}
+SHUTDOWN_REQUEST = {1: ("timeout_seconds", "uint32")}
+SHUTDOWN_RESPONSE = {1: ("accepted", "bool")}
+
+_KIND_DEFAULTS = {"string": "", "int64": 0, "uint64": 0, "uint32": 0, "bool": False}
+
+
+def encode_message(schema, values):
+    """Encode fields in field-number order, omitting proto3 defaults."""
+    out = bytearray()
+    for number in sorted(schema):
+        name, kind = schema[number]
+        value = values.get(name)
+        if kind == "doubles":
+            if value:
+                packed = b"".join(_DOUBLE_LE.pack(float(v)) for v in value)
+                out += encode_varint(number << 3 | WT_LEN) + encode_varint(len(packed)) + packed
+        elif kind == "strings":
+            for item in value or ():
+                data = item.encode("utf-8")
+                out += encode_varint(number << 3 | WT_LEN) + encode_varint(len(data)) + data
+        elif kind == "string":
+            if value:
+                data = value.encode("utf-8")
+                out += encode_varint(number << 3 | WT_LEN) + encode_varint(len(data)) + data
+        elif value:               # int64, uint64, uint32, bool
+            out += encode_varint(number << 3 | WT_VARINT) + encode_varint(int(value))
+    return bytes(out)
+
+
+def decode_message(schema, data):
+    """Decode into {name: value}, defaults filled in, unknown fields skipped. Raises only
+    ProtocolError (bad UTF-8 in a string, wrong wire type for a known field, truncation)."""
+    result = {}
+    for name, kind in schema.values():
+        result[name] = [] if kind in ("doubles", "strings") else _KIND_DEFAULTS[kind]
+    for number, wire, value in iter_fields(data):
+        spec = schema.get(number)
+        if spec is None:
+            continue
+        name, kind = spec
+        if kind in ("string", "strings"):
+            _expect(wire, WT_LEN, name)
+            try:
+                text = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError("field %s is not valid UTF-8" % name)
+            if kind == "string":
+                result[name] = text
+            else:
+                result[name].append(text)
+        elif kind == "doubles":
+            # Parsers must accept both packed and unpacked encodings of repeated scalars.
+            if wire == WT_LEN:
+                if len(value) % 8:
+                    raise ProtocolError("packed doubles in %s: %d bytes is not a multiple of 8"
+                                        % (name, len(value)))
+                result[name].extend(_DOUBLE_LE.unpack_from(value, i)[0]
+                                    for i in range(0, len(value), 8))
+            else:
+                _expect(wire, WT_I64, name)
+                result[name].append(_DOUBLE_LE.unpack(_FIXED64_LE.pack(value))[0])
+        else:
+            _expect(wire, WT_VARINT, name)
+            if kind == "int64":
+                value = value - (1 << 64) if value >> 63 else value
+            elif kind == "uint32":
+                value &= 0xFFFFFFFF   # protobuf truncates an over-long uint32
+            elif kind == "bool":
+                value = value != 0
+            result[name] = value
+    return result
+
+
+def _expect(wire, wanted, name):
+    if wire != wanted:
+        raise ProtocolError("field %s has wire type %d, expected %d" % (name, wire, wanted))
+
+
+# =============================================================================================
+# 3. Requests: Ping, GetSystemInfo, Shutdown
+# =============================================================================================
+
+def _read_text(path, limit=1 << 20):
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return ""
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            limit -= len(chunk)
+            if limit <= 0:
+                break
+        return b"".join(chunks).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+
+
+def _meminfo():
+    values = {}
+    for line in _read_text("/proc/meminfo").splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key] = int(parts[0]) * 1024   # /proc/meminfo counts kB
+    return values
+
+
+def _ipv4_addresses(fib_trie):
+    """Local IPv4 addresses from /proc/net/fib_trie: an address line followed by
+    '/32 host LOCAL'. Loopback is left out. No external command, no ioctl."""
+    found, last = [], None
+    for line in fib_trie.splitlines():
+        text = line.strip()
+        if text.startswith("|--"):
+            last = text[3:].strip()
+        elif "/32 host LOCAL" in text and last:
+            if not last.startswith("127.") and last not in found:
+                found.append(last)
+            last = None
+    return found
+
+
+def _ipv6_addresses(if_inet6):
+    """Global IPv6 addresses from /proc/net/if_inet6 (scope 00), loopback/link-local left out."""
+    found = []
+    for line in if_inet6.splitlines():
+        parts = line.split()
+        if len(parts) < 6 or len(parts[0]) != 32 or parts[3] != "00":
+            continue
+        groups = [parts[0][i:i + 4] for i in range(0, 32, 4)]
+        addr = socket.inet_ntop(socket.AF_INET6, bytes.fromhex("".join(groups)))
+        if addr not in found:
+            found.append(addr)
+    return found
+
+
+def gather_system_info():
+    uname = os.uname()
+    mem = _meminfo()
+    load = []
+    for word in _read_text("/proc/loadavg").split()[:3]:
+        try:
+            load.append(float(word))
+        except ValueError:
+            pass
+    try:
+        uptime = int(float(_read_text("/proc/uptime").split()[0]))
+    except (ValueError, IndexError):
+        uptime = 0
+    return {
+        "kernel_version": uname.release, "os_name": uname.sysname, "os_version": uname.version,
+        "arch": uname.machine, "total_memory": mem.get("MemTotal", 0),
+        "available_memory": mem.get("MemAvailable", 0), "cpu_count": os.cpu_count() or 0,
+        "load_average": load, "hostname": socket.gethostname(), "uptime": uptime,
+        "ip_addresses": (_ipv4_addresses(_read_text("/proc/net/fib_trie"))
+                         + _ipv6_addresses(_read_text("/proc/net/if_inet6"))),
+    }
+
+
+def request_name(msg_type):
+    return "%s (0x%04X)" % (MESSAGE_NAMES.get(msg_type, "unknown"), msg_type)
+
+
+class Refused(Exception):
+    """A request the agent understood but will not do; becomes an Error frame."""
+
+    def __init__(self, code, message):
+        Exception.__init__(self, message)
+        self.code = code
+
+
+def handle_request(agent, conn, msg_type, payload):
+    """One request -> (response type, response payload). Raises ProtocolError for bytes
+    that do not decode and Refused for requests that are not allowed or not possible."""
+    if msg_type == MSG_PING:
+        request = decode_message(PING_REQUEST, payload)
+        if request["timestamp_secs"] > 0:
+            agent.maybe_set_clock(conn, request["timestamp_secs"])
+        message = "pong: " + request["message"] if request["message"] else "pong"
+        return msg_type | RESPONSE_BIT, encode_message(
+            PING_RESPONSE, {"message": message, "version": __version__})
+    if msg_type == MSG_GET_SYSTEM_INFO:
+        return msg_type | RESPONSE_BIT, encode_message(SYSTEM_INFO, gather_system_info())
+    if msg_type == MSG_SHUTDOWN:
+        request = decode_message(SHUTDOWN_REQUEST, payload)
+        grace = float(request["timeout_seconds"]) or None
+        agent.request_shutdown(grace, "Shutdown from " + conn.peer_text, conn)
+        return msg_type | RESPONSE_BIT, encode_message(SHUTDOWN_RESPONSE, {"accepted": True})
+    if msg_type in MESSAGE_NAMES:
+        raise Refused(ERROR_UNSUPPORTED, "unsupported request: %s is not implemented by this "
+                      "agent" % request_name(msg_type))
+    if msg_type == MSG_EMPTY or msg_type > REQUEST_MAX:
+        raise ProtocolError("message type 0x%04X is not a request" % msg_type)
+    raise ProtocolError("unknown message type 0x%04X" % msg_type)
+
+
+# =============================================================================================
+# 4. PID 1 duties: logging, libc, reaping, the final reboot(2)
+# =============================================================================================
+
+_log_level = LOG_LEVELS["info"]
+_log_fd = 2
+
+
+def set_log_level(name):
+    global _log_level
+    _log_level = LOG_LEVELS[name]
+
+
+def log_enabled(level):
+    return LOG_LEVELS[level] <= _log_level
+
+
+def log(level, message):
+    """One line per event: seconds since boot, level, message. Never raises: the console
+    may be missing (fds 0-2 closed) or full."""
+    if LOG_LEVELS[level] > _log_level:
+        return
+    try:
+        line = "[%11.6f] %s %s: %s\n" % (_since_boot(), PROG, level, message)
+        os.write(_log_fd, line.encode("utf-8", "replace"))
+    except (OSError, ValueError):
+        pass
+
+
+def _since_boot():
+    clock = getattr(time, "CLOCK_BOOTTIME", None)
+    if clock is not None:
+        try:
+            return time.clock_gettime(clock)
+        except OSError:
+            pass
+    return time.monotonic()
+
+
+def describe_exception(exc):
+    """Type, message and innermost frames without importing traceback (and linecache...)."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append("%s:%d" % (tb.tb_frame.f_code.co_name, tb.tb_lineno))
+        tb = tb.tb_next
+    return "%s: %s [at %s]" % (type(exc).__name__, exc, " < ".join(reversed(frames[-6:])))
+
+
+def describe_status(status):
+    if os.WIFSIGNALED(status):
+        return "killed by signal %d" % os.WTERMSIG(status)
+    if os.WIFEXITED(status):
+        return "exited with status %d" % os.WEXITSTATUS(status)
+    return "status 0x%x" % status
+
+
+_libc = None
+
+
+def libc():
+    """The C library, loaded without ctypes.util (which would drag in subprocess, tempfile,
+    bz2, lzma). CDLL(None) is the already-loaded libc of this process."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+        # int reboot(int cmd): glibc and musl wrap reboot(2) and add the two magic numbers.
+        _libc.reboot.argtypes = [ctypes.c_int]
+        _libc.reboot.restype = ctypes.c_int
+    return _libc
+
+
+def call_reboot(command):
+    """reboot(2) with a LINUX_REBOOT_CMD_*. Returns 0, or the errno on failure."""
+    import ctypes
+    # cmd is an unsigned magic number; the C prototype takes int, so pass its bit pattern.
+    if libc().reboot(ctypes.c_int(command & 0xFFFFFFFF).value) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def kill_all(sig):
+    """kill(-1, sig): every process but PID 1 and the caller (in a PID namespace, only that
+    namespace). os.P_ALL is 0, which is not this. Returns False when nobody was there."""
+    try:
+        os.kill(-1, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def spawn_helper(body):
+    """Fork a child that runs body() and _exits with its result. Used for the steps that
+    may block (sync) or end this process (reboot): PID 1 survives a failure and keeps its
+    loop. Returns the pid, or None when fork failed."""
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        log("error", "fork failed: %s" % exc)
+        return None
+    if pid == 0:
+        code = 1
+        try:
+            code = body()
+        finally:
+            os._exit(code if isinstance(code, int) and 0 <= code < 256 else 1)
+    return pid
+
+
+# =============================================================================================
+# 5. The shutdown sequence: a state machine stepped by the event loop
+# =============================================================================================
+#
+# What happens on Shutdown, in order (each step bounded, none blocks the loop):
+#   ack   - the ShutdownResponse is written and flushed (bounded by HOST_REPLY_BUDGET);
+#   term  - kill(-1, SIGTERM) then kill(-1, SIGCONT), so stopped processes can run their
+#           TERM handler; reap on every SIGCHLD; leave as soon as no process is left (ECHILD)
+#           or the grace ends;
+#   kill  - kill(-1, SIGKILL) if anybody is left, reap for up to kill_wait;
+#   sync  - sync() in a child, bounded by sync_timeout (a hung disk must not hang power-off);
+#   final - reboot(cmd) in a child, as busybox does: if the kernel cannot power off it
+#           halts and do_exit()s the caller, which then is not PID 1;
+#   failed- reboot() returned or timed out: log loudly, and exit so that the kernel's panic
+#           setting decides (the Rust agent's fallback).
+# A second Shutdown meanwhile is acknowledged and does not restart any clock.
+
+PHASES = ("idle", "ack", "term", "kill", "sync", "final", "failed")
+
+
+class ShutdownSequence:
+    def __init__(self, agent):
+        self.agent = agent
+        self.phase = "idle"
+        self.deadline = None       # when the current phase ends at the latest
+        self.ack_conn = None
+        self.grace = None
+        self.reason = ""
+        self.started = None        # monotonic time of the request
+        self.phase_started = None
+        self.helper = None         # pid of the sync/reboot child
+        self.helper_status = None
+
+    @property
+    def active(self):
+        return self.phase != "idle"
+
+    def begin(self, grace, reason, ack_conn):
+        now = time.monotonic()
+        self.grace = grace
+        self.reason = reason
+        self.ack_conn = ack_conn
+        self.started = now
+        log("info", "shutdown requested (%s): action %s, grace %gs"
+            % (reason, self.agent.config["action"], grace))
+        self._enter("ack", now + HOST_REPLY_BUDGET)
+
+    def _enter(self, phase, deadline=None):
+        now = time.monotonic()
+        if self.phase_started is not None and self.phase != "idle":
+            log("debug", "shutdown phase %s took %.3fs" % (self.phase, now - self.phase_started))
+        self.phase, self.deadline, self.phase_started = phase, deadline, now
+
+    def step(self, now):
+        """Advance as far as possible without blocking. Called after every loop wake-up."""
+        while True:
+            before = self.phase
+            getattr(self, "_step_" + self.phase)(now)
+            if self.phase == before:
+                return
+
+    def _step_idle(self, now):
+        pass
+
+    def _step_ack(self, now):
+        conn = self.ack_conn
+        if conn is not None and not conn.closed and conn.outbuf and now < self.deadline:
+            return
+        if conn is not None and conn.outbuf and not conn.closed:
+            log("warn", "shutdown: the reply was not flushed within %gs; going on"
+                % HOST_REPLY_BUDGET)
+        self.ack_conn = None
+        self._enter("term", now + self.grace)
+        if kill_all(signal.SIGTERM):
+            log("info", "shutdown: SIGTERM sent to all processes (grace %gs)" % self.grace)
+        else:
+            log("info", "shutdown: no processes to signal")
+        kill_all(signal.SIGCONT)   # a stopped process cannot run its TERM handler
+        self.agent.reap()
+
+    def _step_term(self, now):
+        if self.agent.no_children:
+            log("info", "shutdown: all processes gone after %.3fs" % (now - self.phase_started))
+            self._start_sync(now)
+        elif now >= self.deadline:
+            self._enter("kill", now + self.agent.config["kill_wait"])
+            kill_all(signal.SIGKILL)
+            log("info", "shutdown: grace over, SIGKILL sent to the rest")
+            self.agent.reap()
+
+    def _step_kill(self, now):
+        if self.agent.no_children:
+            log("info", "shutdown: all processes gone after SIGKILL")
+            self._start_sync(now)
+        elif now >= self.deadline:
+            log("warn", "shutdown: processes remain %gs after SIGKILL (stuck in the kernel?); "
+                "going on" % self.agent.config["kill_wait"])
+            self._start_sync(now)
+
+    def _start_sync(self, now):
+        self._enter("sync", now + self.agent.config["sync_timeout"])
+        self.helper = spawn_helper(_sync_body)
+        if self.helper is None:
+            os.sync()              # no fork possible: sync inline, unbounded but still done
+        else:
+            self.agent.watch(self.helper, self._helper_done)
+
+    def _helper_done(self, pid, status):
+        if pid == self.helper:
+            self.helper, self.helper_status = None, status
+
+    def _step_sync(self, now):
+        if self.helper is not None and now < self.deadline:
+            return
+        if self.helper is not None:
+            log("warn", "shutdown: sync did not finish within %gs; going on"
+                % self.agent.config["sync_timeout"])
+        else:
+            log("info", "shutdown: filesystems synced in %.3fs" % (now - self.phase_started))
+        self._start_final(now)
+
+    def _start_final(self, now):
+        action = self.agent.config["action"]
+        command = REBOOT_COMMANDS[action]
+        self._enter("final", now + self.agent.config["power_timeout"])
+        log("info", "shutdown: calling reboot(%s) after %.3fs" % (action, now - self.started))
+        self.helper_status = None
+        self.helper = spawn_helper(lambda: min(call_reboot(command), 255) or 0)
+        if self.helper is None:
+            # Without a child, call it here: success ends this process (which is the goal).
+            self.helper_status = call_reboot(command) << 8
+        else:
+            self.agent.watch(self.helper, self._helper_done)
+
+    def _step_final(self, now):
+        if self.helper is not None and now < self.deadline:
+            return
+        if self.helper is not None:
+            why = "the guest is still up %gs after reboot()" % self.agent.config["power_timeout"]
+        else:
+            status = self.helper_status
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 0
+            why = ("reboot() failed: %s" % os.strerror(code) if code else
+                   "reboot() returned without powering off (%s)" % describe_status(status))
+        self._enter("failed")
+        self.agent.power_off_failed(why)
+
+    def _step_failed(self, now):
+        pass
+
+
+def _sync_body():
+    os.sync()                      # sync(2): flush every filesystem (reboot() does not)
+    return 0
+
+
+# =============================================================================================
+# 6. The event loop: listeners, connections, signals, timers - one thread
+# =============================================================================================
+
+OUTBUF_LIMIT = 256 * 1024         # stop reading a connection whose peer does not read
+READ_CHUNK = 65536
+ACCEPT_BATCH = 64                 # accepts per wake-up, so one listener cannot starve others
+LISTEN_BACKLOG = 128
+ACCEPT_PAUSE = 0.25               # after EMFILE/ENFILE: no accept() for this long
+BIND_RETRY_FIRST, BIND_RETRY_MAX = 0.1, 5.0
+
+_POLLIN = select.POLLIN | getattr(select, "POLLPRI", 0)
+_POLLOUT = select.POLLOUT
+_POLLFAIL = select.POLLHUP | select.POLLERR | getattr(select, "POLLNVAL", 0)
+_SO_PEERCRED_SIZE = Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+
+
+class Listener:
+    def __init__(self, addr):
+        self.addr = addr
+        self.sock = None
+        self.retry_at = 0.0        # monotonic time of the next bind attempt
+        self.backoff = BIND_RETRY_FIRST
+        self.failures = 0
+        self.paused_until = 0.0
+
+    @property
+    def text(self):
+        return format_address(self.addr)
+
+    def open(self):
+        kind = self.addr[0]
+        if kind == "vsock":
+            family = getattr(socket, "AF_VSOCK", None)
+            if family is None:
+                raise OSError(errno.EAFNOSUPPORT, "this Python/OS has no AF_VSOCK")
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            bind_to = (self.addr[1], self.addr[2])
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            bind_to = self.addr[1]
+            if bind_to.startswith("@"):
+                bind_to = "\0" + bind_to[1:]
+            else:
+                _remove_stale_socket(bind_to)
+        try:
+            sock.bind(bind_to)
+            if kind == "unix" and not bind_to.startswith("\0"):
+                # Ping and GetSystemInfo are open to every local user; Shutdown is checked by
+                # the peer's credentials, not by file modes.
+                os.chmod(bind_to, 0o666)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+    def close(self):
+        if self.sock is None:
+            return
+        self.sock.close()
+        self.sock = None
+        if self.addr[0] == "unix" and not self.addr[1].startswith("@"):
+            _remove_stale_socket(self.addr[1])
+
+
+def _remove_stale_socket(path):
+    import stat
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+class Connection:
+    __slots__ = ("sock", "fd", "peer", "peer_text", "inbuf", "outbuf", "last_active",
+                 "closing", "closed", "eof")
+
+    def __init__(self, sock, peer, peer_text, now):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer           # ("vsock", cid, port) or ("unix", pid, uid, gid)
+        self.peer_text = peer_text
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.last_active = now
+        self.closing = False       # close once outbuf is flushed
+        self.closed = False
+        self.eof = False
+
+
+def _peer_of(sock, family):
+    if family == getattr(socket, "AF_VSOCK", -1):
+        try:
+            cid, port = sock.getpeername()
+        except OSError:
+            cid, port = -1, -1
+        return ("vsock", cid, port), "vsock peer cid %d port %d" % (cid, port)
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _SO_PEERCRED_SIZE.size)
+        pid, uid, gid = _SO_PEERCRED_SIZE.unpack(raw)
+    except (OSError, AttributeError):
+        pid, uid, gid = 0, -1, -1
+    return ("unix", pid, uid, gid), "unix peer pid %d uid %d" % (pid, uid)
+
+
+class Agent:
+    """The guest side: one event loop in one thread."""
+
+    def __init__(self, config, is_init=None):
+        self.config = config
+        self.is_init = (os.getpid() == 1) if is_init is None else is_init
+        self.listeners = [Listener(addr) for addr in config["listen"]]
+        self.conns = {}            # fd -> Connection
+        self.watched = {}          # pid -> callback(pid, status) for our own helpers
+        self.no_children = False   # waitpid said ECHILD: nobody left to reap
+        self.pending_signals = []
+        self.exit_code = None      # set to leave run() (never when PID 1)
+        self.shutdown = ShutdownSequence(self)
+        self.poller = select.poll()
+        self.registered = {}       # fd -> event mask
+        self.wake_r = self.wake_w = -1
+
+    # ---- set-up -------------------------------------------------------------------------
+    def setup(self):
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        self.poller.register(self.wake_r, select.POLLIN)
+        for sig in self._handled_signals():
+            signal.signal(sig, self._on_signal)
+        if self.is_init and sys.platform.startswith("linux"):
+            err = call_reboot(LINUX_REBOOT_CMD_CAD_OFF)
+            log("debug", "reboot(CAD_OFF): %s" % (os.strerror(err) if err else "Ctrl-Alt-Del "
+                                                  "now sends SIGINT"))
+        now = time.monotonic()
+        for listener in self.listeners:
+            self._try_open(listener, now)
+
+    @staticmethod
+    def _handled_signals():
+        names = ("SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
+                 "SIGPWR")
+        return [getattr(signal, n) for n in names if hasattr(signal, n)]
+
+    def _on_signal(self, signum, frame):
+        # Runs between bytecodes; the wakeup fd has already woken poll(). Only record it.
+        self.pending_signals.append(signum)
+
+    def _try_open(self, listener, now):
+        try:
+            listener.open()
+        except OSError as exc:
+            listener.failures += 1
+            listener.retry_at = now + listener.backoff
+            level = "warn" if listener.failures == 1 else "debug"
+            log(level, "cannot listen on %s: %s; retrying in %gs"
+                % (listener.text, exc.strerror or exc, listener.backoff))
+            listener.backoff = min(listener.backoff * 2, BIND_RETRY_MAX)
+            return
+        log("info", "listening on %s" % listener.text)
+        listener.failures = 0
+
+    # ---- the loop -----------------------------------------------------------------------
+    def run(self):
+        """Serve until exit_code is set (never as PID 1). Nothing escapes: an exception in
+        one step is logged and the loop goes on."""
+        self.setup()
+        log("info", "ready (pid %d, version %s)" % (os.getpid(), __version__))
+        self.reap()
+        errors = 0
+        while self.exit_code is None:
+            try:
+                self.loop_once(0.05 if errors else None)
+                errors = 0
+            except Exception as exc:   # a bug must not kill init: log it and keep serving
+                errors += 1
+                log("error", "internal error (kept serving): %s" % describe_exception(exc))
+        self.close_all()
+        return self.exit_code
+
+    def loop_once(self, max_wait=None):
+        timeout = self._next_timeout(time.monotonic())
+        if max_wait is not None:
+            timeout = max_wait if timeout is None else min(timeout, max_wait)
+        self._sync_registrations()
+        try:
+            events = self.poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+        except InterruptedError:
+            events = []
+        for fd, mask in events:
+            if fd == self.wake_r:
+                _drain(fd)
+                continue
+            conn = self.conns.get(fd)
+            if conn is not None:
+                self._serve_connection(conn, mask)
+                continue
+            for listener in self.listeners:
+                if listener.sock is not None and listener.sock.fileno() == fd:
+                    self._accept(listener)
+        self._handle_signals()
+        self.reap()
+        now = time.monotonic()
+        self._run_timers(now)
+        self.shutdown.step(now)
+
+    def _next_timeout(self, now):
+        deadlines = []
+        if self.shutdown.deadline is not None:
+            deadlines.append(self.shutdown.deadline)
+        for listener in self.listeners:
+            if listener.sock is None:
+                deadlines.append(listener.retry_at)
+            elif listener.paused_until:
+                deadlines.append(listener.paused_until)
+        if self.conns:
+            idle = self.config["idle_timeout"]
+            deadlines.append(min(c.last_active for c in self.conns.values()) + idle)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    def _sync_registrations(self):
+        wanted = {self.wake_r: select.POLLIN}
+        now = time.monotonic()
+        for listener in self.listeners:
+            if listener.sock is not None and listener.paused_until <= now:
+                wanted[listener.sock.fileno()] = select.POLLIN
+        for fd, conn in self.conns.items():
+            mask = 0
+            if not conn.closing and not conn.eof and len(conn.outbuf) < OUTBUF_LIMIT:
+                mask |= _POLLIN
+            if conn.outbuf:
+                mask |= _POLLOUT
+            wanted[fd] = mask
+        for fd in list(self.registered):
+            if fd not in wanted:
+                try:
+                    self.poller.unregister(fd)
+                except (KeyError, ValueError, OSError):
+                    pass
+                del self.registered[fd]
+        for fd, mask in wanted.items():
+            old = self.registered.get(fd)
+            if old is None:
+                self.poller.register(fd, mask)
+            elif old != mask:
+                self.poller.modify(fd, mask)
+            self.registered[fd] = mask
+
+    def _run_timers(self, now):
+        for listener in self.listeners:
+            if listener.sock is None and now >= listener.retry_at:
+                self._try_open(listener, now)
+            if listener.paused_until and now >= listener.paused_until:
+                listener.paused_until = 0.0
+        idle = self.config["idle_timeout"]
+        for conn in list(self.conns.values()):
+            if now - conn.last_active >= idle:
+                log("debug", "closing idle connection from %s" % conn.peer_text)
+                self.close_conn(conn)
+
+    # ---- signals and children -----------------------------------------------------------
+    def _handle_signals(self):
+        while self.pending_signals:
+            sig = self.pending_signals.pop(0)
+            if sig == signal.SIGCHLD:
+                continue            # reap() runs after every wake-up
+            log("debug", "signal %d received" % sig)
+            self.on_signal(sig)
+
+    def on_signal(self, sig):
+        if not self.is_init:
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                log("info", "signal %d: stopping the agent (not PID 1: no power-off)" % sig)
+                self.exit_code = 0
+            return
+        action = INIT_SIGNAL_ACTIONS.get(sig)
+        if action is None:
+            return                  # SIGHUP, SIGQUIT: nothing to do, nothing harmful
+        if action == "configured":
+            action = self.config["action"]
+        if self.shutdown.active:
+            log("info", "signal %d: shutdown already in progress" % sig)
+            return
+        self.config["action"] = action
+        self.shutdown.begin(self.config["grace"], "signal %d" % sig, None)
+
+    def watch(self, pid, callback):
+        self.watched[pid] = callback
+
+    def reap(self):
+        """waitpid(-1, WNOHANG) until nothing more: SIGCHLD coalesces, and as PID 1 every
+        orphan is ours. ECHILD means no process is left besides this one."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.no_children = True
+                return
+            if pid == 0:
+                self.no_children = False
+                return
+            log("debug", "reaped pid %d (%s)" % (pid, describe_status(status)))
+            callback = self.watched.pop(pid, None)
+            if callback is not None:
+                callback(pid, status)
+
+    # ---- requests that touch the machine ------------------------------------------------
+    def may_request_shutdown(self, conn):
+        allow = self.config["allow"]
+        if allow["any"]:
+            return True
+        if conn.peer[0] == "vsock":
+            return conn.peer[1] in allow["cid"]
+        return conn.peer[2] in allow["uid"]
+
+    def request_shutdown(self, grace, reason, conn):
+        if not self.may_request_shutdown(conn):
+            log("warn", "refused Shutdown from %s: not an allowed peer" % conn.peer_text)
+            raise Refused(ERROR_FORBIDDEN, "shutdown refused: %s is not allowed to request it "
+                          "(see --allow)" % conn.peer_text)
+        if not sys.platform.startswith("linux"):
+            log("warn", "Shutdown requested, but power-off is only supported on Linux")
+            raise Refused(ERROR_UNAVAILABLE, "shutdown refused: power-off is only supported on "
+                          "Linux guests")
+        if not self.is_init:
+            log("warn", "refused Shutdown from %s: not PID 1" % conn.peer_text)
+            raise Refused(ERROR_UNAVAILABLE, "shutdown refused: this agent is not PID 1 (pid %d),"
+                          " so it will not signal every process on this machine" % os.getpid())
+        if self.shutdown.active:
+            log("info", "Shutdown from %s: already in progress (phase %s); not restarting"
+                % (conn.peer_text, self.shutdown.phase))
+            return
+        self.shutdown.begin(grace or self.config["grace"], reason, conn)
+
+    def maybe_set_clock(self, conn, seconds):
+        if not (self.is_init and conn.peer[0] == "vsock" and conn.peer[1] == VMADDR_CID_HOST):
+            log("debug", "Ping timestamp from %s ignored (clock set only by the host as PID 1)"
+                % conn.peer_text)
+            return
+        try:
+            time.clock_settime(time.CLOCK_REALTIME, float(seconds))
+            log("debug", "clock set to %d from the host" % seconds)
+        except (OSError, OverflowError, ValueError) as exc:
+            log("warn", "cannot set the clock to %d: %s" % (seconds, exc))
+
+    def power_off_failed(self, why):
+        log("error", "POWER-OFF FAILED: %s" % why)
+        log("error", "exiting PID 1: the kernel's panic setting decides what happens next")
+        os._exit(1)
+
+    # ---- connections --------------------------------------------------------------------
+    def _accept(self, listener):
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: the pending connection stays queued and would wake
+                    # us again at once. Stop accepting for a moment instead of spinning.
+                    listener.paused_until = time.monotonic() + ACCEPT_PAUSE
+                    log("warn", "accept on %s: %s; pausing %gs"
+                        % (listener.text, exc.strerror, ACCEPT_PAUSE))
+                else:
+                    log("debug", "accept on %s: %s" % (listener.text, exc))
+                return
+            if len(self.conns) >= self.config["max_conns"]:
+                log("warn", "connection limit (%d) reached: closing a new connection"
+                    % self.config["max_conns"])
+                sock.close()
+                continue
+            sock.setblocking(False)
+            peer, text = _peer_of(sock, listener.sock.family)
+            conn = Connection(sock, peer, text, time.monotonic())
+            self.conns[conn.fd] = conn
+            log("debug", "connection from %s on %s" % (text, listener.text))
+
+    def _serve_connection(self, conn, mask):
+        if mask & (_POLLIN | _POLLFAIL) and not conn.eof:
+            self._read(conn)
+        if not conn.closed and conn.outbuf and mask & (_POLLOUT | _POLLFAIL):
+            self._flush(conn)
+        if not conn.closed and mask & select.POLLERR and not conn.outbuf:
+            self.close_conn(conn)
+
+    def _read(self, conn):
+        try:
+            data = os.read(conn.fd, READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log("debug", "read from %s: %s" % (conn.peer_text, exc))
+            self.close_conn(conn)
+            return
+        if not data:
+            conn.eof = True         # answer what was sent, flush, then close
+        else:
+            conn.inbuf += data
+            conn.last_active = time.monotonic()
+        self._process_frames(conn)
+        self._flush(conn)
+
+    def _process_frames(self, conn):
+        max_frame = self.config["max_frame"]
+        while not conn.closing:
+            if len(conn.outbuf) >= OUTBUF_LIMIT:
+                return              # back-pressure: go on when the peer has read
+            try:
+                frame = decode_frame(conn.inbuf, max_frame)
+            except ProtocolError as exc:
+                self._send(conn, MSG_ERROR, encode_error(ERROR_INVALID, "invalid request: %s"
+                                                         % exc))
+                if exc.fatal:       # the frame boundary is lost: nothing after it can be read
+                    log("warn", "bad frame from %s: %s; closing" % (conn.peer_text, exc))
+                    conn.closing = True
+                    conn.inbuf = bytearray()
+                else:
+                    log("debug", "bad frame from %s: %s" % (conn.peer_text, exc))
+                    del conn.inbuf[:exc.consumed]
+                continue
+            if frame is None:
+                break
+            msg_type, trace, payload, consumed = frame
+            del conn.inbuf[:consumed]
+            self._answer(conn, msg_type, trace, payload)
+        if conn.eof and not conn.closing:
+            if conn.inbuf:
+                log("debug", "%s closed mid-frame (%d bytes dropped)"
+                    % (conn.peer_text, len(conn.inbuf)))
+            conn.closing = True     # answer what came, flush, then close
+
+    def _answer(self, conn, msg_type, trace, payload):
+        log("debug", "%s from %s" % (request_name(msg_type), conn.peer_text))
+        try:
+            rtype, rpayload = handle_request(self, conn, msg_type, payload)
+        except ProtocolError as exc:
+            rtype, rpayload = MSG_ERROR, encode_error(ERROR_INVALID, "invalid request: %s" % exc)
+            log("debug", "invalid %s from %s: %s" % (request_name(msg_type), conn.peer_text, exc))
+        except Refused as exc:
+            rtype, rpayload = MSG_ERROR, encode_error(exc.code, str(exc))
+        self._send(conn, rtype, rpayload, trace)
+
+    def _send(self, conn, msg_type, payload, trace=b""):
+        conn.outbuf += encode_frame(msg_type, payload, trace)
+
+    def _flush(self, conn):
+        while True:
+            while conn.outbuf:
+                try:
+                    sent = os.write(conn.fd, conn.outbuf)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    log("debug", "write to %s: %s" % (conn.peer_text, exc))
+                    self.close_conn(conn)
+                    return
+                del conn.outbuf[:sent]
+                conn.last_active = time.monotonic()
+            if conn.closing:
+                self.close_conn(conn)
+                return
+            if not conn.inbuf and not conn.eof:
+                return
+            self._process_frames(conn)   # back-pressure lifted: answer what is waiting
+            if not conn.outbuf and not conn.closing:
+                return
+
+    def close_conn(self, conn):
+        if conn.closed:
+            return
+        conn.closed = True
+        self.conns.pop(conn.fd, None)
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def close_all(self):
+        for conn in list(self.conns.values()):
+            self.close_conn(conn)
+        for listener in self.listeners:
+            listener.close()
+        signal.set_wakeup_fd(-1)
+        for fd in (self.wake_r, self.wake_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _drain(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:
+        pass
+
+
+# What busybox's poweroff/halt/reboot send to PID 1, plus SIGPWR (busybox: halt... we follow
+# the PID 1 issue: power-off) and Ctrl-Alt-Del (SIGINT once CAD is off): the configured action.
+INIT_SIGNAL_ACTIONS = {
+    signal.SIGUSR2: "poweroff",
+    signal.SIGUSR1: "halt",
+    signal.SIGTERM: "reboot",
+    signal.SIGINT: "configured",
+}
+if hasattr(signal, "SIGPWR"):
+    INIT_SIGNAL_ACTIONS[signal.SIGPWR] = "poweroff"
+
+
+def ensure_stdio():
+    """The kernel may start init with fds 0-2 closed (no /dev/console in the rootfs). Fill
+    them so a later socket never lands on fd 2 and receives our log lines."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        for path in ("/dev/console", "/dev/null"):
+            try:
+                new = os.open(path, os.O_RDWR | os.O_NOCTTY)
+            except OSError:
+                continue
+            if new != fd:
+                os.dup2(new, fd)
+                os.close(new)
+            break
+
+
+# =============================================================================================
+# 7. Host-side client: ping, info, shutdown
+# =============================================================================================
+
+EXIT_OK = 0
+EXIT_REFUSED = 1       # the agent answered with an Error frame
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3   # cannot connect: refused, no such socket, not listening (hvsock)
+EXIT_TIMEOUT = 4
+EXIT_PROTOCOL = 5      # the peer's answer does not follow the protocol
+
+ADDRESS_HELP = """addresses:
+  vsock:CID[:PORT]        AF_VSOCK to a guest (CID 3 and up; 1 is local loopback), port 1024
+  unix:PATH               a Unix stream socket (unix:@NAME for the abstract namespace)
+  hvsock:UDS_PATH[:PORT]  Firecracker / Cloud Hypervisor hybrid vsock: the VMM's Unix socket;
+                          sends "CONNECT PORT\\n" and expects "OK ...\\n", port default 1024"""
+
+
+class ClientError(Exception):
+    def __init__(self, code, message):
+        Exception.__init__(self, message)
+        self.code = code
+
+
+class Client:
+    """A blocking client with one deadline for the whole exchange."""
+
+    def __init__(self, addr, timeout):
+        self.addr = addr
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.sock = None
+        self.buf = bytearray()
+
+    def _remaining(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ClientError(EXIT_TIMEOUT, "timed out after %gs talking to %s"
+                              % (self.timeout, format_address(self.addr)))
+        return left
+
+    def connect(self):
+        kind = self.addr[0]
+        where = format_address(self.addr)
+        if kind == "vsock":
+            family = getattr(socket, "AF_VSOCK", None)
+            if family is None:
+                raise ClientError(EXIT_UNREACHABLE, "%s: this system has no AF_VSOCK" % where)
+            sock, target = socket.socket(family, socket.SOCK_STREAM), (self.addr[1], self.addr[2])
+        else:
+            path = self.addr[1]
+            target = "\0" + path[1:] if path.startswith("@") else path
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock = sock
+        try:
+            sock.settimeout(self._remaining())
+            sock.connect(target)
+        except socket.timeout:
+            raise ClientError(EXIT_TIMEOUT, "%s: connect timed out after %gs" % (where,
+                                                                                self.timeout))
+        except OSError as exc:
+            raise ClientError(EXIT_UNREACHABLE, "%s: cannot connect: %s"
+                              % (where, exc.strerror or exc))
+        if kind == "hvsock":
+            self._hybrid_handshake()
+
+    def _hybrid_handshake(self):
+        port = self.addr[2]
+        self._send_all(("CONNECT %d\n" % port).encode())
+        line = self._read_line(128)
+        if not line.startswith(b"OK "):
+            what = ("closed the connection" if not line else "answered %r"
+                    % line[:40].decode("ascii", "replace").strip())
+            raise ClientError(EXIT_UNREACHABLE, "%s: the VMM %s instead of OK: is the guest "
+                              "agent listening on vsock port %d?"
+                              % (format_address(self.addr), what, port))
+
+    def _read_line(self, limit):
+        while b"\n" not in self.buf:
+            if len(self.buf) > limit:
+                break
+            chunk = self._recv()
+            if not chunk:
+                break
+            self.buf += chunk
+        line, nl, rest = bytes(self.buf).partition(b"\n")
+        self.buf = bytearray(rest)
+        return line + nl if nl else line
+
+    def _recv(self):
+        try:
+            self.sock.settimeout(self._remaining())
+            return self.sock.recv(65536)
+        except socket.timeout:
+            raise ClientError(EXIT_TIMEOUT, "no answer from %s within %gs"
+                              % (format_address(self.addr), self.timeout))
+        except OSError as exc:
+            raise ClientError(EXIT_UNREACHABLE, "%s: %s" % (format_address(self.addr),
+                                                            exc.strerror or exc))
+
+    def _send_all(self, data):
+        try:
+            self.sock.settimeout(self._remaining())
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise ClientError(EXIT_TIMEOUT, "sending to %s timed out" % format_address(self.addr))
+        except OSError as exc:
+            raise ClientError(EXIT_UNREACHABLE, "%s: %s" % (format_address(self.addr),
+                                                            exc.strerror or exc))
+
+    def request(self, msg_type, payload=b"", trace=b""):
+        """Send one request, return the response payload; an Error frame raises."""
+        self._send_all(encode_frame(msg_type, payload, trace))
+        while True:
+            try:
+                frame = decode_frame(self.buf, 16 << 20)   # the ArcBox host's own limit
+            except ProtocolError as exc:
+                raise ClientError(EXIT_PROTOCOL, "bad answer from %s: %s"
+                                  % (format_address(self.addr), exc))
+            if frame is not None:
+                break
+            chunk = self._recv()
+            if not chunk:
+                raise ClientError(EXIT_PROTOCOL, "%s closed the connection without answering"
+                                  % format_address(self.addr))
+            self.buf += chunk
+        rtype, _, rpayload, consumed = frame
+        del self.buf[:consumed]
+        if rtype == MSG_ERROR:
+            try:
+                code, text = decode_error(rpayload)
+            except ProtocolError as exc:
+                raise ClientError(EXIT_PROTOCOL, "unreadable error frame: %s" % exc)
+            raise ClientError(EXIT_REFUSED, "agent error %d: %s" % (code, text))
+        if rtype != msg_type | RESPONSE_BIT:
+            raise ClientError(EXIT_PROTOCOL, "expected a response of type 0x%04X, got 0x%04X"
+                              % (msg_type | RESPONSE_BIT, rtype))
+        return rpayload
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+
+
+def _decode_reply(schema, payload):
+    try:
+        return decode_message(schema, payload)
+    except ProtocolError as exc:
+        raise ClientError(EXIT_PROTOCOL, "bad response payload: %s" % exc)
+
+
+def client_ping(client, args):
+    sent = time.monotonic()
+    payload = encode_message(PING_REQUEST, {
+        "message": args.message, "timestamp_secs": int(time.time()) if args.set_clock else 0})
+    reply = _decode_reply(PING_RESPONSE, client.request(MSG_PING, payload))
+    reply["rtt_ms"] = round((time.monotonic() - sent) * 1000, 3)
+    return reply, "%s (agent %s) in %.2f ms" % (reply["message"], reply["version"] or "?",
+                                                reply["rtt_ms"])
+
+
+def client_info(client, args):
+    info = _decode_reply(SYSTEM_INFO, client.request(MSG_GET_SYSTEM_INFO))
+    gib = 1024.0 ** 3
+    lines = [
+        "hostname      %s" % info["hostname"],
+        "kernel        %s %s (%s)" % (info["os_name"], info["kernel_version"], info["arch"]),
+        "version       %s" % info["os_version"],
+        "cpus          %d" % info["cpu_count"],
+        "memory        %.2f GiB total, %.2f GiB available" % (info["total_memory"] / gib,
+                                                           info["available_memory"] / gib),
+        "load          %s" % " ".join("%.2f" % v for v in info["load_average"]),
+        "uptime        %d s" % info["uptime"],
+        "addresses     %s" % (", ".join(info["ip_addresses"]) or "-"),
+    ]
+    return info, "\n".join(lines)
+
+
+def client_shutdown(client, args):
+    grace = 0 if args.grace is None else max(1, int(round(args.grace)))
+    payload = encode_message(SHUTDOWN_REQUEST, {"timeout_seconds": grace})
+    reply = _decode_reply(SHUTDOWN_RESPONSE, client.request(MSG_SHUTDOWN, payload))
+    if not reply["accepted"]:
+        raise ClientError(EXIT_REFUSED, "the agent did not accept the shutdown")
+    return reply, "shutdown accepted (grace %s)" % ("%ds" % grace if grace else "default")
+
+
+CLIENT_COMMANDS = {
+    "ping": (client_ping, "check that the agent answers (Ping)"),
+    "info": (client_info, "show the guest's system information (GetSystemInfo)"),
+    "shutdown": (client_shutdown, "ask the guest to power off in order (Shutdown)"),
+}
+
+
+def client_main(argv):
+    import argparse
+    import json
+    parser = argparse.ArgumentParser(
+        prog="%s %s" % (PROG, argv[0]), description=CLIENT_COMMANDS[argv[0]][1],
+        epilog=ADDRESS_HELP + "\n\nexit status: 0 ok, 1 the agent refused (error frame), "
+        "2 usage, 3 unreachable, 4 timeout, 5 protocol error",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--to", metavar="ADDR", default=os.environ.get("ARCBOX_AGENT_TO"),
+                        help="agent address (default: $ARCBOX_AGENT_TO)")
+    parser.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0,
+                        help="give up after this long, connect included (default 5)")
+    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+    if argv[0] == "ping":
+        parser.add_argument("--message", default="", help="text the agent echoes back")
+        parser.add_argument("--set-clock", action="store_true",
+                            help="send this machine's time (the guest sets its clock from it "
+                            "only when the request comes from the host, CID 2)")
+    if argv[0] == "shutdown":
+        parser.add_argument("--grace", metavar="SECONDS", type=float, default=None,
+                            help="SIGTERM grace before SIGKILL (default: the guest's, 25 s)")
+    args = parser.parse_args(argv[1:])
+    if not args.to:
+        parser.error("no address: give --to ADDR (or set ARCBOX_AGENT_TO)")
+    if not args.timeout > 0:
+        parser.error("--timeout must be positive")
+    if getattr(args, "grace", None) is not None and not 0 <= args.grace < 2 ** 32:
+        parser.error("--grace must be between 0 and 4294967295 seconds")
+    try:
+        addr = parse_address(args.to)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    client = Client(addr, args.timeout)
+    try:
+        client.connect()
+        result, text = CLIENT_COMMANDS[argv[0]][0](client, args)
+    except ClientError as exc:
+        sys.stderr.write("%s %s: %s\n" % (PROG, argv[0], exc))
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc), "exit_status": exc.code}))
+        return exc.code
+    finally:
+        client.close()
+    print(json.dumps(result, sort_keys=True) if args.json else text)
+    return EXIT_OK
+
+
+# =============================================================================================
+# 8. main()
+# =============================================================================================
+
+USAGE = """usage: %(prog)s [serve] [OPTIONS]          run the guest agent (the default; PID 1 in a VM)
+       %(prog)s ping|info|shutdown --to ADDR [--timeout S] [--json]   talk to an agent
+       %(prog)s --version | --help
+
+arcbox-agent is a tiny init for Linux VM guests. As PID 1 it reaps orphans, listens for the
+ArcBox host protocol and, on Shutdown, stops the guest in order: ack, SIGTERM+SIGCONT to all,
+wait up to the grace while reaping, SIGKILL the rest, sync, reboot(POWER_OFF).
+Not PID 1, it serves Ping/GetSystemInfo and refuses Shutdown.
+
+serve options (flag --name VALUE, or kernel cmdline arcbox.name=VALUE; flags win):
+%(options)s
+
+signals to PID 1: SIGUSR2 power-off, SIGUSR1 halt, SIGTERM reboot (busybox poweroff/halt/
+reboot), SIGPWR power-off, SIGINT (Ctrl-Alt-Del) the configured action.
+
+%(addresses)s
+
+client commands: ping, info, shutdown [--grace S]; '%(prog)s ping --help' for their options.
+"""
+
+
+def usage_text():
+    rows = []
+    for name, metavar, _, default, text in SERVE_OPTIONS:
+        rows.append("  %-24s %s (default %s)" % ("%s %s" % (flag_name(name), metavar), text,
+                                                 default))
+    return USAGE % {"prog": PROG, "options": "\n".join(rows), "addresses": ADDRESS_HELP}
+
+
+def _write(fd, text):
+    try:
+        os.write(fd, text.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def serve_main(argv, cmdline_path="/proc/cmdline"):
+    is_init = os.getpid() == 1
+    if is_init:
+        ensure_stdio()
+    flags, problems, wants_help = parse_serve_flags(argv)
+    cmdline, cmd_problems = parse_cmdline(_read_text(cmdline_path) if cmdline_path else "")
+    config, value_problems = build_config(flags, cmdline)
+    flag_problems = problems + [text for origin, text in value_problems if origin == "flag"]
+    if not is_init:
+        # An operator typed this: answer and stop. As PID 1 (where the kernel passes stray
+        # cmdline words as argv) we log and go on, because init must not exit.
+        if wants_help:
+            _write(1, usage_text())
+            return EXIT_OK
+        if flag_problems:
+            _write(2, "%s: %s\n(try --help)\n" % (PROG, "; ".join(flag_problems)))
+            return EXIT_USAGE
+    set_log_level(config["log"])
+    for problem in flag_problems + cmd_problems:
+        log("warn", problem)
+    for origin, text in value_problems:
+        if origin == "cmdline":
+            log("warn", "kernel cmdline " + text)
+    return Agent(config, is_init=is_init).run()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in CLIENT_COMMANDS:
+        return client_main(argv)
+    if argv and argv[0] == "--version":
+        _write(1, "%s %s\n" % (PROG, __version__))
+        return EXIT_OK
+    if argv and argv[0] == "serve":
+        argv = argv[1:]
+    return serve_main(argv)
+
+
+def run_as_init():
+    """PID 1 must never return or raise: either would panic the kernel. If serving fails
+    outright, keep reaping and honour power-off signals with the defaults."""
+    try:
+        main()
+    except BaseException as exc:   # noqa: B902 - including SystemExit and KeyboardInterrupt
+        log("error", "agent failed: %s" % describe_exception(exc))
+    log("error", "serving stopped; falling back to reaping and signal handling only")
+    while True:
+        try:
+            Agent(dict(default_config(), listen=[]), is_init=True).run()
+        except BaseException as exc:   # noqa: B902
+            log("error", "fallback loop failed: %s" % describe_exception(exc))
+            time.sleep(1)
+
+
+def entry():
+    """Entry point of the .pyz and the console script."""
+    if os.getpid() == 1:
+        run_as_init()
+    return main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(entry())
