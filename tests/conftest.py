@@ -1,0 +1,31 @@
+"""Shared fixtures. Tiers: tests/unit (pure, no privileges), tests/namespace (the real .pyz
+as PID 1 of a PID namespace: needs root, which CI has; fails loudly, never skips)."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import build  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pyz(tmp_path_factory):
+    """A freshly built arcbox-agent.pyz (default interpreter line, with agent.pyc)."""
+    out = str(tmp_path_factory.mktemp("dist") / "arcbox-agent.pyz")
+    build.build_pyz(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def namespaces():
+    """Fail (not skip) when PID namespaces cannot be made: a skipped test proves nothing."""
+    import nsguest
+    reason = nsguest.why_namespaces_unavailable()
+    if reason:
+        pytest.fail("namespace tests cannot run here: " + reason, pytrace=False)
+    return True

@@ -1,0 +1,95 @@
+"""Configuration: defaults < kernel cmdline (arcbox.*) < flags; bad values fall back."""
+
+import pytest
+
+import agent
+
+
+def config_of(argv=(), cmdline=""):
+    flags, problems, _ = agent.parse_serve_flags(list(argv))
+    found, cmd_problems = agent.parse_cmdline(cmdline)
+    config, value_problems = agent.build_config(flags, found)
+    return config, problems + cmd_problems + [t for _, t in value_problems]
+
+
+def test_defaults():
+    config, problems = config_of()
+    assert problems == []
+    assert config["listen"] == [("vsock", agent.VMADDR_CID_ANY, 1024)]
+    assert config["grace"] == 25.0 and config["action"] == "poweroff"
+    assert config["allow"] == {"cid": {2}, "uid": {0}, "any": False}
+
+
+def test_cmdline_keys_and_flags_win():
+    cmdline = ("BOOT_IMAGE=/vmlinuz console=ttyS0 quiet arcbox.grace=5 arcbox.action=reboot "
+               "arcbox.listen=unix:/run/a.sock arcbox.listen=vsock:any:2000 init=/init")
+    config, problems = config_of(["--grace", "7s"], cmdline)
+    assert problems == []
+    assert config["grace"] == 7.0                 # the flag wins
+    assert config["action"] == "reboot"           # from the cmdline
+    assert config["listen"] == [("unix", "/run/a.sock"), ("vsock", agent.VMADDR_CID_ANY, 2000)]
+
+
+def test_repeated_listen_flags_replace_the_default_and_add_up():
+    config, _ = config_of(["--listen", "unix:/a", "--listen=vsock:3:99,unix:@abs"])
+    assert config["listen"] == [("unix", "/a"), ("vsock", 3, 99), ("unix", "@abs")]
+
+
+@pytest.mark.parametrize("word,key,expected", [
+    ("arcbox.grace=soon", "grace", 25.0),
+    ("arcbox.grace=-1", "grace", 25.0),
+    ("arcbox.grace=nan", "grace", 25.0),
+    ("arcbox.action=explode", "action", "poweroff"),
+    ("arcbox.listen=tcp:1.2.3.4", "listen", [("vsock", agent.VMADDR_CID_ANY, 1024)]),
+    ("arcbox.listen=vsock:any:99999999999", "listen", [("vsock", agent.VMADDR_CID_ANY, 1024)]),
+    ("arcbox.max_frame=1", "max_frame", 65536),
+    ("arcbox.allow=cid:x", "allow", {"cid": {2}, "uid": {0}, "any": False}),
+    ("arcbox.log=loud", "log", "info"),
+])
+def test_bad_cmdline_values_are_named_and_the_default_kept(word, key, expected):
+    config, problems = config_of(cmdline="quiet " + word)
+    assert config[key] == expected
+    assert len(problems) == 1
+    assert problems[0].startswith("arcbox.%s: " % key) and "keeping" in problems[0]
+
+
+def test_unknown_and_valueless_cmdline_keys_are_reported():
+    _, problems = config_of(cmdline="arcbox.colour=blue arcbox.grace")
+    assert any("unknown key arcbox.colour" in p for p in problems)
+    assert any("arcbox.grace needs =VALUE" in p for p in problems)
+
+
+def test_bad_flags_are_reported_not_raised():
+    _, problems = config_of(["--nope", "--grace"])
+    assert "unknown argument '--nope'" in problems[0]
+    assert "--grace needs a value" in problems[1]
+
+
+@pytest.mark.parametrize("text,addr", [
+    ("vsock:3", ("vsock", 3, 1024)),
+    ("vsock:host:5000", ("vsock", 2, 5000)),
+    ("vsock:any:1024", ("vsock", 0xFFFFFFFF, 1024)),
+    ("unix:/run/x.sock", ("unix", "/run/x.sock")),
+    ("hvsock:/tmp/fc.vsock", ("hvsock", "/tmp/fc.vsock", 1024)),
+    ("hvsock:/tmp/fc.vsock:52", ("hvsock", "/tmp/fc.vsock", 52)),
+    ("hvsock:/tmp/a:b.vsock", ("hvsock", "/tmp/a:b.vsock", 1024)),
+])
+def test_addresses(text, addr):
+    assert agent.parse_address(text) == addr
+
+
+@pytest.mark.parametrize("text", ["", "vsock", "vsock:", "tcp:1:2", "vsock:x", "vsock:3:-1"])
+def test_bad_addresses(text):
+    with pytest.raises(agent.ConfigError):
+        agent.parse_address(text)
+
+
+def test_a_guest_does_not_listen_on_hybrid_vsock():
+    _, problems = config_of(["--listen", "hvsock:/x"])
+    assert "host-side address" in problems[0]
+
+
+@pytest.mark.parametrize("text,seconds", [("25", 25.0), ("1.5", 1.5), ("2s", 2.0),
+                                          ("500ms", 0.5)])
+def test_durations(text, seconds):
+    assert agent.parse_seconds(text) == seconds

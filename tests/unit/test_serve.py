@@ -1,0 +1,171 @@
+"""The serving loop over a Unix socket, the agent not PID 1 (no privileges needed)."""
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+import agent
+from agentproc import AgentProcess
+
+
+@pytest.fixture
+def served(pyz, tmp_path):
+    proc = AgentProcess(pyz, tmp_path, "--idle-timeout", "2")
+    yield proc
+    proc.stop()
+
+
+def ping_payload(message=""):
+    return agent.encode_message(agent.PING_REQUEST, {"message": message})
+
+
+def error_of(frame):
+    assert frame[0] == agent.MSG_ERROR, frame
+    return agent.decode_error(frame[2])
+
+
+def test_many_exchanges_on_one_connection_and_trace_ids_echoed(served):
+    c = served.connect()
+    for i in range(50):
+        rtype, trace, payload = c.request(agent.MSG_PING, ping_payload(str(i)), b"t%d" % i)
+        assert (rtype, trace) == (0x1001, b"t%d" % i)
+        assert agent.decode_message(agent.PING_RESPONSE, payload)["message"] == "pong: %d" % i
+    c.close()
+
+
+def test_pipelined_and_byte_by_byte_requests(served):
+    c = served.connect()
+    frames = b"".join(agent.encode_frame(agent.MSG_PING, ping_payload(str(i))) for i in range(5))
+    c.send(frames)
+    assert [agent.decode_message(agent.PING_RESPONSE, c.frame()[2])["message"]
+            for _ in range(5)] == ["pong: %d" % i for i in range(5)]
+    for byte in agent.encode_frame(agent.MSG_GET_SYSTEM_INFO, b"", b"slow"):
+        c.send(bytes([byte]))
+        time.sleep(0.001)
+    rtype, trace, payload = c.frame()
+    assert (rtype, trace) == (0x1002, b"slow")
+    info = agent.decode_message(agent.SYSTEM_INFO, payload)
+    assert info["kernel_version"] == os.uname().release and info["os_name"] == "Linux"
+    assert len(info["load_average"]) == 3 and info["total_memory"] > info["available_memory"] > 0
+    assert info["cpu_count"] == os.cpu_count() and info["uptime"] > 0
+    c.close()
+
+
+@pytest.mark.parametrize("msg_type,code,text", [
+    (0x0777, 400, "unknown message type 0x0777"),
+    (0x1001, 400, "0x1001 is not a request"),
+    (0x0000, 400, "0x0000 is not a request"),
+    (0xFFFF, 400, "0xFFFF is not a request"),
+    (0x0003, 501, "EnsureRuntime (0x0003) is not implemented"),
+])
+def test_unknown_and_unsupported_types_get_an_error_and_the_connection_stays(served, msg_type,
+                                                                              code, text):
+    c = served.connect()
+    got_code, message = error_of(c.request(msg_type, b"", b"tr"))
+    assert got_code == code and text in message
+    assert c.request(agent.MSG_PING)[0] == 0x1001        # still in step
+    c.close()
+
+
+def test_malformed_protobuf_gets_error_400_and_the_connection_stays(served):
+    c = served.connect()
+    code, message = error_of(c.request(agent.MSG_PING, b"\x0a\x05ab"))
+    assert code == 400 and message.startswith("invalid request: ") and "overruns" in message
+    assert c.request(agent.MSG_PING)[0] == 0x1001
+    c.close()
+
+
+def test_trace_overrun_gets_error_and_stream_stays_in_step(served):
+    c = served.connect()
+    c.send(struct.pack(">IIH", 7, agent.MSG_PING, 40) + b"x")
+    assert "trace length" in error_of(c.frame())[1]
+    assert c.request(agent.MSG_PING)[0] == 0x1001
+    c.close()
+
+
+def test_oversized_frame_gets_error_then_close_without_allocating(served):
+    c = served.connect()
+    c.send(struct.pack(">II", 0xFFFFFFF0, agent.MSG_PING))
+    code, message = error_of(c.frame())
+    assert code == 400 and "exceeds the limit of 65536" in message
+    assert c.frame() is None                              # closed: the stream is lost
+    c.close()
+    assert served.proc.poll() is None
+    assert served.connect().request(agent.MSG_PING)[0] == 0x1001
+
+
+def test_eof_mid_frame_and_silent_clients_do_not_hurt(served):
+    c = served.connect()
+    c.send(agent.encode_frame(agent.MSG_PING, ping_payload("x"))[:7])
+    c.close()
+    silent = served.connect(timeout=10)
+    started = time.monotonic()
+    assert silent.frame() is None                         # closed by the idle timeout (2 s)
+    assert time.monotonic() - started >= 1.5
+    assert served.connect().request(agent.MSG_PING)[0] == 0x1001
+    assert "closed mid-frame" in served.log() and "idle connection" in served.log()
+
+
+def test_shutdown_is_refused_when_not_pid1_and_nothing_is_signalled(served):
+    sentinel = subprocess.Popen(["sleep", "60"])
+    try:
+        code, message = error_of(served.connect().request(
+            agent.MSG_SHUTDOWN, agent.encode_message(agent.SHUTDOWN_REQUEST,
+                                                     {"timeout_seconds": 1})))
+        assert code == 503 and "not PID 1" in message
+        time.sleep(0.3)
+        assert sentinel.poll() is None and served.proc.poll() is None
+        assert served.connect().request(agent.MSG_PING)[0] == 0x1001
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+
+
+@pytest.fixture
+def served_public(pyz):
+    """An agent whose socket directory an unprivileged user can reach (tmp_path is 0700)."""
+    workdir = tempfile.mkdtemp(prefix="arcbox-public-")
+    os.chmod(workdir, 0o755)
+    proc = AgentProcess(pyz, workdir)
+    yield proc
+    proc.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_shutdown_from_a_non_root_peer_is_refused_with_the_reason(served_public):
+    served = served_public
+    # Import first, then drop to nobody: the interpreter's own files may be unreadable to it.
+    code = ("import sys; sys.path.insert(0, %r); import os, agent, agentproc;"
+            "os.setgid(65534); os.setuid(65534);"
+            "c = agentproc.RawClient(%r);"
+            "f = c.request(agent.MSG_SHUTDOWN);"
+            "print(f[0], agent.decode_error(f[2]))") % (os.path.dirname(__file__) + "/..",
+                                                       served.sock)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("65535 (403, ") and "uid 65534 is not allowed" in out.stdout
+
+
+def test_sigterm_stops_an_agent_that_is_not_pid1_and_removes_its_socket(served):
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(10) == 0
+    assert not os.path.exists(served.sock)
+    assert "no power-off" in served.log()
+
+
+def test_bad_flags_exit_2_with_a_reason(pyz):
+    out = subprocess.run([sys.executable, pyz, "--grace", "forever"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2 and "--grace: 'forever' is not a duration" in out.stderr
+    out = subprocess.run([sys.executable, pyz, "--help"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0 and "--listen ADDR" in out.stdout and "hvsock:" in out.stdout
