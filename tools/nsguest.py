@@ -12,7 +12,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -193,15 +192,3 @@ def log_events(text):
 def boot_clock():
     """The clock the agent stamps its log lines with (seconds since boot)."""
     return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-def unix_ping_ok(path, timeout=1.0):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
