@@ -303,6 +303,7 @@ MESSAGE_NAMES = {
 
 ERROR_INVALID = 400               # the Rust agent's code for "invalid request: ..."
 ERROR_FORBIDDEN = 403             # peer not allowed to ask for this
+ERROR_INTERNAL = 500              # a bug in the agent, reported instead of a silent close
 ERROR_UNSUPPORTED = 501           # a known ArcBox request this agent does not implement
 ERROR_UNAVAILABLE = 503           # cannot do it here (not PID 1, not Linux)
 
@@ -1404,6 +1405,11 @@ class Agent:
             log("debug", "invalid %s from %s: %s" % (request_name(msg_type), conn.peer_text, exc))
         except Refused as exc:
             rtype, rpayload = MSG_ERROR, encode_error(exc.code, str(exc))
+        except Exception as exc:   # a bug in one handler: answer it, keep the connection
+            log("error", "internal error answering %s: %s" % (request_name(msg_type),
+                                                              describe_exception(exc)))
+            rtype, rpayload = MSG_ERROR, encode_error(ERROR_INTERNAL, "internal error: %s: %s"
+                                                      % (type(exc).__name__, exc))
         self._send(conn, rtype, rpayload, trace)
 
     def _send(self, conn, msg_type, payload, trace=b""):

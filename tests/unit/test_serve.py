@@ -12,7 +12,7 @@ import time
 import pytest
 
 import agent
-from agentproc import AgentProcess
+from agentproc import AgentProcess, RawClient
 
 
 @pytest.fixture
@@ -169,3 +169,60 @@ def test_bad_flags_exit_2_with_a_reason(pyz):
     out = subprocess.run([sys.executable, pyz, "--help"], capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 0 and "--listen ADDR" in out.stdout and "hvsock:" in out.stdout
+
+
+def test_a_listener_that_cannot_bind_is_retried_while_the_others_serve(pyz, tmp_path):
+    late_dir = tmp_path / "not-yet"
+    late = str(late_dir / "late.sock")
+    proc = AgentProcess(pyz, tmp_path, "--listen", "unix:" + str(tmp_path / "agent.sock"),
+                        "--listen", "unix:" + late)
+    try:
+        assert proc.connect().request(agent.MSG_PING)[0] == 0x1001   # serves meanwhile
+        time.sleep(0.3)
+        late_dir.mkdir()                    # the "transport" appears, as vsock does on load
+        deadline = time.monotonic() + 15
+        while not os.path.exists(late):
+            assert time.monotonic() < deadline, proc.log()
+            time.sleep(0.05)
+        assert RawClient(late).request(agent.MSG_PING)[0] == 0x1001
+        log = proc.log()
+        assert "warn: cannot listen on unix:%s" % late in log and "retrying in 0.1s" in log
+        assert "listening on unix:%s" % late in log
+    finally:
+        proc.stop()
+
+
+def test_a_failing_handler_gets_error_500_and_the_agent_keeps_serving(tmp_path):
+    sock = str(tmp_path / "a.sock")
+    code = ("import sys; sys.path.insert(0, %r); import agent\n"
+            "def boom(): raise RuntimeError('injected fault')\n"
+            "agent.gather_system_info = boom\n"
+            "sys.exit(agent.main(['--listen', 'unix:' + %r]))"
+            % (os.path.dirname(agent.__file__), sock))
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        c = RawClient(sock)
+        code_, message = error_of(c.request(agent.MSG_GET_SYSTEM_INFO))
+        assert code_ == 500 and "RuntimeError: injected fault" in message
+        assert c.request(agent.MSG_PING)[0] == 0x1001          # same connection, still served
+        c.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    assert b"internal error answering GetSystemInfo" in proc.stderr.read()
+
+
+def test_power_off_is_refused_off_linux_with_a_warning(monkeypatch):
+    a = agent.Agent(dict(agent.default_config(), listen=[]), is_init=True)
+
+    class Conn:
+        peer, peer_text = ("unix", 1, 0, 0), "root peer"
+
+    monkeypatch.setattr(agent.sys, "platform", "darwin")
+    with pytest.raises(agent.Refused, match="only supported on Linux"):
+        a.request_shutdown(5, "test", Conn())
+    assert a.shutdown.phase == "idle"
