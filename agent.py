@@ -153,6 +153,30 @@ def _parse_listen(text):
     return addrs
 
 
+def _parse_bool(text):
+    value = str(text).strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ConfigError("%r is not a yes/no value (1, 0, yes, no, on, off)" % (text,))
+
+
+def _parse_words(text):
+    """A command or list: a list from flags, a space- or comma-separated string from the
+    cmdline (quote it there: arcbox.exec="/bin/sh -l")."""
+    if isinstance(text, list):
+        return list(text)
+    return [w for w in str(text).replace(",", " ").split() if w]
+
+
+def _parse_hostname(text):
+    name = str(text).strip()
+    if not (0 < len(name) <= 64) or any(c.isspace() or c == "/" for c in name):
+        raise ConfigError("%r is not a hostname (1-64 characters, no spaces)" % (text,))
+    return name
+
+
 def _parse_allow(text):
     """'cid:2,cid:3,uid:0' -> {"cid": {2, 3}, "uid": {0}}; 'any' allows every peer."""
     allow = {"cid": set(), "uid": set(), "any": False}
@@ -191,9 +215,22 @@ SERVE_OPTIONS = (
     ("idle_timeout", "SECONDS", parse_seconds, "60",
      "close a connection that sends nothing for this long"),
     ("kill_wait", "SECONDS", parse_seconds, "0.5", "how long to reap after SIGKILL"),
-    ("sync_timeout", "SECONDS", parse_seconds, "10", "bound on sync() before power-off"),
+    ("sync_timeout", "SECONDS", parse_seconds, "10",
+     "bound on sync + remount read-only + sync before power-off (done in a child)"),
     ("power_timeout", "SECONDS", parse_seconds, "10",
      "how long reboot(2) may take before the agent declares it failed"),
+    ("hostname", "NAME", _parse_hostname, "",
+     "hostname to set at boot (PID 1; default: arcbox, if the kernel left none)"),
+    ("modules", "LIST", _parse_words, "",
+     "kernel modules to load at start, comma-separated (e.g. vsock_loopback)"),
+    ("exec", "CMD...", _parse_words, "",
+     "a program to start after boot (as a flag: the rest of the command line)"),
+    ("on_exit", "POLICY", _choice("ignore", "respawn", "poweroff"), "ignore",
+     "when the --exec program exits: ignore, respawn (with back-off), poweroff"),
+    ("delegate", None, _parse_bool, "0",
+     "not PID 1: on Shutdown signal PID 1 the busybox way, then force power-off after the "
+     "grace"),
+    ("kmsg", None, _parse_bool, "0", "also log to /dev/kmsg"),
 )
 
 
@@ -202,14 +239,36 @@ def flag_name(name):
 
 
 def default_config():
-    return {name: parse(default) for name, _, parse, default, _ in SERVE_OPTIONS}
+    config = {}
+    for name, _, parse, default, _ in SERVE_OPTIONS:
+        config[name] = parse(default) if default else ([] if parse is _parse_words else "")
+    return config
+
+
+def split_cmdline(text):
+    """Split the kernel command line as the kernel does: on spaces, except inside double
+    quotes, which are removed (key="a b" -> key=a b)."""
+    words, word, quoted, has_word = [], [], False, False
+    for ch in str(text):
+        if ch == '"':
+            quoted, has_word = not quoted, True
+        elif ch.isspace() and not quoted:
+            if has_word:
+                words.append("".join(word))
+            word, has_word = [], False
+        else:
+            word.append(ch)
+            has_word = True
+    if has_word:
+        words.append("".join(word))
+    return words
 
 
 def parse_cmdline(text):
     """Kernel command line -> ({name: raw value}, [problems]). Only arcbox.* words count."""
     found, problems = {}, []
     known = {name for name, _, _, _, _ in SERVE_OPTIONS}
-    for word in str(text).split():
+    for word in split_cmdline(text):
         if not word.startswith("arcbox."):
             continue
         key, sep, value = word[len("arcbox."):].partition("=")
@@ -226,8 +285,10 @@ def parse_cmdline(text):
 
 
 def parse_serve_flags(argv):
-    """argv (after 'serve') -> ({name: [raw values]}, [problems], wants_help)."""
+    """argv (after 'serve') -> ({name: [raw values]}, [problems], wants_help).
+    --exec takes every argument after it; flags without a metavar are switches."""
     by_flag = {flag_name(name): name for name, _, _, _, _ in SERVE_OPTIONS}
+    switches = {name for name, metavar, _, _, _ in SERVE_OPTIONS if metavar is None}
     found, problems, wants_help = {}, [], False
     i = 0
     while i < len(argv):
@@ -241,7 +302,16 @@ def parse_serve_flags(argv):
         if name is None:
             problems.append("unknown argument %r" % arg)
             continue
-        if not eq:
+        if name == "exec":
+            rest = ([value] if eq else []) + argv[i:]
+            if not rest:
+                problems.append("--exec needs a command")
+            else:
+                found["exec"] = [rest]
+            break
+        if name in switches and not eq:
+            value = "1"
+        elif not eq:
             if i >= len(argv):
                 problems.append("%s needs a value" % flag)
                 continue
@@ -275,6 +345,8 @@ def build_config(flags, cmdline):
 def _describe(name, value):
     if name == "listen":
         return ",".join(format_address(a) for a in value)
+    if name in ("modules", "exec"):
+        return " ".join(value) or "nothing"
     if name == "allow":
         if value["any"]:
             return "any"
@@ -697,6 +769,8 @@ def handle_request(agent, conn, msg_type, payload):
 
 _log_level = LOG_LEVELS["info"]
 _log_fd = 2
+_kmsg_fd = -1
+_KMSG_PRIORITY = {"error": 3, "warn": 4, "info": 6, "debug": 7}   # syslog levels
 
 
 def set_log_level(name):
@@ -718,6 +792,20 @@ def log(level, message):
         os.write(_log_fd, line.encode("utf-8", "replace"))
     except (OSError, ValueError):
         pass
+    if _kmsg_fd >= 0:
+        try:
+            os.write(_kmsg_fd, ("<%d>%s: %s\n" % (_KMSG_PRIORITY[level], PROG, message))
+                     .encode("utf-8", "replace")[:1000])
+        except OSError:
+            pass
+
+
+def enable_kmsg():
+    global _kmsg_fd
+    try:
+        _kmsg_fd = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        log("warn", "cannot log to /dev/kmsg: %s" % exc.strerror)
 
 
 def _since_boot():
@@ -757,11 +845,29 @@ def libc():
     global _libc
     if _libc is None:
         import ctypes
-        _libc = ctypes.CDLL(None, use_errno=True)
+        lib = ctypes.CDLL(None, use_errno=True)
         # int reboot(int cmd): glibc and musl wrap reboot(2) and add the two magic numbers.
-        _libc.reboot.argtypes = [ctypes.c_int]
-        _libc.reboot.restype = ctypes.c_int
+        lib.reboot.argtypes = [ctypes.c_int]
+        # int mount(const char *src, const char *target, const char *fstype,
+        #           unsigned long flags, const void *data)
+        lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                              ctypes.c_ulong, ctypes.c_char_p]
+        # int umount2(const char *target, int flags)
+        lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        # long syscall(long number, ...): finit_module has no libc wrapper everywhere.
+        lib.syscall.restype = ctypes.c_long
+        for fn in (lib.reboot, lib.mount, lib.umount2):
+            fn.restype = ctypes.c_int
+        _libc = lib
     return _libc
+
+
+def libc_call(name, *args):
+    """Call a libc function; returns 0, or the errno it failed with."""
+    import ctypes
+    if getattr(libc(), name)(*args) == -1:
+        return ctypes.get_errno() or errno.EIO
+    return 0
 
 
 def call_reboot(command):
@@ -801,6 +907,226 @@ def spawn_helper(body):
     return pid
 
 
+# ---- early boot: mounts, console, hostname ------------------------------------------------
+
+# mount(2) flags, from <sys/mount.h>.
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT = 32
+MNT_DETACH = 2                     # umount2: lazy unmount
+
+EARLY_MOUNTS = (
+    # source, target, type, flags, data
+    ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+    ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+    ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),
+    ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666"),
+    ("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+    ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
+)
+
+# Filesystems with nothing to flush to a disk: never remounted read-only at power-off.
+PSEUDO_FILESYSTEMS = frozenset((
+    "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs",
+    "tracefs", "configfs", "pstore", "bpf", "mqueue", "hugetlbfs", "fusectl", "binfmt_misc",
+    "efivarfs", "autofs", "rpc_pipefs", "nsfs", "rootfs", "ramfs", "selinuxfs", "overlay"))
+
+
+def read_mountinfo():
+    """/proc/self/mountinfo -> [(mount id, mount point, fs type, read-only?)], in mount order."""
+    mounts = []
+    for line in _read_text("/proc/self/mountinfo").splitlines():
+        fields = line.split()
+        try:
+            sep = fields.index("-")
+            mount_id, target, options = int(fields[0]), fields[4], fields[5].split(",")
+            fstype, super_options = fields[sep + 1], fields[sep + 3].split(",")
+        except (ValueError, IndexError):
+            continue
+        target = target.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        mounts.append((mount_id, target, fstype, "ro" in options or "ro" in super_options))
+    return mounts
+
+
+def mount_early_filesystems():
+    """Mount what a minimal guest needs; skip what is mounted; never raise."""
+    for source, target, fstype, flags, data in EARLY_MOUNTS:
+        mounted = {m[1] for m in read_mountinfo()} if os.path.exists("/proc/self") else set()
+        if target in mounted:
+            continue
+        try:
+            os.makedirs(target, exist_ok=True)
+        except OSError:
+            pass                   # a read-only root that already has it, or cannot: try anyway
+        err = libc_call("mount", source.encode(), target.encode(), fstype.encode(), flags,
+                        data.encode() or None)
+        if err:
+            log("warn", "mount %s on %s: %s" % (fstype, target, os.strerror(err)))
+        else:
+            log("debug", "mounted %s on %s" % (fstype, target))
+
+
+def set_hostname(name):
+    """Set the configured hostname, or 'arcbox' when the kernel left its '(none)'."""
+    try:
+        current = socket.gethostname()
+        if not name and current not in ("", "(none)"):
+            return
+        name = name or "arcbox"
+        if name != current:
+            socket.sethostname(name)
+            log("debug", "hostname set to %s" % name)
+    except OSError as exc:
+        log("warn", "cannot set the hostname to %r: %s" % (name, exc))
+
+
+def is_initial_pid_namespace():
+    """True in a real VM guest, False in a PID namespace (a container, our tests). In the
+    initial namespace PID 2 is kthreadd, whose parent is 0; nowhere else is that so."""
+    try:
+        return _read_text("/proc/2/stat").rsplit(")", 1)[1].split()[1] == "0"
+    except IndexError:
+        return False
+
+
+# ---- kernel modules ---------------------------------------------------------------------------
+
+# finit_module(2) syscall numbers; glibc has no wrapper before 2.x on every arch.
+FINIT_MODULE_SYSCALL = {"x86_64": 313, "aarch64": 273, "riscv64": 273, "i686": 350,
+                        "i386": 350, "armv7l": 379, "armv6l": 379, "ppc64le": 353,
+                        "s390x": 344, "loongarch64": 273}
+MODULE_INIT_COMPRESSED_FILE = 4   # finit_module flag: the kernel decompresses .ko.xz/.zst
+
+
+def modules_dep(base):
+    """base/modules.dep -> {module name: [paths to load, dependencies first, itself last]}."""
+    table = {}
+    for line in _read_text(base + "/modules.dep", limit=16 << 20).splitlines():
+        path, _, deps = line.partition(":")
+        name = os.path.basename(path).split(".ko")[0].replace("-", "_")
+        table[name] = [base + "/" + d for d in reversed(deps.split())] + [base + "/" + path]
+    return table
+
+
+def load_modules(names):
+    """Load kernel modules with finit_module(2) in dependency order (modules.dep), without
+    a child process or a modprobe binary; busybox/kmod modprobe is the fallback when
+    modules.dep does not know a module. Never raises; returns the names that failed."""
+    failed = []
+    if not names:
+        return failed
+    import ctypes
+    table = modules_dep("/lib/modules/" + os.uname().release)
+    number = FINIT_MODULE_SYSCALL.get(os.uname().machine)
+    for name in names:
+        paths = table.get(name.replace("-", "_"))
+        if paths is None or number is None:
+            if not _modprobe(name):
+                failed.append(name)
+            continue
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                log("warn", "module %s: cannot open %s: %s" % (name, path, exc.strerror))
+                failed.append(name)
+                break
+            try:
+                flags = MODULE_INIT_COMPRESSED_FILE if not path.endswith(".ko") else 0
+                rc = libc().syscall(number, fd, b"", flags)
+                err = ctypes.get_errno() if rc != 0 else 0
+            finally:
+                os.close(fd)
+            if err and err != errno.EEXIST:
+                log("warn", "module %s: loading %s: %s" % (name, os.path.basename(path),
+                                                           os.strerror(err)))
+                failed.append(name)
+                break
+        else:
+            log("debug", "module %s loaded" % name)
+    return failed
+
+
+def _modprobe(name):
+    for exe, argv in (("/sbin/modprobe", ["modprobe", name]),
+                      ("/bin/busybox", ["busybox", "modprobe", name])):
+        if os.access(exe, os.X_OK):
+            pid = spawn_helper(lambda: os.execv(exe, argv))
+            if pid is None:
+                return False
+            _, status = os.waitpid(pid, 0)   # at boot, before the loop; modprobe is quick
+            if status == 0:
+                log("debug", "module %s loaded by %s" % (name, exe))
+                return True
+            log("warn", "module %s: %s %s" % (name, exe, describe_status(status)))
+            return False
+    log("warn", "module %s: not in modules.dep and no modprobe to ask" % name)
+    return False
+
+
+# ---- the workload: one program started after boot ----------------------------------------------
+
+TIOCSCTTY = {"mips": 0x5480, "mips64": 0x5480}.get(os.uname().machine if hasattr(os, "uname")
+                                                   else "", 0x540E)   # <asm/ioctls.h>
+
+
+def spawn_clean(argv):
+    """fork + exec argv with a clean slate: default dispositions for every signal (Python
+    ignores SIGPIPE and SIGXFSZ, and our handlers must not leak), an empty signal mask, its
+    own session, and the console as controlling terminal when stdin is a tty. Returns the
+    pid; raises OSError when fork fails."""
+    pid = os.fork()
+    if pid != 0:
+        return pid
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in range(1, signal.NSIG):
+            if sig in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass               # 32/33 belong to the C library's threads
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        os.setsid()
+        if os.isatty(0):
+            libc().ioctl(0, TIOCSCTTY, 1)     # ioctl(TIOCSCTTY): take the console as ctty
+        os.execvp(argv[0], argv)
+    except BaseException as exc:   # noqa: B902 - nothing may return into the parent's loop
+        log("error", "cannot start %s: %s" % (" ".join(argv), exc))
+    os._exit(127)
+
+
+# ---- power-off helpers: flush and remount read-only ---------------------------------------------
+
+def flush_filesystems(scope_ids):
+    """Runs in a child at power-off: sync, remount every writable real filesystem read-only
+    in reverse mount order (children before parents), sync again. scope_ids limits it to
+    those mount ids (None: all). Returns the number of filesystems left writable."""
+    os.sync()
+    left = 0
+    for mount_id, target, fstype, readonly in reversed(read_mountinfo()):
+        if readonly or fstype in PSEUDO_FILESYSTEMS:
+            continue
+        if scope_ids is not None and mount_id not in scope_ids:
+            continue
+        err = libc_call("mount", None, target.encode(), None, MS_REMOUNT | MS_RDONLY, None)
+        if err == errno.EBUSY and target != "/":
+            # Busy (a file still open for writing): a lazy unmount still flushes it once the
+            # last user is gone, which at power-off is now.
+            err = libc_call("umount2", target.encode(), MNT_DETACH)
+            if not err:
+                log("info", "shutdown: %s busy, unmounted instead" % target)
+                continue
+        if err:
+            left += 1
+            log("warn", "shutdown: cannot remount %s (%s) read-only: %s"
+                % (target, fstype, os.strerror(err)))
+        else:
+            log("debug", "shutdown: remounted %s (%s) read-only" % (target, fstype))
+    os.sync()
+    return min(left, 255)
+
+
 # =============================================================================================
 # 5. The shutdown sequence: a state machine stepped by the event loop
 # =============================================================================================
@@ -811,14 +1137,21 @@ def spawn_helper(body):
 #           TERM handler; reap on every SIGCHLD; leave as soon as no process is left (ECHILD)
 #           or the grace ends;
 #   kill  - kill(-1, SIGKILL) if anybody is left, reap for up to kill_wait;
-#   sync  - sync() in a child, bounded by sync_timeout (a hung disk must not hang power-off);
+#   sync  - in a child, bounded by sync_timeout (a hung disk must not hang power-off): sync,
+#           remount every writable filesystem read-only in reverse mount order, sync;
 #   final - reboot(cmd) in a child, as busybox does: if the kernel cannot power off it
 #           halts and do_exit()s the caller, which then is not PID 1;
 #   failed- reboot() returned or timed out: log loudly, and exit so that the kernel's panic
 #           setting decides (the Rust agent's fallback).
 # A second Shutdown meanwhile is acknowledged and does not restart any clock.
+# Delegate mode (not PID 1, --delegate): instead of term/kill, signal PID 1 the busybox way
+# and, if the guest is still up when the grace is over, go on with sync and final ourselves.
 
-PHASES = ("idle", "ack", "term", "kill", "sync", "final", "failed")
+PHASES = ("idle", "ack", "term", "kill", "delegate", "sync", "final", "failed")
+
+# What busybox's poweroff/halt/reboot send to PID 1 (busybox init.c), for delegate mode.
+BUSYBOX_INIT_SIGNALS = {"poweroff": signal.SIGUSR2, "halt": signal.SIGUSR1,
+                        "reboot": signal.SIGTERM}
 
 
 class ShutdownSequence:
@@ -839,6 +1172,9 @@ class ShutdownSequence:
         return self.phase != "idle"
 
     def begin(self, grace, reason, ack_conn):
+        if not self.agent.can_power_off:
+            log("error", "shutdown (%s) ignored: not PID 1 and not --delegate" % reason)
+            return
         now = time.monotonic()
         self.grace = grace
         self.reason = reason
@@ -873,6 +1209,9 @@ class ShutdownSequence:
             log("warn", "shutdown: the reply was not flushed within %gs; going on"
                 % HOST_REPLY_BUDGET)
         self.ack_conn = None
+        if not self.agent.is_init:
+            self._delegate(now)
+            return
         self._enter("term", now + self.grace)
         if kill_all(signal.SIGTERM):
             log("info", "shutdown: SIGTERM sent to all processes (grace %gs)" % self.grace)
@@ -900,9 +1239,28 @@ class ShutdownSequence:
                 "going on" % self.agent.config["kill_wait"])
             self._start_sync(now)
 
+    def _delegate(self, now):
+        action = self.agent.config["action"]
+        self._enter("delegate", now + self.grace)
+        try:
+            os.kill(1, BUSYBOX_INIT_SIGNALS[action])
+            log("info", "shutdown: asked PID 1 for %s with signal %d; forcing it after %gs"
+                % (action, BUSYBOX_INIT_SIGNALS[action], self.grace))
+        except OSError as exc:
+            log("error", "shutdown: cannot signal PID 1 (%s); forcing %s now" % (exc, action))
+            self.deadline = now
+
+    def _step_delegate(self, now):
+        if now >= self.deadline:
+            log("warn", "shutdown: the guest is still up %gs after asking PID 1; forcing it"
+                % self.grace)
+            self._start_sync(now)
+
     def _start_sync(self, now):
         self._enter("sync", now + self.agent.config["sync_timeout"])
-        self.helper = spawn_helper(_sync_body)
+        scope = self.agent.remount_scope()
+        self.helper_status = None
+        self.helper = spawn_helper(lambda: flush_filesystems(scope))
         if self.helper is None:
             os.sync()              # no fork possible: sync inline, unbounded but still done
         else:
@@ -915,11 +1273,15 @@ class ShutdownSequence:
     def _step_sync(self, now):
         if self.helper is not None and now < self.deadline:
             return
+        took = now - self.phase_started
         if self.helper is not None:
-            log("warn", "shutdown: sync did not finish within %gs; going on"
+            log("warn", "shutdown: sync/remount did not finish within %gs; going on"
                 % self.agent.config["sync_timeout"])
+        elif self.helper_status:
+            log("warn", "shutdown: filesystems synced in %.3fs; %s stayed writable"
+                % (took, describe_status(self.helper_status).replace("exited with status ", "")))
         else:
-            log("info", "shutdown: filesystems synced in %.3fs" % (now - self.phase_started))
+            log("info", "shutdown: filesystems synced and read-only in %.3fs" % took)
         self._start_final(now)
 
     def _start_final(self, now):
@@ -950,11 +1312,6 @@ class ShutdownSequence:
 
     def _step_failed(self, now):
         pass
-
-
-def _sync_body():
-    os.sync()                      # sync(2): flush every filesystem (reboot() does not)
-    return 0
 
 
 # =============================================================================================
@@ -1065,6 +1422,59 @@ def _peer_of(sock, family):
     return ("unix", pid, uid, gid), "unix peer pid %d uid %d" % (pid, uid)
 
 
+class Workload:
+    """The optional program started after boot (--exec / arcbox.exec=) and what happens when
+    it exits: ignore, respawn with a doubling back-off, or power off."""
+
+    BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+    STABLE_AFTER = 10.0            # a run this long resets the back-off
+
+    def __init__(self, agent, argv, on_exit):
+        self.agent, self.argv, self.on_exit = agent, argv, on_exit
+        self.pid = None
+        self.started = None
+        self.backoff = self.BACKOFF_FIRST
+        self.respawn_at = None
+        self.runs = 0
+
+    def start(self):
+        self.respawn_at = None
+        if not self.argv or self.agent.shutdown.active:
+            return
+        try:
+            self.pid = spawn_clean(self.argv)
+        except OSError as exc:
+            log("error", "cannot start %s: %s" % (" ".join(self.argv), exc))
+            self._exited(None, None)
+            return
+        self.started = time.monotonic()
+        self.runs += 1
+        self.agent.watch(self.pid, self._exited)
+        log("info", "started %s (pid %d)" % (" ".join(self.argv), self.pid))
+
+    def _exited(self, pid, status):
+        self.pid = None
+        ran = time.monotonic() - self.started if self.started else 0.0
+        how = describe_status(status) if status is not None else "did not start"
+        if self.agent.shutdown.active:
+            log("debug", "workload %s during shutdown" % how)
+            return
+        if self.on_exit == "poweroff" and not self.agent.can_power_off:
+            log("info", "workload %s after %.1fs: stopping the agent (not PID 1: no power-off)"
+                % (how, ran))
+            self.agent.exit_code = 0
+        elif self.on_exit == "poweroff":
+            log("info", "workload %s after %.1fs: powering off" % (how, ran))
+            self.agent.shutdown.begin(self.agent.config["grace"], "workload exit", None)
+        elif self.on_exit == "respawn":
+            self.backoff = self.BACKOFF_FIRST if ran >= self.STABLE_AFTER else self.backoff
+            log("info", "workload %s after %.1fs: respawning in %gs" % (how, ran, self.backoff))
+            self.respawn_at = time.monotonic() + self.backoff
+            self.backoff = min(self.backoff * 2, self.BACKOFF_MAX)
+        else:
+            log("info", "workload %s after %.1fs" % (how, ran))
+
+
 class Agent:
     """The guest side: one event loop in one thread."""
 
@@ -1081,9 +1491,19 @@ class Agent:
         self.poller = select.poll()
         self.registered = {}       # fd -> event mask
         self.wake_r = self.wake_w = -1
+        self.boot_mounts = None    # mount ids present at start (PID namespace: not ours)
+        self.workload = Workload(self, config["exec"], config["on_exit"])
+
+    @property
+    def can_power_off(self):
+        return self.is_init or bool(self.config["delegate"])
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self):
+        if self.is_init:
+            self.boot()
+        if self.config["kmsg"]:
+            enable_kmsg()
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
@@ -1099,6 +1519,28 @@ class Agent:
         now = time.monotonic()
         for listener in self.listeners:
             self._try_open(listener, now)
+        self.workload.start()
+
+    def boot(self):
+        """PID 1's early duties, each best-effort: a failure is logged and boot goes on."""
+        if sys.platform.startswith("linux"):
+            mount_early_filesystems()
+            ensure_stdio()         # /dev/console may exist only now that devtmpfs is up
+            set_hostname(self.config["hostname"])
+        failed = load_modules(self.config["modules"])
+        if failed:
+            log("warn", "modules not loaded: %s" % ", ".join(failed))
+        if not is_initial_pid_namespace():
+            self.boot_mounts = {m[0] for m in read_mountinfo()}
+
+    def remount_scope(self):
+        """Which mounts the power-off may remount read-only: all of them in a real guest;
+        in a PID namespace only those mounted after the agent started, because the others
+        are the host's (a superblock remount there would reach the host)."""
+        if self.boot_mounts is None and (self.is_init or is_initial_pid_namespace()):
+            return None
+        before = self.boot_mounts or {m[0] for m in read_mountinfo()}
+        return {m[0] for m in read_mountinfo()} - before
 
     @staticmethod
     def _handled_signals():
@@ -1170,6 +1612,8 @@ class Agent:
 
     def _next_timeout(self, now):
         deadlines = []
+        if self.workload.respawn_at is not None:
+            deadlines.append(self.workload.respawn_at)
         if self.shutdown.deadline is not None:
             deadlines.append(self.shutdown.deadline)
         for listener in self.listeners:
@@ -1213,6 +1657,8 @@ class Agent:
             self.registered[fd] = mask
 
     def _run_timers(self, now):
+        if self.workload.respawn_at is not None and now >= self.workload.respawn_at:
+            self.workload.start()
         for listener in self.listeners:
             if listener.sock is None and now >= listener.retry_at:
                 self._try_open(listener, now)
@@ -1235,6 +1681,8 @@ class Agent:
 
     def on_signal(self, sig):
         if not self.is_init:
+            if self.shutdown.active and self.config["delegate"]:
+                return              # PID 1 is shutting down; stay to force it if it fails
             if sig in (signal.SIGTERM, signal.SIGINT):
                 log("info", "signal %d: stopping the agent (not PID 1: no power-off)" % sig)
                 self.exit_code = 0
@@ -1288,10 +1736,11 @@ class Agent:
             log("warn", "Shutdown requested, but power-off is only supported on Linux")
             raise Refused(ERROR_UNAVAILABLE, "shutdown refused: power-off is only supported on "
                           "Linux guests")
-        if not self.is_init:
+        if not self.can_power_off:
             log("warn", "refused Shutdown from %s: not PID 1" % conn.peer_text)
             raise Refused(ERROR_UNAVAILABLE, "shutdown refused: this agent is not PID 1 (pid %d),"
-                          " so it will not signal every process on this machine" % os.getpid())
+                          " so it will not signal every process on this machine (see --delegate)"
+                          % os.getpid())
         if self.shutdown.active:
             log("info", "Shutdown from %s: already in progress (phase %s); not restarting"
                 % (conn.peer_text, self.shutdown.phase))
@@ -1299,10 +1748,17 @@ class Agent:
         self.shutdown.begin(grace or self.config["grace"], reason, conn)
 
     def maybe_set_clock(self, conn, seconds):
-        if not (self.is_init and conn.peer[0] == "vsock" and conn.peer[1] == VMADDR_CID_HOST):
+        """Only PID 1 sets the clock, only for a vsock peer, and only an allowed one (the
+        host, CID 2, by default). A Unix-socket peer is ignored, never refused: tests run as
+        root on real machines and must not move their clock."""
+        if not (self.is_init and conn.peer[0] == "vsock"):
             log("debug", "Ping timestamp from %s ignored (clock set only by the host as PID 1)"
                 % conn.peer_text)
             return
+        if not self.may_request_shutdown(conn):
+            log("warn", "refused clock change from %s: not an allowed peer" % conn.peer_text)
+            raise Refused(ERROR_FORBIDDEN, "clock change refused: %s is not allowed to set "
+                          "the time (see --allow)" % conn.peer_text)
         try:
             time.clock_settime(time.CLOCK_REALTIME, float(seconds))
             log("debug", "clock set to %d from the host" % seconds)
@@ -1767,8 +2223,8 @@ client commands: ping, info, shutdown [--grace S]; '%(prog)s ping --help' for th
 def usage_text():
     rows = []
     for name, metavar, _, default, text in SERVE_OPTIONS:
-        rows.append("  %-24s %s (default %s)" % ("%s %s" % (flag_name(name), metavar), text,
-                                                 default))
+        flag = flag_name(name) + (" " + metavar if metavar else "")
+        rows.append("  %-24s %s (default %s)" % (flag, text, default or "none"))
     return USAGE % {"prog": PROG, "options": "\n".join(rows), "addresses": ADDRESS_HELP}
 
 

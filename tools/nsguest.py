@@ -45,10 +45,13 @@ class NamespaceGuest:
     """The agent as PID 1 of its own PID namespace, listening on a Unix socket.
 
     `setup` is shell run by the namespace's first process before it execs the agent, so the
-    processes it starts in the background become the agent's children.
+    processes it starts in the background become the agent's children. `init`, if given, is
+    shell exec'd instead of the agent (a fake PID 1 for delegate mode); $AGENT holds the
+    agent's command line there. A new UTS namespace keeps hostname changes inside.
     """
 
-    def __init__(self, pyz, workdir, setup="", agent_args=(), python=None, log_level="debug"):
+    def __init__(self, pyz, workdir, setup="", agent_args=(), python=None, log_level="debug",
+                 init=None, redirect=""):
         self.pyz = os.path.abspath(pyz)
         self.workdir = workdir
         self.sock = os.path.join(workdir, "agent.sock")
@@ -57,6 +60,8 @@ class NamespaceGuest:
         self.agent_args = list(agent_args)
         self.python = python or sys.executable
         self.log_level = log_level
+        self.init = init
+        self.redirect = redirect
         self.proc = None
         self.started = None
 
@@ -65,14 +70,19 @@ class NamespaceGuest:
         return "unix:" + self.sock
 
     def start(self):
-        agent_cmd = [self.python, self.pyz, "--listen", self.address, "--log", self.log_level]
-        script = "%s\nexec %s\n" % (self.setup, " ".join(shlex.quote(a) for a in
-                                                         agent_cmd + self.agent_args))
+        agent_cmd = " ".join(shlex.quote(a) for a in [
+            self.python, self.pyz, "--listen", self.address, "--log", self.log_level]
+            + self.agent_args)
+        if self.init:
+            script = "%s\nAGENT=%s exec %s\n" % (self.setup, shlex.quote(agent_cmd), self.init)
+        else:
+            script = "%s\nexec %s %s\n" % (self.setup, agent_cmd, self.redirect)
         self.log_file = open(self.log_path, "wb")
         self.started = time.monotonic()
         # --kill-child: if unshare dies (a test aborted), the namespace dies with it.
         self.proc = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c", script],
+            ["unshare", "--pid", "--fork", "--mount-proc", "--uts", "--kill-child", "sh", "-c",
+             script],
             stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=subprocess.STDOUT,
             cwd=self.workdir)
         return self

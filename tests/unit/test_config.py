@@ -93,3 +93,56 @@ def test_a_guest_does_not_listen_on_hybrid_vsock():
                                           ("500ms", 0.5)])
 def test_durations(text, seconds):
     assert agent.parse_seconds(text) == seconds
+
+
+def test_quoted_cmdline_values_are_one_word_like_the_kernel_makes_them():
+    assert agent.split_cmdline('a "b c" arcbox.exec="/bin/sh -l" x="" ') == [
+        "a", "b c", "arcbox.exec=/bin/sh -l", "x="]
+    config, problems = config_of(cmdline='quiet arcbox.exec="/bin/sh -l" arcbox.on_exit=respawn')
+    assert problems == [] and config["exec"] == ["/bin/sh", "-l"]
+    assert config["on_exit"] == "respawn"
+
+
+def test_exec_takes_the_rest_of_the_command_line_and_switches_take_no_value():
+    config, problems = config_of(["--delegate", "--kmsg", "--exec", "sh", "-c", "echo --grace 1"])
+    assert problems == []
+    assert config["exec"] == ["sh", "-c", "echo --grace 1"] and config["grace"] == 25.0
+    assert config["delegate"] is True and config["kmsg"] is True
+    _, problems = config_of(["--exec"])
+    assert problems == ["--exec needs a command"]
+
+
+@pytest.mark.parametrize("word,key,expected", [
+    ("arcbox.modules=vsock_loopback,virtio_console", "modules",
+     ["vsock_loopback", "virtio_console"]),
+    ("arcbox.hostname=guest-1", "hostname", "guest-1"),
+    ("arcbox.delegate=yes", "delegate", True),
+    ("arcbox.allow=cid:2,cid:1,uid:1000", "allow", {"cid": {1, 2}, "uid": {1000}, "any": False}),
+])
+def test_pid1_keys(word, key, expected):
+    config, problems = config_of(cmdline=word)
+    assert problems == [] and config[key] == expected
+
+
+@pytest.mark.parametrize("word,key,expected", [
+    ("arcbox.on_exit=explode", "on_exit", "ignore"),
+    ("arcbox.hostname=" + "x" * 65, "hostname", ""),
+    ("arcbox.delegate=maybe", "delegate", False),
+])
+def test_bad_pid1_keys_keep_the_default(word, key, expected):
+    config, problems = config_of(cmdline=word)
+    assert config[key] == expected and len(problems) == 1 and "keeping" in problems[0]
+
+
+def test_modules_dep_orders_dependencies_first(tmp_path):
+    (tmp_path / "modules.dep").write_text(
+        "kernel/net/vmw_vsock/vsock_loopback.ko: kernel/net/vmw_vsock/"
+        "vmw_vsock_virtio_transport_common.ko kernel/net/vmw_vsock/vsock.ko\n"
+        "kernel/net/vmw_vsock/vsock.ko:\n"
+        "kernel/drivers/char/virtio-console.ko.xz:\n")
+    table = agent.modules_dep(str(tmp_path))
+    base = str(tmp_path) + "/kernel/net/vmw_vsock/"
+    assert table["vsock_loopback"] == [base + "vsock.ko",
+                                       base + "vmw_vsock_virtio_transport_common.ko",
+                                       base + "vsock_loopback.ko"]
+    assert table["virtio_console"] == [str(tmp_path) + "/kernel/drivers/char/virtio-console.ko.xz"]

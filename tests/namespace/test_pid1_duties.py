@@ -1,0 +1,197 @@
+"""PID 1 duties in a PID namespace: busybox signals, the workload, read-only remount at
+power-off, delegate mode, a missing console. The real .pyz is PID 1 (or, for delegate mode,
+a child of a fake PID 1)."""
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import agent
+from nsguest import POWER_OFF_RETURNCODE, REBOOT_RETURNCODE, NamespaceGuest, log_events
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.namespace
+
+
+@pytest.fixture
+def guest(pyz, tmp_path, namespaces):
+    guests = []
+
+    def make(setup="", agent_args=(), wait_ready=True, **kw):
+        g = NamespaceGuest(pyz, str(tmp_path), setup=setup, agent_args=list(agent_args), **kw)
+        guests.append(g)
+        g.start()
+        if wait_ready:
+            g.wait_ready()
+        return g
+
+    yield make
+    for g in guests:
+        g.__exit__(None, None, None)
+
+
+def messages(g):
+    return [m for _, _, m in log_events(g.log())]
+
+
+def wait_for(predicate, timeout=15, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig,action,returncode", [
+    (signal.SIGUSR2, "poweroff", POWER_OFF_RETURNCODE),     # busybox poweroff
+    (signal.SIGUSR1, "halt", POWER_OFF_RETURNCODE),         # busybox halt (ns: also SIGINT)
+    (signal.SIGTERM, "reboot", REBOOT_RETURNCODE),          # busybox reboot
+    (signal.SIGPWR, "poweroff", POWER_OFF_RETURNCODE),
+    (signal.SIGINT, "halt", POWER_OFF_RETURNCODE),          # Ctrl-Alt-Del: the configured one
+], ids=["USR2", "USR1", "TERM", "PWR", "INT"])
+def test_busybox_signals_run_the_orderly_sequence(guest, sig, action, returncode):
+    g = guest("sleep 1000 &", agent_args=["--grace", "30", "--action", "halt"])
+    os.kill(g.init_pid(), sig)
+    assert g.wait(timeout=60) == returncode
+    log = messages(g)
+    assert any("shutdown requested (signal %d): action %s" % (sig, action) in m for m in log)
+    assert any("SIGTERM sent to all processes" in m for m in log)
+    assert any("all processes gone after" in m for m in log)
+    assert any("calling reboot(%s)" % action in m for m in log)
+
+
+def test_sighup_and_sigquit_do_nothing_harmful(guest):
+    g = guest("sleep 1000 &")
+    for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGHUP):
+        os.kill(g.init_pid(), sig)
+    time.sleep(0.3)
+    assert g.proc.poll() is None and len(g.processes()) == 1
+    assert g.request(agent.MSG_PING)
+    assert not any("shutdown" in m for m in messages(g))
+
+
+def test_signals_during_a_shutdown_do_not_start_a_second_one(guest):
+    g = guest("(trap '' TERM; exec sleep 1000) &", agent_args=["--grace", "1"])
+    for _ in range(5):
+        os.kill(g.init_pid(), signal.SIGUSR2)
+        time.sleep(0.05)
+    assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
+    assert sum(1 for m in messages(g) if "SIGTERM sent" in m) == 1
+
+
+def test_a_burst_of_200_orphans_leaves_no_zombie(guest):
+    g = guest()
+    cmd = "for i in $(seq 200); do (sleep 0.1 &) ; done"
+    subprocess.run(["nsenter", "-t", str(g.init_pid()), "-p", "-m", "--", "sh", "-c", cmd],
+                   check=True, timeout=60)
+    wait_for(lambda: not g.processes(), what="200 orphans to be reaped: %s" % g.processes())
+    assert sum(1 for m in messages(g) if m.startswith("reaped pid")) >= 200
+    assert g.request(agent.MSG_PING)
+
+
+def test_the_workload_starts_with_a_clean_signal_state_in_its_own_session(guest, tmp_path):
+    out = tmp_path / "status"
+    script = ("grep -E '^Sig(Blk|Ign)' /proc/$$/status > {0}.tmp; "
+              "echo session=$(cut -d' ' -f6 /proc/$$/stat) pid=$$ >> {0}.tmp; "
+              "mv {0}.tmp {0}; exec sleep 1000").format(shlex.quote(str(out)))
+    g = guest(agent_args=["--exec", "sh", "-c", script])
+    wait_for(out.exists, what="the workload's report")
+    lines = out.read_text().split()
+    assert "SigBlk:\t0000000000000000" in out.read_text(), lines
+    assert "SigIgn:\t0000000000000000" in out.read_text(), lines   # not Python's SIGPIPE/XFSZ
+    session, pid = (w.split("=")[1] for w in lines if "=" in w)
+    assert session == pid, "the workload is not a session leader"
+    assert any(m.startswith("started sh -c") for m in messages(g))
+
+
+def test_respawn_backs_off_instead_of_spinning(guest, tmp_path):
+    runs = tmp_path / "runs"
+    g = guest(agent_args=["--on-exit", "respawn", "--exec", "sh", "-c",
+                          "echo run >> %s; exit 3" % shlex.quote(str(runs))])
+    time.sleep(3.2)                     # back-off 0.5, 1, 2 s: runs at 0, 0.5, 1.5 (3.5)
+    count = len(runs.read_text().split())
+    assert 2 <= count <= 5, "%d runs in 3.2 s" % count
+    log = messages(g)
+    for delay in ("0.5s", "1s", "2s"):
+        assert any("exited with status 3" in m and "respawning in " + delay in m for m in log), log
+
+
+def test_power_off_when_the_workload_exits_logs_its_status(guest):
+    g = guest(agent_args=["--on-exit", "poweroff", "--exec", "sh", "-c", "sleep 0.3; exit 7"])
+    assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
+    assert any("workload exited with status 7" in m and "powering off" in m for m in messages(g))
+
+
+@pytest.fixture
+def ext4_image(tmp_path):
+    if shutil.which("mkfs.ext4") is None:
+        pytest.fail("mkfs.ext4 is missing (apt-get install e2fsprogs)", pytrace=False)
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, timeout=60)
+    return image
+
+
+def test_filesystems_are_remounted_read_only_before_power_off_and_keep_their_data(
+        guest, tmp_path, ext4_image):
+    mnt, tmpfs = tmp_path / "mnt", tmp_path / "scratch"
+    mnt.mkdir()
+    tmpfs.mkdir()
+    # The workload mounts a disk and a tmpfs, writes without syncing, and stays busy.
+    script = ("mount -o loop {img} {mnt} && mount -t tmpfs scratch {tmpfs} && "
+              "echo 'no data lost' > {mnt}/file && echo x > {tmpfs}/x && "
+              "touch {mnt}/.ready && exec sleep 1000").format(
+                  img=shlex.quote(str(ext4_image)), mnt=shlex.quote(str(mnt)),
+                  tmpfs=shlex.quote(str(tmpfs)))
+    g = guest(agent_args=["--exec", "sh", "-c", script])
+    wait_for(lambda: any(m.startswith("started sh") for m in messages(g)), what="workload")
+    time.sleep(0.5)
+    assert g.shutdown(grace=10) is True
+    assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
+    log = messages(g)
+    remounted = [m for m in log if m.startswith("shutdown: remounted")]
+    assert remounted == ["shutdown: remounted %s (tmpfs) read-only" % tmpfs,
+                         "shutdown: remounted %s (ext4) read-only" % mnt], log
+    assert any("filesystems synced and read-only" in m for m in log)
+    fsck = subprocess.run(["e2fsck", "-fn", str(ext4_image)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    cat = subprocess.run(["debugfs", "-R", "cat /file", str(ext4_image)], capture_output=True,
+                         text=True)
+    assert cat.stdout == "no data lost\n"
+
+
+def test_hostname_is_set_inside_the_guest_only(guest):
+    before = socket.gethostname()
+    g = guest(agent_args=["--hostname", "arcbox-test"])
+    info = agent.decode_message(agent.SYSTEM_INFO, g.request(agent.MSG_GET_SYSTEM_INFO))
+    assert info["hostname"] == "arcbox-test"
+    assert socket.gethostname() == before
+
+
+def test_pid1_without_stdio_still_serves_and_powers_off(guest):
+    g = guest("sleep 1000 &", log_level="error", redirect="0<&- 1>&- 2>&-")
+    assert g.shutdown(grace=5) is True
+    assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
+
+
+def test_delegate_mode_signals_pid1_then_forces_power_off(guest, tmp_path):
+    signals = tmp_path / "signals"
+    init = "%s %s %s" % (shlex.quote(sys.executable), shlex.quote(os.path.join(
+        HERE, "fake_init.py")), shlex.quote(str(signals)))
+    g = guest(init=init, agent_args=["--delegate", "--grace", "1"])
+    started = time.monotonic()
+    assert g.shutdown(grace=1) is True
+    assert g.wait(timeout=60) == POWER_OFF_RETURNCODE    # forced by the agent, not PID 1
+    assert time.monotonic() - started >= 1.0
+    assert signals.read_text().split() == [str(int(signal.SIGUSR2))]
+    log = messages(g)
+    assert any("asked PID 1 for poweroff with signal 12" in m for m in log)
+    assert any("still up 1s after asking PID 1; forcing it" in m for m in log)
+    assert not any("SIGTERM sent" in m for m in log)      # a delegate never broadcasts
