@@ -114,6 +114,7 @@ def parse_address(text, default_port=AGENT_PORT):
     vsock:CID[:PORT]          ("vsock", cid, port); CID is a number, any, local or host
     unix:PATH  / unix:@NAME   ("unix", path); @NAME is the Linux abstract namespace
     hvsock:UDS_PATH[:PORT]    ("hvsock", uds_path, port): Firecracker/Cloud Hypervisor
+    serial:NAME / serial:PATH ("serial", name or /dev path): a virtio-serial port (guest side)
     """
     kind, sep, rest = str(text).partition(":")
     kind = kind.strip().lower()
@@ -126,12 +127,15 @@ def parse_address(text, default_port=AGENT_PORT):
         return ("vsock", _parse_cid(cid_text), port)
     if kind == "unix":
         return ("unix", rest)
+    if kind == "serial":
+        return ("serial", rest)
     if kind == "hvsock":
         path, _, port_text = rest.rpartition(":")
         if path and port_text.isdigit():
             return ("hvsock", path, _int_in_range(0, 0xFFFFFFFF)(port_text))
         return ("hvsock", rest, default_port)
-    raise ConfigError("%r: unknown address kind %r (vsock, unix, hvsock)" % (text, kind))
+    raise ConfigError("%r: unknown address kind %r (vsock, unix, hvsock, serial)"
+                      % (text, kind))
 
 
 def format_address(addr):
@@ -178,18 +182,19 @@ def _parse_hostname(text):
 
 
 def _parse_allow(text):
-    """'cid:2,cid:3,uid:0' -> {"cid": {2, 3}, "uid": {0}}; 'any' allows every peer."""
-    allow = {"cid": set(), "uid": set(), "any": False}
+    """'cid:2,cid:3,uid:0,serial' -> {"cid": {2, 3}, "uid": {0}, "serial": True, ...};
+    'serial' trusts virtio-serial ports (only the VMM reaches them); 'any' every peer."""
+    allow = {"cid": set(), "uid": set(), "any": False, "serial": False}
     for item in str(text).split(","):
         item = item.strip().lower()
         if not item:
             continue
-        if item == "any":
-            allow["any"] = True
+        if item in ("any", "serial"):
+            allow[item] = True
             continue
         kind, _, value = item.partition(":")
         if kind not in ("cid", "uid") or not value:
-            raise ConfigError("%r: expected cid:N, uid:N or any" % (item,))
+            raise ConfigError("%r: expected cid:N, uid:N, serial or any" % (item,))
         allow[kind].add(_parse_cid(value) if kind == "cid" else _int_in_range(0, 2**32 - 1)(value))
     return allow
 
@@ -198,15 +203,16 @@ def _parse_allow(text):
 # the kernel cmdline key is arcbox.name; flags win over the cmdline, which wins over defaults.
 SERVE_OPTIONS = (
     ("listen", "ADDR", _parse_listen, "vsock:any:1024",
-     "where to listen (repeatable, or comma-separated): vsock:CID:PORT, unix:PATH"),
+     "where to listen (repeatable, or comma-separated): vsock:CID:PORT, unix:PATH, "
+     "serial:NAME (a virtio-serial port by name, or serial:/dev/PATH)"),
     ("grace", "SECONDS", parse_seconds, "25",
      "SIGTERM grace for signals and for a Shutdown that asks for 0 (ArcBox's default)"),
     ("action", "ACTION", _choice("poweroff", "reboot", "halt"), "poweroff",
      "final reboot(2) command: poweroff, reboot (the only one that ends a Firecracker "
      "x86 VMM), halt"),
     ("log", "LEVEL", _choice(*LOG_LEVELS), "info", "log level: error, warn, info, debug"),
-    ("allow", "PEERS", _parse_allow, "cid:2,uid:0",
-     "who may request Shutdown: cid:N (vsock peer), uid:N (unix peer), any"),
+    ("allow", "PEERS", _parse_allow, "cid:2,uid:0,serial",
+     "who may request Shutdown: cid:N (vsock peer), uid:N (unix peer), serial, any"),
     ("max_frame", "BYTES", _int_in_range(64, 16 << 20), "65536",
      "largest frame accepted; a larger declared length gets an Error and the connection "
      "is closed"),
@@ -351,7 +357,8 @@ def _describe(name, value):
         if value["any"]:
             return "any"
         return ",".join(["cid:%d" % c for c in sorted(value["cid"])] +
-                        ["uid:%d" % u for u in sorted(value["uid"])])
+                        ["uid:%d" % u for u in sorted(value["uid"])] +
+                        (["serial"] if value["serial"] else []))
     return "%g" % value if isinstance(value, float) else str(value)
 
 
@@ -1324,6 +1331,8 @@ ACCEPT_BATCH = 64                 # accepts per wake-up, so one listener cannot 
 LISTEN_BACKLOG = 128
 ACCEPT_PAUSE = 0.25               # after EMFILE/ENFILE: no accept() for this long
 BIND_RETRY_FIRST, BIND_RETRY_MAX = 0.1, 5.0
+SERIAL_RECHECK = 0.1              # host side of a serial port not connected: look again then
+SERIAL_STALE_FRAME = 0.5          # a partial frame this old on a serial stream is garbage
 
 _POLLIN = select.POLLIN | getattr(select, "POLLPRI", 0)
 _POLLOUT = select.POLLOUT
@@ -1332,9 +1341,12 @@ _SO_PEERCRED_SIZE = Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gi
 
 
 class Listener:
+    """A listening socket (vsock, unix) or, for serial:, the one persistent stream."""
+
     def __init__(self, addr):
         self.addr = addr
         self.sock = None
+        self.stream_fd = None      # serial: the opened port; the Agent wraps it in a Connection
         self.retry_at = 0.0        # monotonic time of the next bind attempt
         self.backoff = BIND_RETRY_FIRST
         self.failures = 0
@@ -1344,8 +1356,16 @@ class Listener:
     def text(self):
         return format_address(self.addr)
 
+    @property
+    def is_open(self):
+        return self.sock is not None or self.stream_fd is not None
+
     def open(self):
         kind = self.addr[0]
+        if kind == "serial":
+            path = resolve_serial_port(self.addr[1])
+            self.stream_fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            return
         if kind == "vsock":
             family = getattr(socket, "AF_VSOCK", None)
             if family is None:
@@ -1373,12 +1393,30 @@ class Listener:
         self.sock = sock
 
     def close(self):
+        self.stream_fd = None      # closed with its Connection
         if self.sock is None:
             return
         self.sock.close()
         self.sock = None
         if self.addr[0] == "unix" and not self.addr[1].startswith("@"):
             _remove_stale_socket(self.addr[1])
+
+
+def resolve_serial_port(name):
+    """serial:/dev/PATH as given; serial:NAME through /sys/class/virtio-ports/*/name (a
+    busybox guest has no udev to make /dev/virtio-ports/NAME). ENOENT until the port exists,
+    so the listener retries while virtio_console loads."""
+    if name.startswith("/"):
+        return name
+    base = "/sys/class/virtio-ports"
+    try:
+        ports = sorted(os.listdir(base))
+    except OSError:
+        ports = []
+    for port in ports:
+        if _read_text("%s/%s/name" % (base, port)).strip() == name:
+            return "/dev/" + port
+    raise OSError(errno.ENOENT, "no virtio-serial port named %r (yet)" % name)
 
 
 def _remove_stale_socket(path):
@@ -1391,12 +1429,20 @@ def _remove_stale_socket(path):
 
 
 class Connection:
-    __slots__ = ("sock", "fd", "peer", "peer_text", "inbuf", "outbuf", "last_active",
-                 "closing", "closed", "eof")
+    """One byte stream of frames. A socket connection ends at EOF; a persistent one (a serial
+    port) outlives its peers: EOF there means the host side is not connected right now."""
 
-    def __init__(self, sock, peer, peer_text, now):
+    __slots__ = ("sock", "fd", "peer", "peer_text", "inbuf", "outbuf", "last_active",
+                 "closing", "closed", "eof", "listener", "paused_until", "partial_since",
+                 "dropped")
+
+    def __init__(self, sock, peer, peer_text, now, fd=None, listener=None):
         self.sock = sock
-        self.fd = sock.fileno()
+        self.fd = sock.fileno() if sock is not None else fd
+        self.listener = listener   # set for a persistent stream
+        self.paused_until = 0.0    # persistent: not polled until then (host disconnected)
+        self.partial_since = None  # persistent: when an incomplete frame started waiting
+        self.dropped = 0           # persistent: garbage bytes skipped while resynchronising
         self.peer = peer           # ("vsock", cid, port) or ("unix", pid, uid, gid)
         self.peer_text = peer_text
         self.inbuf = bytearray()
@@ -1405,6 +1451,10 @@ class Connection:
         self.closing = False       # close once outbuf is flushed
         self.closed = False
         self.eof = False
+
+    @property
+    def persistent(self):
+        return self.listener is not None
 
 
 def _peer_of(sock, family):
@@ -1565,6 +1615,12 @@ class Agent:
             return
         log("info", "listening on %s" % listener.text)
         listener.failures = 0
+        listener.backoff = BIND_RETRY_FIRST
+        if listener.stream_fd is not None:
+            peer = ("serial", listener.addr[1])
+            conn = Connection(None, peer, "serial port %s" % listener.addr[1], now,
+                              fd=listener.stream_fd, listener=listener)
+            self.conns[conn.fd] = conn
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self):
@@ -1617,13 +1673,19 @@ class Agent:
         if self.shutdown.deadline is not None:
             deadlines.append(self.shutdown.deadline)
         for listener in self.listeners:
-            if listener.sock is None:
+            if not listener.is_open:
                 deadlines.append(listener.retry_at)
             elif listener.paused_until:
                 deadlines.append(listener.paused_until)
-        if self.conns:
-            idle = self.config["idle_timeout"]
-            deadlines.append(min(c.last_active for c in self.conns.values()) + idle)
+        idle = self.config["idle_timeout"]
+        for conn in self.conns.values():
+            if not conn.persistent:
+                deadlines.append(conn.last_active + idle)
+            else:
+                if conn.paused_until:
+                    deadlines.append(conn.paused_until)
+                if conn.partial_since is not None:
+                    deadlines.append(conn.partial_since + SERIAL_STALE_FRAME)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
@@ -1635,6 +1697,8 @@ class Agent:
             if listener.sock is not None and listener.paused_until <= now:
                 wanted[listener.sock.fileno()] = select.POLLIN
         for fd, conn in self.conns.items():
+            if conn.paused_until > now:
+                continue            # poll() reports POLLHUP even for an empty mask
             mask = 0
             if not conn.closing and not conn.eof and len(conn.outbuf) < OUTBUF_LIMIT:
                 mask |= _POLLIN
@@ -1660,15 +1724,25 @@ class Agent:
         if self.workload.respawn_at is not None and now >= self.workload.respawn_at:
             self.workload.start()
         for listener in self.listeners:
-            if listener.sock is None and now >= listener.retry_at:
+            if not listener.is_open and now >= listener.retry_at:
                 self._try_open(listener, now)
             if listener.paused_until and now >= listener.paused_until:
                 listener.paused_until = 0.0
         idle = self.config["idle_timeout"]
         for conn in list(self.conns.values()):
-            if now - conn.last_active >= idle:
-                log("debug", "closing idle connection from %s" % conn.peer_text)
-                self.close_conn(conn)
+            if not conn.persistent:
+                if now - conn.last_active >= idle:
+                    log("debug", "closing idle connection from %s" % conn.peer_text)
+                    self.close_conn(conn)
+                continue
+            if conn.paused_until and now >= conn.paused_until:
+                conn.paused_until = 0.0
+            if conn.partial_since is not None and now - conn.partial_since >= SERIAL_STALE_FRAME:
+                log("debug", "%s: dropping a partial frame of %d bytes after %gs of silence"
+                    % (conn.peer_text, len(conn.inbuf), SERIAL_STALE_FRAME))
+                conn.dropped += len(conn.inbuf)
+                conn.inbuf = bytearray()
+                conn.partial_since = None
 
     # ---- signals and children -----------------------------------------------------------
     def _handle_signals(self):
@@ -1723,6 +1797,8 @@ class Agent:
         allow = self.config["allow"]
         if allow["any"]:
             return True
+        if conn.peer[0] == "serial":
+            return allow["serial"]
         if conn.peer[0] == "vsock":
             return conn.peer[1] in allow["cid"]
         return conn.peer[2] in allow["uid"]
@@ -1751,7 +1827,7 @@ class Agent:
         """Only PID 1 sets the clock, only for a vsock peer, and only an allowed one (the
         host, CID 2, by default). A Unix-socket peer is ignored, never refused: tests run as
         root on real machines and must not move their clock."""
-        if not (self.is_init and conn.peer[0] == "vsock"):
+        if not (self.is_init and conn.peer[0] in ("vsock", "serial")):
             log("debug", "Ping timestamp from %s ignored (clock set only by the host as PID 1)"
                 % conn.peer_text)
             return
@@ -1813,7 +1889,10 @@ class Agent:
             return
         except OSError as exc:
             log("debug", "read from %s: %s" % (conn.peer_text, exc))
-            self.close_conn(conn)
+            self._lost(conn)
+            return
+        if not data and conn.persistent:
+            self._pause(conn)       # the host side is not connected: look again soon
             return
         if not data:
             conn.eof = True         # answer what was sent, flush, then close
@@ -1828,9 +1907,16 @@ class Agent:
         while not conn.closing:
             if len(conn.outbuf) >= OUTBUF_LIMIT:
                 return              # back-pressure: go on when the peer has read
+            if conn.persistent and self._skip_garbage(conn, max_frame):
+                continue
             try:
                 frame = decode_frame(conn.inbuf, max_frame)
             except ProtocolError as exc:
+                if conn.persistent:     # resynchronising: drop it, answer nobody (see above)
+                    consumed = getattr(exc, "consumed", 1)
+                    del conn.inbuf[:consumed]
+                    conn.dropped += consumed
+                    continue
                 self._send(conn, MSG_ERROR, encode_error(ERROR_INVALID, "invalid request: %s"
                                                          % exc))
                 if exc.fatal:       # the frame boundary is lost: nothing after it can be read
@@ -1845,12 +1931,36 @@ class Agent:
                 break
             msg_type, trace, payload, consumed = frame
             del conn.inbuf[:consumed]
+            if conn.dropped:
+                log("info", "%s: back in step after skipping %d bytes"
+                    % (conn.peer_text, conn.dropped))
+                conn.dropped = 0
             self._answer(conn, msg_type, trace, payload)
+        if conn.persistent:
+            conn.partial_since = (conn.partial_since or time.monotonic()) if conn.inbuf else None
         if conn.eof and not conn.closing:
             if conn.inbuf:
                 log("debug", "%s closed mid-frame (%d bytes dropped)"
                     % (conn.peer_text, len(conn.inbuf)))
             conn.closing = True     # answer what came, flush, then close
+
+    @staticmethod
+    def _skip_garbage(conn, max_frame):
+        """Resynchronise a serial stream, which cannot be closed and reopened like a socket:
+        drop one byte while the front does not look like a request header (a request type,
+        a length that fits). No Error frame is sent for garbage: on a shared stream it would
+        be read as the answer to somebody's next request."""
+        buf = conn.inbuf
+        if len(buf) < _FRAME_PREFIX.size:
+            return False
+        length, msg_type = _FRAME_PREFIX.unpack_from(buf)
+        if 6 <= length <= max_frame and 1 <= msg_type <= REQUEST_MAX:
+            return False
+        if not conn.dropped:
+            log("warn", "%s: garbage in the stream; resynchronising" % conn.peer_text)
+        del buf[:1]
+        conn.dropped += 1
+        return True
 
     def _answer(self, conn, msg_type, trace, payload):
         log("debug", "%s from %s" % (request_name(msg_type), conn.peer_text))
@@ -1880,7 +1990,7 @@ class Agent:
                     return
                 except OSError as exc:
                     log("debug", "write to %s: %s" % (conn.peer_text, exc))
-                    self.close_conn(conn)
+                    self._lost(conn)
                     return
                 del conn.outbuf[:sent]
                 conn.last_active = time.monotonic()
@@ -1893,15 +2003,33 @@ class Agent:
             if not conn.outbuf and not conn.closing:
                 return
 
+    def _pause(self, conn):
+        conn.paused_until = time.monotonic() + SERIAL_RECHECK
+
+    def _lost(self, conn):
+        """An I/O error: a socket connection is over; a serial port's host side went away,
+        and what it was owed is dropped (a host retries with a new trace id)."""
+        if not conn.persistent:
+            self.close_conn(conn)
+            return
+        conn.outbuf = bytearray()
+        self._pause(conn)
+
     def close_conn(self, conn):
         if conn.closed:
             return
         conn.closed = True
         self.conns.pop(conn.fd, None)
         try:
-            conn.sock.close()
+            if conn.sock is not None:
+                conn.sock.close()
+            else:
+                os.close(conn.fd)
         except OSError:
             pass
+        if conn.listener is not None:
+            conn.listener.stream_fd = None     # reopened by the retry timer
+            conn.listener.retry_at = time.monotonic() + SERIAL_RECHECK
 
     def close_all(self):
         for conn in list(self.conns.values()):
@@ -1979,9 +2107,19 @@ class ClientError(Exception):
 
 
 class Client:
-    """A blocking client with one deadline for the whole exchange."""
+    """A blocking client with one deadline for the whole exchange.
+
+    Every request carries a trace id of its own, which the agent echoes. An answer with
+    another non-empty trace id belongs to somebody else (on a shared virtio-serial stream: a
+    client that gave up earlier) and is skipped; an empty one is accepted, for agents that do
+    not echo."""
+
+    _counter = 0
 
     def __init__(self, addr, timeout):
+        if addr[0] == "serial":
+            raise ClientError(EXIT_USAGE, "serial: is a guest-side address; on the host use "
+                              "the VMM's socket for the port, e.g. unix:PATH")
         self.addr = addr
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
@@ -2064,24 +2202,18 @@ class Client:
             raise ClientError(EXIT_UNREACHABLE, "%s: %s" % (format_address(self.addr),
                                                             exc.strerror or exc))
 
-    def request(self, msg_type, payload=b"", trace=b""):
+    def request(self, msg_type, payload=b"", trace=None):
         """Send one request, return the response payload; an Error frame raises."""
+        if trace is None:
+            Client._counter += 1
+            trace = ("c%x.%x.%x" % (os.getpid(), int(time.time() * 1000) & 0xFFFFFF,
+                                    Client._counter)).encode()
         self._send_all(encode_frame(msg_type, payload, trace))
         while True:
-            try:
-                frame = decode_frame(self.buf, 16 << 20)   # the ArcBox host's own limit
-            except ProtocolError as exc:
-                raise ClientError(EXIT_PROTOCOL, "bad answer from %s: %s"
-                                  % (format_address(self.addr), exc))
-            if frame is not None:
+            frame = self._next_frame()
+            if not frame[1] or frame[1] == trace:
                 break
-            chunk = self._recv()
-            if not chunk:
-                raise ClientError(EXIT_PROTOCOL, "%s closed the connection without answering"
-                                  % format_address(self.addr))
-            self.buf += chunk
-        rtype, _, rpayload, consumed = frame
-        del self.buf[:consumed]
+        rtype, _, rpayload, _ = frame
         if rtype == MSG_ERROR:
             try:
                 code, text = decode_error(rpayload)
@@ -2092,6 +2224,22 @@ class Client:
             raise ClientError(EXIT_PROTOCOL, "expected a response of type 0x%04X, got 0x%04X"
                               % (msg_type | RESPONSE_BIT, rtype))
         return rpayload
+
+    def _next_frame(self):
+        while True:
+            try:
+                frame = decode_frame(self.buf, 16 << 20)   # the ArcBox host's own limit
+            except ProtocolError as exc:
+                raise ClientError(EXIT_PROTOCOL, "bad answer from %s: %s"
+                                  % (format_address(self.addr), exc))
+            if frame is not None:
+                del self.buf[:frame[3]]
+                return frame
+            chunk = self._recv()
+            if not chunk:
+                raise ClientError(EXIT_PROTOCOL, "%s closed the connection without answering"
+                                  % format_address(self.addr))
+            self.buf += chunk
 
     def close(self):
         if self.sock is not None:
@@ -2180,7 +2328,10 @@ def client_main(argv):
         addr = parse_address(args.to)
     except ConfigError as exc:
         parser.error(str(exc))
-    client = Client(addr, args.timeout)
+    try:
+        client = Client(addr, args.timeout)
+    except ClientError as exc:
+        parser.error(str(exc))
     try:
         client.connect()
         result, text = CLIENT_COMMANDS[argv[0]][0](client, args)

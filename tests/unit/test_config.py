@@ -17,7 +17,7 @@ def test_defaults():
     assert problems == []
     assert config["listen"] == [("vsock", agent.VMADDR_CID_ANY, 1024)]
     assert config["grace"] == 25.0 and config["action"] == "poweroff"
-    assert config["allow"] == {"cid": {2}, "uid": {0}, "any": False}
+    assert config["allow"] == {"cid": {2}, "uid": {0}, "any": False, "serial": True}
 
 
 def test_cmdline_keys_and_flags_win():
@@ -43,7 +43,7 @@ def test_repeated_listen_flags_replace_the_default_and_add_up():
     ("arcbox.listen=tcp:1.2.3.4", "listen", [("vsock", agent.VMADDR_CID_ANY, 1024)]),
     ("arcbox.listen=vsock:any:99999999999", "listen", [("vsock", agent.VMADDR_CID_ANY, 1024)]),
     ("arcbox.max_frame=1", "max_frame", 65536),
-    ("arcbox.allow=cid:x", "allow", {"cid": {2}, "uid": {0}, "any": False}),
+    ("arcbox.allow=cid:x", "allow", {"cid": {2}, "uid": {0}, "any": False, "serial": True}),
     ("arcbox.log=loud", "log", "info"),
 ])
 def test_bad_cmdline_values_are_named_and_the_default_kept(word, key, expected):
@@ -117,7 +117,7 @@ def test_exec_takes_the_rest_of_the_command_line_and_switches_take_no_value():
      ["vsock_loopback", "virtio_console"]),
     ("arcbox.hostname=guest-1", "hostname", "guest-1"),
     ("arcbox.delegate=yes", "delegate", True),
-    ("arcbox.allow=cid:2,cid:1,uid:1000", "allow", {"cid": {1, 2}, "uid": {1000}, "any": False}),
+    ("arcbox.allow=cid:2,cid:1,uid:1000", "allow", {"cid": {1, 2}, "uid": {1000}, "any": False, "serial": False}),
 ])
 def test_pid1_keys(word, key, expected):
     config, problems = config_of(cmdline=word)
