@@ -167,11 +167,44 @@ def _parse_bool(text):
 
 
 def _parse_words(text):
-    """A command or list: a list from flags, a space- or comma-separated string from the
-    cmdline (quote it there: arcbox.exec="/bin/sh -l")."""
+    """A list: a list from flags, a space- or comma-separated string from the cmdline."""
     if isinstance(text, list):
         return list(text)
     return [w for w in str(text).replace(",", " ").split() if w]
+
+
+def split_command(text):
+    """A command line as a shell splits words: spaces separate, '...' and "..." group,
+    a backslash escapes (outside single quotes). The kernel cmdline can carry one with double
+    quotes around it: arcbox.exec="/bin/sh -c 'sleep 1; poweroff'"."""
+    if isinstance(text, list):
+        return list(text)
+    words, word, quote, has_word, escaped = [], [], None, False, False
+    for ch in str(text):
+        if escaped:
+            word.append(ch)
+            escaped = False
+        elif ch == "\\" and quote != "'":
+            escaped = has_word = True
+        elif quote:
+            if ch == quote:
+                quote = None
+            else:
+                word.append(ch)
+        elif ch in "'\"":
+            quote, has_word = ch, True
+        elif ch.isspace():
+            if has_word:
+                words.append("".join(word))
+            word, has_word = [], False
+        else:
+            word.append(ch)
+            has_word = True
+    if quote:
+        raise ConfigError("%r has an unterminated %s quote" % (text, quote))
+    if has_word:
+        words.append("".join(word))
+    return words
 
 
 def _parse_hostname(text):
@@ -229,7 +262,7 @@ SERVE_OPTIONS = (
      "hostname to set at boot (PID 1; default: arcbox, if the kernel left none)"),
     ("modules", "LIST", _parse_words, "",
      "kernel modules to load at start, comma-separated (e.g. vsock_loopback)"),
-    ("exec", "CMD...", _parse_words, "",
+    ("exec", "CMD...", split_command, "",
      "a program to start after boot (as a flag: the rest of the command line)"),
     ("on_exit", "POLICY", _choice("ignore", "respawn", "poweroff"), "ignore",
      "when the --exec program exits: ignore, respawn (with back-off), poweroff"),
@@ -247,7 +280,8 @@ def flag_name(name):
 def default_config():
     config = {}
     for name, _, parse, default, _ in SERVE_OPTIONS:
-        config[name] = parse(default) if default else ([] if parse is _parse_words else "")
+        config[name] = parse(default) if default else (
+            [] if parse in (_parse_words, split_command) else "")
     return config
 
 
@@ -972,6 +1006,35 @@ def mount_early_filesystems():
             log("debug", "mounted %s on %s" % (fstype, target))
 
 
+def ensure_stdio():
+    """The kernel may start init with fds 0-2 closed (no /dev/console in the rootfs). Fill
+    them so a later socket never lands on fd 2 and receives our log lines."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        for path in ("/dev/console", "/dev/null"):
+            try:
+                new = os.open(path, os.O_RDWR | os.O_NOCTTY)
+            except OSError:
+                continue
+            if new != fd:
+                os.dup2(new, fd)
+                os.close(new)
+            break
+
+
+def early_boot():
+    """PID 1, before the configuration is read: /proc (for /proc/cmdline) and the other
+    early filesystems, then stdio on /dev/console now that devtmpfs may have made it."""
+    ensure_stdio()
+    if sys.platform.startswith("linux"):
+        mount_early_filesystems()
+        ensure_stdio()
+
+
 def set_hostname(name):
     """Set the configured hostname, or 'arcbox' when the kernel left its '(none)'."""
     try:
@@ -1229,7 +1292,8 @@ class ShutdownSequence:
 
     def _step_term(self, now):
         if self.agent.no_children:
-            log("info", "shutdown: all processes gone after %.3fs" % (now - self.phase_started))
+            log("info", "shutdown: all processes gone after %.3fs"
+                % max(0.0, now - self.phase_started))
             self._start_sync(now)
         elif now >= self.deadline:
             self._enter("kill", now + self.agent.config["kill_wait"])
@@ -1572,10 +1636,9 @@ class Agent:
         self.workload.start()
 
     def boot(self):
-        """PID 1's early duties, each best-effort: a failure is logged and boot goes on."""
+        """PID 1's duties that need the configuration (early_boot() ran before it was read),
+        each best-effort: a failure is logged and boot goes on."""
         if sys.platform.startswith("linux"):
-            mount_early_filesystems()
-            ensure_stdio()         # /dev/console may exist only now that devtmpfs is up
             set_hostname(self.config["hostname"])
         failed = load_modules(self.config["modules"])
         if failed:
@@ -2062,26 +2125,6 @@ if hasattr(signal, "SIGPWR"):
     INIT_SIGNAL_ACTIONS[signal.SIGPWR] = "poweroff"
 
 
-def ensure_stdio():
-    """The kernel may start init with fds 0-2 closed (no /dev/console in the rootfs). Fill
-    them so a later socket never lands on fd 2 and receives our log lines."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-            continue
-        except OSError:
-            pass
-        for path in ("/dev/console", "/dev/null"):
-            try:
-                new = os.open(path, os.O_RDWR | os.O_NOCTTY)
-            except OSError:
-                continue
-            if new != fd:
-                os.dup2(new, fd)
-                os.close(new)
-            break
-
-
 # =============================================================================================
 # 7. Host-side client: ping, info, shutdown
 # =============================================================================================
@@ -2109,10 +2152,10 @@ class ClientError(Exception):
 class Client:
     """A blocking client with one deadline for the whole exchange.
 
-    Every request carries a trace id of its own, which the agent echoes. An answer with
-    another non-empty trace id belongs to somebody else (on a shared virtio-serial stream: a
-    client that gave up earlier) and is skipped; an empty one is accepted, for agents that do
-    not echo."""
+    Every request carries a trace id of its own, which the agent echoes (the ArcBox agent
+    does too). An answer with another trace id belongs to somebody else (on a shared
+    virtio-serial stream: a client that gave up earlier, or garbage) and is skipped. An Error
+    frame without one (a stream-level error) is reported if the agent then closes."""
 
     _counter = 0
 
@@ -2209,10 +2252,18 @@ class Client:
             trace = ("c%x.%x.%x" % (os.getpid(), int(time.time() * 1000) & 0xFFFFFF,
                                     Client._counter)).encode()
         self._send_all(encode_frame(msg_type, payload, trace))
+        stream_error = None
         while True:
-            frame = self._next_frame()
-            if not frame[1] or frame[1] == trace:
+            try:
+                frame = self._next_frame()
+            except ClientError:
+                if stream_error is None:
+                    raise
+                frame = stream_error     # the agent said why, then closed
+            if frame[1] == trace or frame is stream_error:
                 break
+            if frame[0] == MSG_ERROR and not frame[1]:
+                stream_error = frame
         rtype, _, rpayload, _ = frame
         if rtype == MSG_ERROR:
             try:
@@ -2389,7 +2440,7 @@ def _write(fd, text):
 def serve_main(argv, cmdline_path="/proc/cmdline"):
     is_init = os.getpid() == 1
     if is_init:
-        ensure_stdio()
+        early_boot()
     flags, problems, wants_help = parse_serve_flags(argv)
     cmdline, cmd_problems = parse_cmdline(_read_text(cmdline_path) if cmdline_path else "")
     config, value_problems = build_config(flags, cmdline)

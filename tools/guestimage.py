@@ -153,18 +153,21 @@ def module_closure(root, names):
 
 
 def modules_dep_text(found, deps):
-    """modules.dep lines: 'path: dependency paths', the deepest dependency last."""
-    def order(name, seen):
-        result = []
+    """modules.dep lines, 'path: dependency paths', listed as depmod does: loading them from
+    the last to the first, then the module itself, meets every dependency first."""
+    def load_order(name, seen):
+        order = []
         for dep in deps[name]:
             if dep not in seen:
                 seen.add(dep)
-                result.append(dep)
-                result.extend(order(dep, seen))
-        return result
+                order.extend(load_order(dep, seen))
+                order.append(dep)
+        return order
     lines = []
     for name in sorted(found):
-        lines.append("%s: %s" % (found[name], " ".join(found[d] for d in order(name, set()))))
+        first_to_last = load_order(name, set())
+        lines.append("%s: %s" % (found[name], " ".join(found[d] for d in
+                                                       reversed(first_to_last))))
     return "\n".join(lines) + "\n"
 
 

@@ -146,3 +146,17 @@ def test_modules_dep_orders_dependencies_first(tmp_path):
                                        base + "vmw_vsock_virtio_transport_common.ko",
                                        base + "vsock_loopback.ko"]
     assert table["virtio_console"] == [str(tmp_path) + "/kernel/drivers/char/virtio-console.ko.xz"]
+
+
+@pytest.mark.parametrize("text,words", [
+    ("/bin/sh -c 'sleep 1; exec poweroff'", ["/bin/sh", "-c", "sleep 1; exec poweroff"]),
+    ('echo "a b" c\\ d \'e"f\'', ["echo", "a b", "c d", 'e"f']),
+    ("echo a,b  ''", ["echo", "a,b", ""]),
+])
+def test_exec_is_split_like_a_shell_would(text, words):
+    assert agent.split_command(text) == words
+
+
+def test_an_unterminated_quote_is_a_clear_error():
+    config, problems = config_of(cmdline="arcbox.exec=\"/bin/sh -c 'oops\"")
+    assert config["exec"] == [] and "unterminated ' quote" in problems[0]

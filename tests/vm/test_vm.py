@@ -1,0 +1,177 @@
+"""The real thing: a real kernel, the .pyz as the real init, real AF_VSOCK (vsock_loopback
+inside the guest), real reboot(), a real ext4 disk. The host drives the agent over a
+virtio-serial port that QEMU exposes as a Unix socket.
+
+Oracles: QEMU exits by itself with status 0, the console says "reboot: Power down" and no
+"Kernel panic" (a panic makes pvpanic exit QEMU with a failure status), and the agent's log
+lines on the console show the orderly sequence."""
+
+import os
+import random
+import re
+import socket
+import subprocess
+import time
+
+import pytest
+
+import agent
+
+pytestmark = pytest.mark.vm
+BOOT_TIMEOUT = 90          # TCG on a loaded machine; a boot takes ~4 s here
+STOP_TIMEOUT = 60
+
+
+def agent_lines(vm):
+    return re.findall(r"arcbox-agent \w+: ([^\r\n]*)", vm.console())
+
+
+def assert_powered_off(vm, status):
+    console = vm.console()
+    assert status == 0, "qemu exit status %s (pvpanic: a kernel panic?)\n%s" % (status,
+                                                                               console[-3000:])
+    assert "reboot: Power down" in console, console[-3000:]
+    assert "Kernel panic" not in console and "POWER-OFF FAILED" not in console
+
+
+def test_host_pings_reads_info_and_powers_off_over_virtio_serial(boot):
+    vm = boot()
+    ready = vm.wait_ready(BOOT_TIMEOUT)
+    assert 0 < ready < BOOT_TIMEOUT
+    pong = agent.decode_message(agent.PING_RESPONSE, vm.request(agent.MSG_PING))
+    assert pong == {"message": "pong", "version": agent.__version__}
+    info = agent.decode_message(agent.SYSTEM_INFO, vm.request(agent.MSG_GET_SYSTEM_INFO))
+    assert info["os_name"] == "Linux" and info["kernel_version"].endswith("-amd64")
+    assert info["arch"] == "x86_64" and info["cpu_count"] == 1 and info["hostname"] == "arcbox"
+    assert 150 << 20 < info["total_memory"] <= 256 << 20
+    assert 0 < info["available_memory"] < info["total_memory"] and len(info["load_average"]) == 3
+    asked = time.monotonic()
+    assert vm.shutdown(grace=5) is True
+    assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
+    assert time.monotonic() - asked < STOP_TIMEOUT
+    lines = agent_lines(vm)
+    assert "listening on serial:org.arcbox.agent" in lines
+    assert "listening on vsock:any:1024" in lines
+    assert any(l.startswith("shutdown: calling reboot(poweroff)") for l in lines)
+
+
+def test_the_host_client_command_drives_the_guest(boot, pyz):
+    vm = boot()
+    vm.wait_ready(BOOT_TIMEOUT)
+    run = lambda *a: subprocess.run(["/usr/bin/python3", pyz] + list(a) + ["--to",
+                                    vm.agent_address], capture_output=True, text=True,
+                                    timeout=60)
+    out = run("info")
+    assert out.returncode == 0 and "hostname      arcbox" in out.stdout, out.stderr
+    out = run("shutdown", "--grace", "3")
+    assert out.returncode == 0 and "shutdown accepted" in out.stdout, out.stderr
+    assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
+
+
+def vsock_client_cmdline(extra=""):
+    return ('arcbox.exec="/usr/bin/python3 -S /test/vsock_client.py" ' + extra).strip()
+
+
+def wait_console(vm, needle, timeout=BOOT_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while needle not in vm.console():
+        assert vm.proc.poll() is None or needle in vm.console(), vm.console()[-3000:]
+        assert time.monotonic() < deadline, "no %r on the console:\n%s" % (
+            needle, vm.console()[-3000:])
+        time.sleep(0.05)
+
+
+def test_real_af_vsock_in_the_guest_and_the_peer_cid_rule(boot):
+    # Default: CID 1 (the guest itself) may ping, not shut down.
+    vm = boot(vsock_client_cmdline())
+    wait_console(vm, "VSOCK-TEST: shutdown")
+    console = vm.console()
+    assert "VSOCK-TEST: ping 0x1001" in console and "pong: vsock" in console
+    assert re.search(r"VSOCK-TEST: shutdown error 403 shutdown refused: vsock peer cid 1 "
+                     r"port \d+ is not allowed", console), console[-2000:]
+    assert vm.proc.poll() is None                       # still up
+    vm.wait_ready(BOOT_TIMEOUT)
+    assert vm.shutdown(grace=2) is True                 # the host may
+    assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
+
+
+def test_an_allowed_vsock_peer_powers_the_guest_off(boot):
+    vm = boot(vsock_client_cmdline("arcbox.allow=cid:1"))
+    status = vm.wait(BOOT_TIMEOUT + STOP_TIMEOUT)
+    assert_powered_off(vm, status)
+    assert "VSOCK-TEST: shutdown 0x100A b'\\x08\\x01'" in vm.console()
+    assert any(l.startswith("shutdown requested (Shutdown from vsock peer cid 1")
+               for l in agent_lines(vm))
+
+
+def test_busybox_poweroff_in_the_guest_goes_through_the_agent(boot):
+    vm = boot('arcbox.exec="/bin/sh -c \'sleep 1; exec poweroff\'" arcbox.grace=5')
+    assert_powered_off(vm, vm.wait(BOOT_TIMEOUT + STOP_TIMEOUT))
+    lines = agent_lines(vm)
+    assert any(l.startswith("shutdown requested (signal 12): action poweroff") for l in lines)
+    assert any(l.startswith("shutdown: SIGTERM sent to all processes") for l in lines)
+
+
+def test_a_process_ignoring_sigterm_is_killed_after_the_grace(boot):
+    vm = boot('arcbox.exec=/test/ignore_term.sh')
+    vm.wait_ready(BOOT_TIMEOUT)
+    wait_console(vm, "IGNORING-TERM")
+    assert vm.shutdown(grace=1) is True
+    assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
+    lines = agent_lines(vm)
+    assert "shutdown: grace over, SIGKILL sent to the rest" in lines, lines
+    assert "shutdown: all processes gone after SIGKILL" in lines
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_nothing_lost_on_an_ext4_disk(boot, tmp_path, run):
+    disk = str(tmp_path / "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", disk], check=True, timeout=60)
+    # The workload writes 2 MB and a small file, never syncs, and stays busy.
+    script = ("mount -t ext4 /dev/vda /mnt && "
+              "yes arcbox-run-%d | head -c 2000000 > /mnt/data && echo done > /mnt/marker && "
+              "echo DISK-WRITTEN-$((40+2)) && exec sleep 1000" % run)   # not in the log line
+    vm = boot('arcbox.exec="/bin/sh -c \'%s\'"' % script, disk=disk, log_level="debug")
+    wait_console(vm, "DISK-WRITTEN-42")
+    vm.wait_ready(BOOT_TIMEOUT)
+    assert vm.shutdown(grace=5) is True
+    assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
+    assert "shutdown: remounted /mnt (ext4) read-only" in agent_lines(vm)
+    header = subprocess.run(["dumpe2fs", "-h", disk], capture_output=True, text=True).stdout
+    assert re.search(r"Filesystem state:\s+clean", header), header
+    assert "needs_recovery" not in header, "the journal needs recovery: not cleanly remounted"
+    fsck = subprocess.run(["e2fsck", "-fn", disk], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    data = subprocess.run(["debugfs", "-R", "cat /data", disk], capture_output=True).stdout
+    assert data == (b"arcbox-run-%d\n" % run * 200000)[:2000000]
+    marker = subprocess.run(["debugfs", "-R", "cat /marker", disk], capture_output=True).stdout
+    assert marker == b"done\n"
+
+
+def test_pid1_survives_a_flood_of_bad_frames_then_powers_off(boot):
+    vm = boot()
+    vm.wait_ready(BOOT_TIMEOUT)
+    rnd = random.Random(1234)
+    floods = [bytes(rnd.getrandbits(8) for _ in range(200000)),
+              b"\xff" * 50000,
+              b"\x00\x00\x00\x08\x00\x00\x00\x01",              # a header without its body
+              agent.encode_frame(0x0777, b"junk") * 100,         # well framed, unknown type
+              agent.encode_frame(agent.MSG_PING, b"\x0a\x09bad") * 100]
+    for chunk in floods:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(vm.socket)
+        s.sendall(chunk)
+        s.close()
+    # A host retries a Ping that got no answer, as the ArcBox host's boot probe does: the
+    # first may be swallowed by a plausible-looking garbage frame (dropped after 0.5 s).
+    vm.wait_ready(30)
+    pong = agent.decode_message(agent.PING_RESPONSE, vm.request(agent.MSG_PING))
+    assert pong["message"] == "pong"
+    assert vm.proc.poll() is None
+    assert vm.shutdown(grace=2) is True
+    assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
+    lines = agent_lines(vm)
+    assert any("garbage in the stream; resynchronising" in l for l in lines)
+    assert not any("internal error" in l for l in lines)
