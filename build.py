@@ -152,8 +152,9 @@ def main(argv=None):
                         help="deflate the entries (smaller; the guest python then needs zlib)")
     parser.add_argument("--shiv", action="store_true",
                         help="also build dist/arcbox-agent-shiv.pyz with shiv")
-    parser.add_argument("--demo", action="store_true",
-                        help="after building, run the PID-namespace power-off demo (root)")
+    parser.add_argument("--demo", nargs="?", const="auto", choices=["auto", "vm", "namespace"],
+                        help="after building, power off a demo guest: a QEMU VM when QEMU is "
+                        "installed, else (or with 'namespace') a PID namespace (root)")
     parser.add_argument("--demo-grace", type=float, default=2.0, metavar="SECONDS",
                         help="grace the demo asks for (default 2)")
     args = parser.parse_args(argv)
@@ -172,7 +173,7 @@ def main(argv=None):
     if args.demo:
         sys.path.insert(0, os.path.join(HERE, "tools"))
         import demo
-        return demo.run(args.output, grace=args.demo_grace)
+        return demo.run(args.output, grace=args.demo_grace, mode=args.demo)
     return 0
 
 

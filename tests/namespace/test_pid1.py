@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import socket
+import subprocess
 import sys
 import time
 
@@ -172,3 +173,12 @@ def test_busybox_poweroff_signal_to_pid1_runs_the_same_sequence(guest):
     log = messages(g)
     assert any("shutdown requested (signal 12)" in m for m in log)
     assert any("all processes gone after" in m for m in log)
+
+
+def test_the_main_job_demo_reaches_power_off_in_a_namespace(namespaces, tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(HERE, "..", "..", "build.py"), "-o",
+                          str(tmp_path / "a.pyz"), "--demo", "namespace"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "grace over: SIGKILL sent" in out.stdout and "reboot(POWER_OFF) called" in out.stdout
+    assert "outcome: the namespace init was killed by SIGINT" in out.stdout

@@ -175,3 +175,12 @@ def test_pid1_survives_a_flood_of_bad_frames_then_powers_off(boot):
     lines = agent_lines(vm)
     assert any("garbage in the stream; resynchronising" in l for l in lines)
     assert not any("internal error" in l for l in lines)
+
+
+def test_the_main_job_demo_boots_and_powers_off_a_vm(guest_image, tmp_path):
+    build = os.path.join(os.path.dirname(__file__), "..", "..", "build.py")
+    out = subprocess.run(["/usr/bin/python3", build, "-o", str(tmp_path / "a.pyz"), "--demo",
+                          "vm"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr
+    assert "grace over: SIGKILL sent" in out.stdout and "reboot(POWER_OFF) called" in out.stdout
+    assert "outcome: QEMU exited by itself (status 0)" in out.stdout
