@@ -1193,7 +1193,8 @@ def flush_filesystems(scope_ids):
                 % (target, fstype, os.strerror(err)))
         else:
             log("debug", "shutdown: remounted %s (%s) read-only" % (target, fstype))
-    os.sync()
+    if left:
+        os.sync()   # a remount read-only syncs its filesystem; only the others need it again
     return min(left, 255)
 
 

@@ -303,8 +303,9 @@ class Cpio:
 
 # ---- the image -------------------------------------------------------------------------------------------
 
-def build_initramfs(pyz, out, extra_files=None, modules=GUEST_MODULES):
-    """Write the initramfs; returns a dict describing what went in."""
+def build_initramfs(pyz, out, extra_files=None, modules=GUEST_MODULES, init=None):
+    """Write the initramfs; returns a dict describing what went in. `init` replaces the
+    .pyz as /init (the benchmarks' baseline agent)."""
     if not os.path.exists(BUSYBOX):
         raise ImageError("%s is missing (apt-get install busybox-static)" % BUSYBOX)
     root = fetch_packages()
@@ -348,7 +349,10 @@ def build_initramfs(pyz, out, extra_files=None, modules=GUEST_MODULES):
     img.node("/dev/urandom", stat.S_IFCHR, 1, 9, 0o666)
     for d in ("/proc", "/sys", "/run", "/tmp", "/mnt", "/root", "/etc"):
         img.dir(d)
-    img.host_file("/init", pyz, 0o755)
+    if init is None:
+        img.host_file("/init", pyz, 0o755)
+    else:
+        img.file("/init", init, 0o755)
     for path, data in sorted((extra_files or {}).items()):
         mode = 0o755 if data.startswith(b"#!") else 0o644
         img.file(path, data, mode)
