@@ -253,6 +253,12 @@ SERVE_OPTIONS = (
      "concurrent connections; a connection beyond it is closed at once"),
     ("idle_timeout", "SECONDS", parse_seconds, "60",
      "close a connection that sends nothing for this long"),
+    ("frame_timeout", "SECONDS", parse_seconds, "10",
+     "close a connection whose frame is not complete this long after its first byte "
+     "(a slow dribbler)"),
+    ("max_output", "BYTES", _int_in_range(4096, 64 << 20), "262144",
+     "answers buffered for a peer that does not read; past it the agent stops reading "
+     "from that peer"),
     ("kill_wait", "SECONDS", parse_seconds, "0.5", "how long to reap after SIGKILL"),
     ("sync_timeout", "SECONDS", parse_seconds, "10",
      "bound on sync + remount read-only + sync before power-off (done in a child)"),
@@ -1390,7 +1396,6 @@ class ShutdownSequence:
 # 6. The event loop: listeners, connections, signals, timers - one thread
 # =============================================================================================
 
-OUTBUF_LIMIT = 256 * 1024         # stop reading a connection whose peer does not read
 READ_CHUNK = 65536
 ACCEPT_BATCH = 64                 # accepts per wake-up, so one listener cannot starve others
 LISTEN_BACKLOG = 128
@@ -1500,13 +1505,15 @@ class Connection:
     __slots__ = ("sock", "fd", "peer", "peer_text", "inbuf", "outbuf", "last_active",
                  "closing", "closed", "eof", "listener", "paused_until", "partial_since",
                  "dropped")
+    # partial_since: when the incomplete frame at the front of inbuf started waiting; a
+    # socket connection past --frame-timeout is closed, a serial stream drops the bytes.
 
     def __init__(self, sock, peer, peer_text, now, fd=None, listener=None):
         self.sock = sock
         self.fd = sock.fileno() if sock is not None else fd
         self.listener = listener   # set for a persistent stream
         self.paused_until = 0.0    # persistent: not polled until then (host disconnected)
-        self.partial_since = None  # persistent: when an incomplete frame started waiting
+        self.partial_since = None  # when an incomplete frame started waiting
         self.dropped = 0           # persistent: garbage bytes skipped while resynchronising
         self.peer = peer           # ("vsock", cid, port) or ("unix", pid, uid, gid)
         self.peer_text = peer_text
@@ -1742,9 +1749,12 @@ class Agent:
             elif listener.paused_until:
                 deadlines.append(listener.paused_until)
         idle = self.config["idle_timeout"]
+        frame_timeout = self.config["frame_timeout"]
         for conn in self.conns.values():
             if not conn.persistent:
                 deadlines.append(conn.last_active + idle)
+                if conn.partial_since is not None:
+                    deadlines.append(conn.partial_since + frame_timeout)
             else:
                 if conn.paused_until:
                     deadlines.append(conn.paused_until)
@@ -1756,6 +1766,7 @@ class Agent:
 
     def _sync_registrations(self):
         wanted = {self.wake_r: select.POLLIN}
+        out_limit = self.config["max_output"]
         now = time.monotonic()
         for listener in self.listeners:
             if listener.sock is not None and listener.paused_until <= now:
@@ -1764,7 +1775,7 @@ class Agent:
             if conn.paused_until > now:
                 continue            # poll() reports POLLHUP even for an empty mask
             mask = 0
-            if not conn.closing and not conn.eof and len(conn.outbuf) < OUTBUF_LIMIT:
+            if not conn.closing and not conn.eof and len(conn.outbuf) < out_limit:
                 mask |= _POLLIN
             if conn.outbuf:
                 mask |= _POLLOUT
@@ -1793,10 +1804,16 @@ class Agent:
             if listener.paused_until and now >= listener.paused_until:
                 listener.paused_until = 0.0
         idle = self.config["idle_timeout"]
+        frame_timeout = self.config["frame_timeout"]
         for conn in list(self.conns.values()):
             if not conn.persistent:
                 if now - conn.last_active >= idle:
                     log("debug", "closing idle connection from %s" % conn.peer_text)
+                    self.close_conn(conn)
+                elif (conn.partial_since is not None
+                      and now - conn.partial_since >= frame_timeout):
+                    log("debug", "closing %s: a frame still incomplete after %gs"
+                        % (conn.peer_text, frame_timeout))
                     self.close_conn(conn)
                 continue
             if conn.paused_until and now >= conn.paused_until:
@@ -1969,7 +1986,7 @@ class Agent:
     def _process_frames(self, conn):
         max_frame = self.config["max_frame"]
         while not conn.closing:
-            if len(conn.outbuf) >= OUTBUF_LIMIT:
+            if len(conn.outbuf) >= self.config["max_output"]:
                 return              # back-pressure: go on when the peer has read
             if conn.persistent and self._skip_garbage(conn, max_frame):
                 continue
@@ -2000,8 +2017,7 @@ class Agent:
                     % (conn.peer_text, conn.dropped))
                 conn.dropped = 0
             self._answer(conn, msg_type, trace, payload)
-        if conn.persistent:
-            conn.partial_since = (conn.partial_since or time.monotonic()) if conn.inbuf else None
+        conn.partial_since = (conn.partial_since or time.monotonic()) if conn.inbuf else None
         if conn.eof and not conn.closing:
             if conn.inbuf:
                 log("debug", "%s closed mid-frame (%d bytes dropped)"

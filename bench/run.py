@@ -254,7 +254,8 @@ def bench_serving(report, pyz, pings, runs, seconds):
         bare_kib = vm_rss_kib(bare.pid)
         bare.kill()
         bare.wait()
-        proc, s = start_server([PY, "-S", pyz, "--listen", "unix:" + sock, "--log", "error"],
+        proc, s = start_server([PY, "-S", pyz, "--listen", "unix:" + sock, "--log", "error",
+                                "--max-conns", "1000"],
                                sock)
         try:
             seq = ping_roundtrips(s, pings)

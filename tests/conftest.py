@@ -29,3 +29,27 @@ def namespaces():
     if reason:
         pytest.fail("namespace tests cannot run here: " + reason, pytrace=False)
     return True
+
+
+_FIGURES = {}
+
+
+@pytest.fixture
+def figures(request):
+    """Soak tests record what they measured here; it is printed at the end of the run and
+    written to dist/soak-figures.json."""
+    table = {}
+    _FIGURES[request.node.name] = table
+    return table
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FIGURES:
+        return
+    import json
+    terminalreporter.section("soak figures")
+    for name, table in _FIGURES.items():
+        terminalreporter.write_line("%s: %s" % (name, json.dumps(table, sort_keys=True)))
+    os.makedirs(os.path.join(ROOT, "dist"), exist_ok=True)
+    with open(os.path.join(ROOT, "dist", "soak-figures.json"), "w") as f:
+        json.dump(_FIGURES, f, indent=1, sort_keys=True)

@@ -1,0 +1,343 @@
+"""Hostile input, floods and faults against the real .pyz as PID 1 of a PID namespace. Each
+test records its figures (printed at the end of the run, and in dist/soak-figures.json)."""
+
+import os
+import random
+import resource
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import threading
+import time
+
+import pytest
+
+import agent
+from nsguest import POWER_OFF_RETURNCODE, NamespaceGuest, log_events
+
+pytestmark = pytest.mark.namespace
+PING = agent.encode_frame(agent.MSG_PING)
+
+
+@pytest.fixture
+def guest(pyz, tmp_path, namespaces):
+    guests = []
+
+    def make(setup="", agent_args=(), log_level="info"):
+        g = NamespaceGuest(pyz, str(tmp_path), setup=setup, agent_args=list(agent_args),
+                           log_level=log_level)
+        guests.append(g)
+        g.start()
+        g.wait_ready()
+        return g
+
+    yield make
+    for g in guests:
+        g.__exit__(None, None, None)
+
+
+def pid1_state(g):
+    pid = g.init_pid()
+    with open("/proc/%d/status" % pid) as f:
+        rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+    return {"fds": len(os.listdir("/proc/%d/fd" % pid)), "rss_kib": rss}
+
+
+def ping_ms(g, count=20):
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        g.request(agent.MSG_PING, timeout=5)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def mutate(rnd, frame):
+    data = bytearray(frame)
+    for _ in range(rnd.randint(1, 4)):
+        op = rnd.random()
+        if op < 0.4 and data:
+            data[rnd.randrange(len(data))] = rnd.getrandbits(8)
+        elif op < 0.6:
+            data = data[:rnd.randrange(len(data) + 1)]
+        elif op < 0.8:
+            data += bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 16)))
+        else:
+            data = bytearray(rnd.getrandbits(8) for _ in range(rnd.randint(1, 40)))
+    return bytes(data)
+
+
+def raise_fd_limit(n):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), hard))
+
+
+def test_100k_random_and_mutated_frames_then_ping_and_power_off(guest, figures):
+    # Shutdown over the Unix socket is refused (--allow without uids), so that a mutated
+    # frame that happens to be a valid Shutdown cannot end the soak early.
+    g = guest(agent_args=["--idle-timeout", "5", "--allow", "cid:2"])
+    before = pid1_state(g)
+    rnd = random.Random(20261127)
+    seeds = [agent.encode_frame(agent.MSG_PING, b"\x0a\x02hi", b"t"),
+             agent.encode_frame(agent.MSG_GET_SYSTEM_INFO),
+             agent.encode_frame(agent.MSG_SHUTDOWN, b"\x08\x05"),
+             agent.encode_frame(0x0003, b"")]
+    sent = connections = 0
+    started = time.perf_counter()
+    socks = []
+    while sent < 100000:
+        if len(socks) < 50:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(g.sock)
+            s.setblocking(False)
+            socks.append(s)
+            connections += 1
+        s = rnd.choice(socks)
+        batch = b"".join(mutate(rnd, rnd.choice(seeds)) for _ in range(20))
+        try:
+            s.send(batch)
+            sent += 20
+            s.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:                     # closed by the agent after a fatal frame
+            socks.remove(s)
+            s.close()
+    for s in socks:
+        s.close()
+    flood_s = time.perf_counter() - started
+    time.sleep(0.5)
+    after = pid1_state(g)
+    latency = ping_ms(g)
+    figures.update(frames=sent, connections=connections, seconds=round(flood_s, 2),
+                   pid1_before=before, pid1_after=after,
+                   ping_ms_median=round(statistics.median(latency), 2),
+                   ping_ms_max=round(max(latency), 2), crashes=0)
+    assert g.proc.poll() is None, "PID 1 died"
+    assert statistics.median(latency) < 50
+    assert after["fds"] <= before["fds"] + 2, (before, after)
+    assert after["rss_kib"] - before["rss_kib"] < 8 * 1024, (before, after)
+    os.kill(g.init_pid(), signal.SIGUSR2)
+    assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
+    assert "internal error" not in g.log()
+
+
+def test_1000_idle_connections_and_slowloris_are_closed_while_pings_stay_fast(guest, figures):
+    raise_fd_limit(4096)
+    g = guest("ulimit -n 4096", agent_args=["--max-conns", "1200", "--idle-timeout", "3",
+                                            "--frame-timeout", "2"])
+    idle = []
+    for _ in range(1000):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(g.sock)
+        idle.append(s)
+    slow = []
+    for _ in range(50):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(g.sock)
+        slow.append(s)
+    latencies = []
+    started = time.monotonic()
+    header = agent.encode_frame(agent.MSG_PING, b"\x0a\x20" + b"x" * 32)
+    n = 0
+    while time.monotonic() - started < 2.5:
+        for s in slow:                      # one byte at a time: never idle, never a frame
+            try:
+                s.send(header[n % len(header):n % len(header) + 1])
+            except OSError:
+                pass
+        n += 1
+        latencies.extend(ping_ms(g, 2))
+        time.sleep(0.05)
+    state = pid1_state(g)
+    deadline = time.monotonic() + 15
+    closed_idle = 0
+    for s in idle:
+        s.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            if s.recv(1) == b"":
+                closed_idle += 1
+        except OSError:
+            pass
+        s.close()
+    closed_slow = 0
+    for s in slow:
+        s.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            while s.recv(4096):
+                pass
+            closed_slow += 1
+        except OSError:
+            pass
+        s.close()
+    lat = sorted(latencies)
+    figures.update(idle=1000, slowloris=50, pings=len(lat),
+                   ping_ms_median=round(statistics.median(lat), 2),
+                   ping_ms_p99=round(lat[int(0.99 * (len(lat) - 1))], 2),
+                   pid1_with_1050_conns=state, closed_idle=closed_idle, closed_slow=closed_slow)
+    assert statistics.median(lat) < 50
+    assert closed_idle == 1000 and closed_slow == 50
+    after = pid1_state(g)
+    assert after["fds"] < 20, after
+
+
+def test_a_client_that_floods_and_never_reads_cannot_grow_pid1(guest, figures):
+    g = guest(agent_args=["--idle-timeout", "3"])
+    before = pid1_state(g)
+    flooder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    flooder.connect(g.sock)
+    flooder.setblocking(False)
+    pushed = 0
+    blocked_at = None
+    started = time.monotonic()
+    while time.monotonic() - started < 3:
+        try:
+            pushed += flooder.send(PING * 4096)
+        except BlockingIOError:
+            blocked_at = blocked_at or pushed     # the agent stopped reading: back-pressure
+            select.select([], [flooder], [], 0.05)
+    during = pid1_state(g)
+    latency = ping_ms(g)
+    flooder.setblocking(True)
+    flooder.settimeout(10)
+    deadline = time.monotonic() + 10
+    closed = False
+    while time.monotonic() < deadline:      # read what it owes us: then EOF (idle timeout)
+        try:
+            if not flooder.recv(1 << 20):
+                closed = True
+                break
+        except OSError:
+            closed = True
+            break
+    flooder.close()
+    figures.update(bytes_pushed=pushed, pushed_until_backpressure=blocked_at,
+                   pid1_before=before, pid1_during=during,
+                   ping_ms_median=round(statistics.median(latency), 2), flooder_closed=closed)
+    assert blocked_at is not None, "the agent never pushed back"
+    assert during["rss_kib"] - before["rss_kib"] < 8 * 1024, (before, during)
+    assert statistics.median(latency) < 50 and closed
+
+
+def test_5000_orphans_while_pings_keep_being_answered(guest, figures):
+    g = guest(log_level="error")
+    latencies, errors, stop = [], [], threading.Event()
+
+    def pinger():
+        while not stop.is_set():
+            try:
+                latencies.extend(ping_ms(g, 1))
+            except Exception as exc:   # noqa: BLE001 - recorded and asserted below
+                errors.append(exc)
+
+    t = threading.Thread(target=pinger)
+    t.start()
+    started = time.perf_counter()
+    burst = "import os\nfor _ in range(5000):\n    pid = os.fork()\n    if pid == 0:\n" \
+            "        if os.fork() == 0:\n            os._exit(0)\n        os._exit(0)\n" \
+            "    os.waitpid(pid, 0)\n"
+    subprocess.run(["nsenter", "-t", str(g.init_pid()), "-p", "-m", "--", "/usr/bin/python3",
+                    "-S", "-c", burst], check=True, timeout=300)
+    deadline = time.monotonic() + 30
+    while g.processes():
+        assert time.monotonic() < deadline, "zombies left: %d" % len(g.processes())
+        time.sleep(0.01)
+    took = time.perf_counter() - started
+    stop.set()
+    t.join()
+    lat = sorted(latencies)
+    figures.update(orphans=5000, seconds_to_none_left=round(took, 2), pings=len(lat),
+                   ping_ms_median=round(statistics.median(lat), 2),
+                   ping_ms_p99=round(lat[int(0.99 * (len(lat) - 1))], 2), ping_errors=len(errors))
+    assert not errors and len(lat) > 10
+    assert statistics.median(lat) < 50
+
+
+def test_a_signal_storm_during_the_grace_makes_exactly_one_teardown(guest, figures):
+    g = guest("(trap '' TERM; exec sleep 1000) &", agent_args=["--grace", "2"])
+    pid = g.init_pid()
+    os.kill(pid, signal.SIGUSR2)
+    sent = 1
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline and g.proc.poll() is None:
+        for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM,
+                    signal.SIGINT, signal.SIGCHLD):
+            try:
+                os.kill(pid, sig)
+                sent += 1
+            except ProcessLookupError:
+                break
+    assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
+    msgs = [m for _, _, m in log_events(g.log())]
+    figures.update(signals_sent=sent,
+                   teardowns=sum(1 for m in msgs if "SIGTERM sent" in m))
+    assert sum(1 for m in msgs if "SIGTERM sent" in m) == 1
+    assert sum(1 for m in msgs if m.startswith("shutdown requested")) == 1
+    assert "internal error" not in g.log()
+
+
+def test_a_process_forking_during_the_grace_is_gone_by_the_end(guest, figures):
+    g = guest("sh -c 'trap \"\" TERM; while :; do sleep 5 & sleep 0.01; done' &",
+              agent_args=["--grace", "1"])
+    time.sleep(0.5)
+    before = len(g.processes())
+    assert g.shutdown(grace=1) is True
+    assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
+    msgs = [m for _, _, m in log_events(g.log())]
+    figures.update(processes_at_request=before)
+    assert before > 5
+    assert "shutdown: all processes gone after SIGKILL" in msgs, msgs
+
+
+def test_a_busy_mount_does_not_stop_the_power_off(guest, tmp_path, figures):
+    """A file on the guest's tmpfs held open for writing from outside the guest: remount
+    read-only fails with EBUSY, the agent detaches it instead, and powers off."""
+    mnt = tmp_path / "busy"
+    mnt.mkdir()
+    g = guest(agent_args=["--exec", "sh", "-c", "mount -t tmpfs busy %s && touch %s/f && "
+                          "exec sleep 1000" % (mnt, mnt)], log_level="debug")
+    path = "/proc/%d/root%s/f" % (g.init_pid(), mnt)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    holder = open(path, "w")                  # from outside the guest: never killed
+    try:
+        assert g.shutdown(grace=2) is True
+        assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
+    finally:
+        holder.close()
+    msgs = [m for _, _, m in log_events(g.log())]
+    figures.update(log=[m for m in msgs if str(mnt) in m])
+    assert "shutdown: %s busy, unmounted instead" % mnt in msgs, msgs
+
+
+def test_a_slow_sync_is_bounded(guest, tmp_path, figures):
+    """300 MB of dirty data on a loop-mounted ext4 and --sync-timeout 0.005: the sync outlives
+    the bound, and the agent goes on to reboot() instead of waiting for it."""
+    img, mnt = tmp_path / "big.img", tmp_path / "big"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(512 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True, timeout=60)
+    script = ("mount -o loop %s %s && dd if=/dev/zero of=%s/dirty bs=1M count=300 "
+              "2>/dev/null && touch %s/.written && exec sleep 1000" % (img, mnt, mnt, mnt))
+    g = guest(agent_args=["--sync-timeout", "0.005", "--exec", "sh", "-c", script])
+    flag = "/proc/%d/root%s/.written" % (g.init_pid(), mnt)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(flag):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert g.shutdown(grace=2) is True
+    assert g.wait(timeout=120) == POWER_OFF_RETURNCODE
+    events = log_events(g.log())
+    msgs = [m for _, _, m in events]
+    bound = next((t for t, _, m in events if "did not finish within 0.005s" in m), None)
+    assert bound is not None, msgs
+    start = next(t for t, _, m in events if "all processes gone" in m)
+    figures.update(sync_bound_hit_after_s=round(bound - start, 3))
+    assert any(m.startswith("shutdown: calling reboot(poweroff)") for m in msgs)
+    assert bound - start < 2.0
