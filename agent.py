@@ -179,19 +179,24 @@ def split_command(text):
     quotes around it: arcbox.exec="/bin/sh -c 'sleep 1; poweroff'"."""
     if isinstance(text, list):
         return list(text)
+    return _split_words(text, quotes="'\"", escapes=True, strict=True)
+
+
+def _split_words(text, quotes, escapes, strict):
+    """Split on spaces outside quotes; the quotes themselves are removed."""
     words, word, quote, has_word, escaped = [], [], None, False, False
     for ch in str(text):
         if escaped:
             word.append(ch)
             escaped = False
-        elif ch == "\\" and quote != "'":
+        elif escapes and ch == "\\" and quote != "'":
             escaped = has_word = True
         elif quote:
             if ch == quote:
                 quote = None
             else:
                 word.append(ch)
-        elif ch in "'\"":
+        elif ch in quotes:
             quote, has_word = ch, True
         elif ch.isspace():
             if has_word:
@@ -200,7 +205,7 @@ def split_command(text):
         else:
             word.append(ch)
             has_word = True
-    if quote:
+    if quote and strict:
         raise ConfigError("%r has an unterminated %s quote" % (text, quote))
     if has_word:
         words.append("".join(word))
@@ -293,21 +298,8 @@ def default_config():
 
 def split_cmdline(text):
     """Split the kernel command line as the kernel does: on spaces, except inside double
-    quotes, which are removed (key="a b" -> key=a b)."""
-    words, word, quoted, has_word = [], [], False, False
-    for ch in str(text):
-        if ch == '"':
-            quoted, has_word = not quoted, True
-        elif ch.isspace() and not quoted:
-            if has_word:
-                words.append("".join(word))
-            word, has_word = [], False
-        else:
-            word.append(ch)
-            has_word = True
-    if has_word:
-        words.append("".join(word))
-    return words
+    quotes, which are removed (key="a b" -> key=a b); no escapes."""
+    return _split_words(text, quotes='"', escapes=False, strict=False)
 
 
 def parse_cmdline(text):

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 import agent  # noqa: E402
 import build  # noqa: E402
 import nsguest  # noqa: E402
+from startup import vm_rss_kib  # noqa: E402
 
 PY = "/usr/bin/python3"
 SEED = os.path.join(HERE, "seed_agent.py")
@@ -176,14 +177,6 @@ def bench_startup(report, pyz, runs):
 
 
 # ---- 4 + 5: memory, throughput, latency -------------------------------------------------------------
-
-def vm_rss_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
 
 def start_server(cmd, sock):
     if os.path.exists(sock):

@@ -104,17 +104,10 @@ class NamespaceGuest:
         raise RuntimeError("agent not ready after %gs (%s):\n%s" % (timeout, last, self.log()))
 
     def request(self, msg_type, payload=b"", timeout=5.0):
-        client = agent.Client(("unix", self.sock), timeout)
-        try:
-            client.connect()
-            return client.request(msg_type, payload)
-        finally:
-            client.close()
+        return request(self.sock, msg_type, payload, timeout)
 
     def shutdown(self, grace=0, timeout=5.0):
-        payload = agent.encode_message(agent.SHUTDOWN_REQUEST, {"timeout_seconds": grace})
-        reply = self.request(agent.MSG_SHUTDOWN, payload, timeout)
-        return agent.decode_message(agent.SHUTDOWN_RESPONSE, reply)["accepted"]
+        return ask_shutdown(self.sock, grace, timeout)
 
     def wait(self, timeout=60.0):
         """Wait for the namespace to end; returns unshare's returncode (-2: power-off)."""
@@ -163,6 +156,23 @@ class NamespaceGuest:
         self.kill()
         if getattr(self, "log_file", None):
             self.log_file.close()
+
+
+def request(unix_path, msg_type, payload=b"", timeout=5.0):
+    """One request to the agent behind a Unix socket (or a QEMU chardev); the answer's
+    payload, or agent.ClientError."""
+    client = agent.Client(("unix", unix_path), timeout)
+    try:
+        client.connect()
+        return client.request(msg_type, payload)
+    finally:
+        client.close()
+
+
+def ask_shutdown(unix_path, grace=0, timeout=5.0):
+    payload = agent.encode_message(agent.SHUTDOWN_REQUEST, {"timeout_seconds": grace})
+    reply = request(unix_path, agent.MSG_SHUTDOWN, payload, timeout)
+    return agent.decode_message(agent.SHUTDOWN_RESPONSE, reply)["accepted"]
 
 
 def _children(pid):

@@ -16,6 +16,7 @@ import sys
 import time
 
 import guestimage
+import nsguest
 
 sys.path.insert(0, guestimage.REPO)
 import agent  # noqa: E402
@@ -108,17 +109,10 @@ class VM:
                            % (timeout, last, self.console()[-4000:]))
 
     def request(self, msg_type, payload=b"", timeout=10.0):
-        client = agent.Client(("unix", self.socket), timeout)
-        try:
-            client.connect()
-            return client.request(msg_type, payload)
-        finally:
-            client.close()
+        return nsguest.request(self.socket, msg_type, payload, timeout)
 
     def shutdown(self, grace=0, timeout=10.0):
-        payload = agent.encode_message(agent.SHUTDOWN_REQUEST, {"timeout_seconds": grace})
-        reply = self.request(agent.MSG_SHUTDOWN, payload, timeout)
-        return agent.decode_message(agent.SHUTDOWN_RESPONSE, reply)["accepted"]
+        return nsguest.ask_shutdown(self.socket, grace, timeout)
 
     def wait(self, timeout):
         """Wait for QEMU to exit; returns its status. Kills it at the timeout."""

@@ -14,31 +14,12 @@ import time
 import pytest
 
 import agent
-from nsguest import POWER_OFF_RETURNCODE, REBOOT_RETURNCODE, NamespaceGuest, log_events
+from conftest import messages
+from nsguest import POWER_OFF_RETURNCODE, REBOOT_RETURNCODE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.namespace
 
-
-@pytest.fixture
-def guest(pyz, tmp_path, namespaces):
-    guests = []
-
-    def make(setup="", agent_args=(), wait_ready=True, **kw):
-        g = NamespaceGuest(pyz, str(tmp_path), setup=setup, agent_args=list(agent_args), **kw)
-        guests.append(g)
-        g.start()
-        if wait_ready:
-            g.wait_ready()
-        return g
-
-    yield make
-    for g in guests:
-        g.__exit__(None, None, None)
-
-
-def messages(g):
-    return [m for _, _, m in log_events(g.log())]
 
 
 def wait_for(predicate, timeout=15, what="condition"):

@@ -15,27 +15,10 @@ import time
 import pytest
 
 import agent
-from nsguest import POWER_OFF_RETURNCODE, NamespaceGuest, log_events
+from nsguest import POWER_OFF_RETURNCODE, log_events
 
 pytestmark = pytest.mark.namespace
 PING = agent.encode_frame(agent.MSG_PING)
-
-
-@pytest.fixture
-def guest(pyz, tmp_path, namespaces):
-    guests = []
-
-    def make(setup="", agent_args=(), log_level="info"):
-        g = NamespaceGuest(pyz, str(tmp_path), setup=setup, agent_args=list(agent_args),
-                           log_level=log_level)
-        guests.append(g)
-        g.start()
-        g.wait_ready()
-        return g
-
-    yield make
-    for g in guests:
-        g.__exit__(None, None, None)
 
 
 def pid1_state(g):
@@ -78,7 +61,7 @@ def raise_fd_limit(n):
 def test_100k_random_and_mutated_frames_then_ping_and_power_off(guest, figures):
     # Shutdown over the Unix socket is refused (--allow without uids), so that a mutated
     # frame that happens to be a valid Shutdown cannot end the soak early.
-    g = guest(agent_args=["--idle-timeout", "5", "--allow", "cid:2"])
+    g = guest(agent_args=["--idle-timeout", "5", "--allow", "cid:2"], log_level="info")
     before = pid1_state(g)
     rnd = random.Random(20261127)
     seeds = [agent.encode_frame(agent.MSG_PING, b"\x0a\x02hi", b"t"),
@@ -127,8 +110,8 @@ def test_100k_random_and_mutated_frames_then_ping_and_power_off(guest, figures):
 
 def test_1000_idle_connections_and_slowloris_are_closed_while_pings_stay_fast(guest, figures):
     raise_fd_limit(4096)
-    g = guest("ulimit -n 4096", agent_args=["--max-conns", "1200", "--idle-timeout", "3",
-                                            "--frame-timeout", "2"])
+    g = guest("ulimit -n 4096", log_level="info",
+              agent_args=["--max-conns", "1200", "--idle-timeout", "3", "--frame-timeout", "2"])
     idle = []
     for _ in range(1000):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -185,7 +168,7 @@ def test_1000_idle_connections_and_slowloris_are_closed_while_pings_stay_fast(gu
 
 
 def test_a_client_that_floods_and_never_reads_cannot_grow_pid1(guest, figures):
-    g = guest(agent_args=["--idle-timeout", "3"])
+    g = guest(agent_args=["--idle-timeout", "3"], log_level="info")
     before = pid1_state(g)
     flooder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     flooder.connect(g.sock)
@@ -257,7 +240,8 @@ def test_5000_orphans_while_pings_keep_being_answered(guest, figures):
 
 
 def test_a_signal_storm_during_the_grace_makes_exactly_one_teardown(guest, figures):
-    g = guest("(trap '' TERM; exec sleep 1000) &", agent_args=["--grace", "2"])
+    g = guest("(trap '' TERM; exec sleep 1000) &", agent_args=["--grace", "2"],
+              log_level="info")
     pid = g.init_pid()
     os.kill(pid, signal.SIGUSR2)
     sent = 1
