@@ -44,6 +44,7 @@ class VM:
                  log_level="info"):
         self.workdir = workdir
         self.socket = os.path.join(workdir, "agent-serial.sock")
+        self.monitor = os.path.join(workdir, "monitor.sock")
         self.console_path = os.path.join(workdir, "console.log")
         self.initramfs, self.kernel, self.disk = initramfs, kernel, disk
         self.memory = memory
@@ -65,6 +66,7 @@ class VM:
                "-bios", "/usr/share/qemu/qboot.rom",
                "-kernel", self.kernel, "-initrd", self.initramfs, "-append", self.cmdline,
                "-serial", "file:" + self.console_path,
+               "-monitor", "unix:%s,server=on,wait=off" % self.monitor,
                "-device", "pvpanic-pci", "-action", "panic=exit-failure",
                "-device", "virtio-serial-pci,id=vser",
                "-chardev", "socket,id=agent,path=%s,server=on,wait=off" % self.socket,
@@ -113,6 +115,24 @@ class VM:
 
     def shutdown(self, grace=0, timeout=10.0):
         return nsguest.ask_shutdown(self.socket, grace, timeout)
+
+    def monitor_command(self, command):
+        """A QEMU human-monitor command, e.g. 'sendkey ctrl-alt-delete'; returns its output."""
+        import socket
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(self.monitor)
+        out = b""
+        try:
+            while b"(qemu)" not in out:
+                out += s.recv(4096)
+            s.sendall(command.encode() + b"\n")
+            out = b""
+            while out.count(b"(qemu)") < 1:
+                out += s.recv(4096)
+        finally:
+            s.close()
+        return out.decode("utf-8", "replace")
 
     def wait(self, timeout):
         """Wait for QEMU to exit; returns its status. Kills it at the timeout."""

@@ -1,7 +1,7 @@
 """Fuzzing the connection state machine in-process: the real Agent loop over socketpairs,
 with arbitrary chunking of each byte stream and arbitrary interleaving of connections.
 
-Runs ARCBOX_FUZZ_EXAMPLES examples per property (default 150: about half a minute in all);
+Runs ARCBOX_FUZZ_EXAMPLES examples per property (default 400: about a minute in all);
 set it to 5000 or more for a soak. Any failure hypothesis finds is shrunk and printed; add it
 below as an @example so it stays a regression test."""
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import agent
 
-EXAMPLES = int(os.environ.get("ARCBOX_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("ARCBOX_FUZZ_EXAMPLES", "400"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

@@ -112,6 +112,20 @@ def test_busybox_poweroff_in_the_guest_goes_through_the_agent(boot):
     assert any(l.startswith("shutdown: SIGTERM sent to all processes") for l in lines)
 
 
+def test_ctrl_alt_del_from_the_vmm_powers_off_in_order(boot):
+    """The agent turned Ctrl-Alt-Del into SIGINT with reboot(CAD_OFF) at boot; the keyboard
+    combination (what Firecracker's SendCtrlAltDel does) then runs the configured action
+    through the orderly sequence instead of an instant unsynced restart."""
+    vm = boot("arcbox.grace=3")
+    vm.wait_ready(BOOT_TIMEOUT)
+    vm.monitor_command("sendkey ctrl-alt-delete")
+    assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
+    lines = agent_lines(vm)
+    assert any(l.startswith("shutdown requested (signal 2): action poweroff") for l in lines), \
+        lines
+    assert any(l.startswith("shutdown: calling reboot(poweroff)") for l in lines)
+
+
 def test_a_process_ignoring_sigterm_is_killed_after_the_grace(boot):
     vm = boot('arcbox.exec=/test/ignore_term.sh')
     vm.wait_ready(BOOT_TIMEOUT)
