@@ -817,10 +817,6 @@ def set_log_level(name):
     _log_level = LOG_LEVELS[name]
 
 
-def log_enabled(level):
-    return LOG_LEVELS[level] <= _log_level
-
-
 def log(level, message):
     """One line per event: seconds since boot, level, message. Never raises: the console
     may be missing (fds 0-2 closed) or full."""
@@ -1216,14 +1212,15 @@ def flush_filesystems(scope_ids):
 # Delegate mode (not PID 1, --delegate): instead of term/kill, signal PID 1 the busybox way
 # and, if the guest is still up when the grace is over, go on with sync and final ourselves.
 
-PHASES = ("idle", "ack", "term", "kill", "delegate", "sync", "final", "failed")
-
 # What busybox's poweroff/halt/reboot send to PID 1 (busybox init.c), for delegate mode.
 BUSYBOX_INIT_SIGNALS = {"poweroff": signal.SIGUSR2, "halt": signal.SIGUSR1,
                         "reboot": signal.SIGTERM}
 
 
 class ShutdownSequence:
+    """The phases, in order: idle, ack, term (or delegate), kill, sync, final, failed. Each
+    has a _step_<phase> method; step() runs the current one until the phase stops changing."""
+
     def __init__(self, agent):
         self.agent = agent
         self.phase = "idle"
