@@ -1410,6 +1410,7 @@ class Listener:
         self.backoff = BIND_RETRY_FIRST
         self.failures = 0
         self.paused_until = 0.0
+        self.starved = False       # accept() is failing for lack of descriptors
 
     @property
     def text(self):
@@ -1692,7 +1693,9 @@ class Agent:
         errors = 0
         while self.exit_code is None:
             try:
-                self.loop_once(0.05 if errors else None)
+                # After an error, wake up again soon but not in a hot loop: a bug that repeats
+                # must neither spin the CPU nor flood the console (50 ms doubling to 1.6 s).
+                self.loop_once(0.05 * 2 ** min(errors - 1, 5) if errors else None)
                 errors = 0
             except Exception as exc:   # a bug must not kill init: log it and keep serving
                 errors += 1
@@ -1928,11 +1931,15 @@ class Agent:
                     # Out of descriptors: the pending connection stays queued and would wake
                     # us again at once. Stop accepting for a moment instead of spinning.
                     listener.paused_until = time.monotonic() + ACCEPT_PAUSE
-                    log("warn", "accept on %s: %s; pausing %gs"
+                    log("debug" if listener.starved else "warn", "accept on %s: %s; pausing %gs"
                         % (listener.text, exc.strerror, ACCEPT_PAUSE))
+                    listener.starved = True
                 else:
                     log("debug", "accept on %s: %s" % (listener.text, exc))
                 return
+            if listener.starved:
+                log("info", "accept on %s works again" % listener.text)
+                listener.starved = False
             if len(self.conns) >= self.config["max_conns"]:
                 log("warn", "connection limit (%d) reached: closing a new connection"
                     % self.config["max_conns"])

@@ -3,6 +3,7 @@
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -226,3 +227,57 @@ def test_power_off_is_refused_off_linux_with_a_warning(monkeypatch):
     with pytest.raises(agent.Refused, match="only supported on Linux"):
         a.request_shutdown(5, "test", Conn())
     assert a.shutdown.phase == "idle"
+
+
+def test_out_of_descriptors_does_not_spin_and_service_resumes(pyz, tmp_path):
+    """RLIMIT_NOFILE 16: connections beyond it wait in the backlog while accept() fails
+    with EMFILE; the agent must not spin on them, and must serve again once fds free up."""
+    import resource
+    sock = str(tmp_path / "a.sock")
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
+
+    proc = subprocess.Popen([sys.executable, pyz, "--listen", "unix:" + sock],
+                            stderr=subprocess.PIPE, preexec_fn=low_limit)
+    clients = []
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        for _ in range(30):                 # more than the agent can hold
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(sock)
+            clients.append(c)
+        time.sleep(0.5)
+
+        def cpu_ticks():
+            with open("/proc/%d/stat" % proc.pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])      # utime + stime
+
+        before = cpu_ticks()
+        time.sleep(1.0)
+        used = cpu_ticks() - before
+        assert used < 30, "the agent spun: %d ticks of CPU in 1 s while out of fds" % used
+        for c in clients:
+            c.close()
+        clients = []
+        deadline = time.monotonic() + 10
+        while True:                         # service resumes once descriptors are free
+            try:
+                assert RawClient(sock, timeout=1).request(agent.MSG_PING)[0] == 0x1001
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "service did not resume"
+    finally:
+        for c in clients:
+            c.close()
+        proc.terminate()
+        proc.wait(10)
+    lines = proc.stderr.read().decode().splitlines()
+    first = next(i for i, l in enumerate(lines) if "Too many open files" in l)
+    recovered = next(i for i, l in enumerate(lines) if "works again" in l)
+    # one warning for the whole starved second, not one per retry
+    assert [l for l in lines[first:recovered] if "accept on" in l] == [lines[first]], lines
