@@ -198,3 +198,13 @@ def test_the_main_job_demo_boots_and_powers_off_a_vm(guest_image, tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr
     assert "grace over: SIGKILL sent" in out.stdout and "reboot(POWER_OFF) called" in out.stdout
     assert "outcome: QEMU exited by itself (status 0)" in out.stdout
+
+
+def test_kmsg_logging_reaches_the_kernel_log(boot):
+    # (the kernel cmdline has no escapes: the pattern uses dots for its spaces)
+    vm = boot('arcbox.kmsg=1 arcbox.exec="/bin/sh -c \'sleep 0.5; '
+              'dmesg | grep -q arcbox-agent:.listening.on.serial && echo KMSG-$((6*7))\'"')
+    wait_console(vm, "KMSG-42")
+    vm.wait_ready(BOOT_TIMEOUT)
+    assert vm.shutdown(grace=2) is True
+    assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
