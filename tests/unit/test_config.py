@@ -160,3 +160,18 @@ def test_exec_is_split_like_a_shell_would(text, words):
 def test_an_unterminated_quote_is_a_clear_error():
     config, problems = config_of(cmdline="arcbox.exec=\"/bin/sh -c 'oops\"")
     assert config["exec"] == [] and "unterminated ' quote" in problems[0]
+
+
+def test_config_from_a_fake_cmdline_file_as_serve_reads_it(tmp_path):
+    fake = tmp_path / "cmdline"
+    fake.write_bytes(b'BOOT_IMAGE=/vmlinuz console=ttyS0 quiet panic=-1 arcbox.grace=3s '
+                     b'arcbox.action=reboot arcbox.exec="/bin/sh -c \'echo hi\'" '
+                     b'arcbox.log=loud arcbox.max_conns=0 arcbox.nope=1\n')
+    found, problems = agent.parse_cmdline(agent._read_text(str(fake)))
+    config, value_problems = agent.build_config({}, found)
+    assert config["grace"] == 3.0 and config["action"] == "reboot"
+    assert config["exec"] == ["/bin/sh", "-c", "echo hi"]
+    assert config["log"] == "info" and config["max_conns"] == 128       # bad: defaults kept
+    assert problems == ["kernel cmdline: unknown key arcbox.nope (ignored)"]
+    assert sorted(t.split(":")[0] for _, t in value_problems) == ["arcbox.log",
+                                                                  "arcbox.max_conns"]
