@@ -6,9 +6,9 @@
     python3 build.py --shiv             # also dist/arcbox-agent-shiv.pyz (pip installs shiv)
     python3 build.py --demo             # build, then power off a PID-namespace "guest"
 
-The .pyz is the stdlib zipapp format: a shebang line, then a zip holding agent.py, a
-hash-checked-free (unchecked-hash) agent.pyc for the build interpreter, and a __main__.py
-that propagates main()'s exit status. The same inputs give byte-identical output: entries
+The .pyz is the stdlib zipapp format: a shebang line, then a zip holding agent.py, an
+unchecked-hash agent.pyc compiled by the shebang's interpreter when it exists here (else by
+this one), and a __main__.py that propagates main()'s exit status. The same inputs give byte-identical output: entries
 are sorted, timestamps come from SOURCE_DATE_EPOCH (default 1980-01-01), modes are fixed,
 and the pyc is hash-based instead of timestamp-based.
 """
@@ -135,7 +135,7 @@ def check_artifact(path, interpreter):
     if result.returncode != 0 or not result.stdout.startswith("arcbox-agent "):
         sys.exit("build.py: %s does not start: exit %d\n%s%s" % (path, result.returncode,
                                                                result.stdout, result.stderr))
-    return " ".join(cmd[-2:]) if cmd[0] != path else "%s --version" % path, result.stdout.strip()
+    return " ".join(cmd), result.stdout.strip()
 
 
 def main(argv=None):
