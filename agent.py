@@ -984,9 +984,11 @@ def read_mountinfo():
 
 def mount_early_filesystems():
     """Mount what a minimal guest needs; skip what is mounted; never raise."""
+    mounted = None                 # mount points, read once /proc is there
     for source, target, fstype, flags, data in EARLY_MOUNTS:
-        mounted = {m[1] for m in read_mountinfo()} if os.path.exists("/proc/self") else set()
-        if target in mounted:
+        if mounted is None and os.path.exists("/proc/self"):
+            mounted = {m[1] for m in read_mountinfo()}
+        if target in (mounted or ()):
             continue
         try:
             os.makedirs(target, exist_ok=True)
@@ -1616,6 +1618,8 @@ class Agent:
             self.boot()
         if self.config["kmsg"]:
             enable_kmsg()
+        if self.can_power_off and not is_initial_pid_namespace():
+            self.boot_mounts = {m[0] for m in read_mountinfo()}
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
@@ -1641,17 +1645,14 @@ class Agent:
         failed = load_modules(self.config["modules"])
         if failed:
             log("warn", "modules not loaded: %s" % ", ".join(failed))
-        if not is_initial_pid_namespace():
-            self.boot_mounts = {m[0] for m in read_mountinfo()}
 
     def remount_scope(self):
-        """Which mounts the power-off may remount read-only: all of them in a real guest;
-        in a PID namespace only those mounted after the agent started, because the others
-        are the host's (a superblock remount there would reach the host)."""
-        if self.boot_mounts is None and (self.is_init or is_initial_pid_namespace()):
+        """Which mounts the power-off may remount read-only: all of them in a real guest
+        (None); in a PID namespace only those mounted after the agent started, because the
+        others are the host's (a superblock remount there would reach the host)."""
+        if self.boot_mounts is None:
             return None
-        before = self.boot_mounts or {m[0] for m in read_mountinfo()}
-        return {m[0] for m in read_mountinfo()} - before
+        return {m[0] for m in read_mountinfo()} - self.boot_mounts
 
     @staticmethod
     def _handled_signals():
