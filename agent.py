@@ -466,7 +466,6 @@ def decode_frame(buf, max_frame):
         err = ProtocolError("trace length %d overruns the frame (%d bytes left)"
                             % (trace_len, len(body) - 2))
         err.consumed = end
-        err.msg_type = msg_type
         raise err
     return msg_type, body[2:2 + trace_len], body[2 + trace_len:], end
 
@@ -907,11 +906,8 @@ def libc_call(name, *args):
 
 def call_reboot(command):
     """reboot(2) with a LINUX_REBOOT_CMD_*. Returns 0, or the errno on failure."""
-    import ctypes
     # cmd is an unsigned magic number; the C prototype takes int, so pass its bit pattern.
-    if libc().reboot(ctypes.c_int(command & 0xFFFFFFFF).value) == 0:
-        return 0
-    return ctypes.get_errno()
+    return libc_call("reboot", command - (1 << 32) if command >= 1 << 31 else command)
 
 
 def kill_all(sig):
@@ -1112,6 +1108,26 @@ def load_modules(names):
     return failed
 
 
+MODPROBE_TIMEOUT = 10.0           # boot must not hang on a stuck modprobe
+
+
+def _wait_bounded(pid, timeout):
+    """waitpid with a bound, at boot before the event loop exists: the child's status, or
+    None after SIGKILLing it at the timeout."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 def _modprobe(name):
     for exe, argv in (("/sbin/modprobe", ["modprobe", name]),
                       ("/bin/busybox", ["busybox", "modprobe", name])):
@@ -1119,7 +1135,11 @@ def _modprobe(name):
             pid = spawn_helper(lambda: os.execv(exe, argv))
             if pid is None:
                 return False
-            _, status = os.waitpid(pid, 0)   # at boot, before the loop; modprobe is quick
+            status = _wait_bounded(pid, MODPROBE_TIMEOUT)
+            if status is None:
+                log("warn", "module %s: %s still running after %gs; killed"
+                    % (name, exe, MODPROBE_TIMEOUT))
+                return False
             if status == 0:
                 log("debug", "module %s loaded by %s" % (name, exe))
                 return True
@@ -1359,7 +1379,7 @@ class ShutdownSequence:
         self._enter("final", now + self.agent.config["power_timeout"])
         log("info", "shutdown: calling reboot(%s) after %.3fs" % (action, now - self.started))
         self.helper_status = None
-        self.helper = spawn_helper(lambda: min(call_reboot(command), 255) or 0)
+        self.helper = spawn_helper(lambda: min(call_reboot(command), 255))
         if self.helper is None:
             # Without a child, call it here: success ends this process (which is the goal).
             self.helper_status = call_reboot(command) << 8
