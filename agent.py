@@ -8,9 +8,10 @@ file is the client: `ping`, `info`, `shutdown`.
 
 Sections, top-down:
   1. constants and configuration      5. the shutdown sequence (state machine)
-  2. wire codec (frames, proto3)      6. the event loop (connections, signals, timers)
+  2. wire codec (frames, proto3)      6. the event loop: signals, the server, the agent
   3. requests (Ping, Info, Shutdown)  7. host-side client commands
-  4. PID 1 duties (reaping, reboot)   8. main()
+  4. PID 1 duties (boot, reaping,     8. main(): the PID-1 story, top-down
+     the workload, power-off helpers)
 
 Import discipline: the guest path imports only os, signal, socket, time, ctypes (plus sys and
 C built-ins such as select, errno, _struct, which need no .py files). A minimal guest carries
@@ -53,6 +54,41 @@ REBOOT_COMMANDS = {
     "reboot": LINUX_REBOOT_CMD_RESTART,
     "halt": LINUX_REBOOT_CMD_HALT,
 }
+
+# What busybox's poweroff, halt and reboot send to PID 1 (busybox init/init.c). As PID 1 we
+# receive them; in delegate mode we send them to the real PID 1.
+BUSYBOX_INIT_SIGNALS = {"poweroff": signal.SIGUSR2, "halt": signal.SIGUSR1,
+                        "reboot": signal.SIGTERM}
+# The signals PID 1 acts on, and the action: busybox's three; SIGPWR (a power failure, sent
+# by UPS daemons and some VMMs) powers off; SIGINT is Ctrl-Alt-Del once reboot(CAD_OFF) is
+# set (Firecracker's SendCtrlAltDel) and runs the configured action.
+INIT_SIGNAL_ACTIONS = {sig: action for action, sig in BUSYBOX_INIT_SIGNALS.items()}
+INIT_SIGNAL_ACTIONS[signal.SIGINT] = "configured"
+if hasattr(signal, "SIGPWR"):
+    INIT_SIGNAL_ACTIONS[signal.SIGPWR] = "poweroff"
+# Handled so that they are not lost or fatal: SIGCHLD wakes the reaper; SIGHUP and SIGQUIT
+# do nothing (a PID 1 without a handler ignores them anyway; a plain process would die).
+HANDLED_SIGNALS = [signal.SIGCHLD, signal.SIGHUP, signal.SIGQUIT] + list(INIT_SIGNAL_ACTIONS)
+
+# AF_VSOCK: Linux only, and some Python builds lack the constant.
+AF_VSOCK = getattr(socket, "AF_VSOCK", None)
+
+
+def vsock_family():
+    if AF_VSOCK is None:
+        raise OSError(errno.EAFNOSUPPORT, "this Python/OS has no AF_VSOCK")
+    return AF_VSOCK
+
+
+def is_abstract(path):
+    """unix:@NAME is a name in Linux's abstract socket namespace, not a file."""
+    return path.startswith("@")
+
+
+def unix_sockaddr(path):
+    """The address for bind()/connect(): @NAME becomes NUL + NAME."""
+    return "\0" + path[1:] if is_abstract(path) else path
+
 
 LOG_LEVELS = {"error": 0, "warn": 1, "info": 2, "debug": 3}
 
@@ -768,6 +804,41 @@ def request_name(msg_type):
     return "%s (0x%04X)" % (MESSAGE_NAMES.get(msg_type, "unknown"), msg_type)
 
 
+def describe_peer(peer):
+    """("vsock", cid, port) / ("unix", pid, uid, gid) / ("serial", name) -> log text."""
+    if peer[0] == "vsock":
+        return "vsock peer cid %d port %d" % (peer[1], peer[2])
+    if peer[0] == "unix":
+        return "unix peer pid %d uid %d" % (peer[1], peer[2])
+    return "serial port %s" % peer[1]
+
+
+def peer_allowed(allow, peer):
+    """Who may change the machine (Shutdown, the clock): a pure rule of the allow list
+    (--allow, parsed) and the peer. The default, cid:2,uid:0,serial, is the host over vsock,
+    root over a Unix socket, and the VMM's virtio-serial port (only the VMM reaches it)."""
+    if allow["any"]:
+        return True
+    if peer[0] == "serial":
+        return allow["serial"]
+    if peer[0] == "vsock":
+        return peer[1] in allow["cid"]
+    if peer[0] == "unix":
+        return peer[2] in allow["uid"]
+    return False
+
+
+class RequestPolicy:
+    """What requests may do here, fixed at start: who is allowed (the parsed --allow), whether
+    this agent may power the guest off (PID 1, or --delegate) and whether it owns the clock
+    (PID 1 only: an agent in a container or a test must not move the machine's time)."""
+
+    __slots__ = ("allow", "can_power_off", "owns_clock")
+
+    def __init__(self, allow, can_power_off, owns_clock):
+        self.allow, self.can_power_off, self.owns_clock = allow, can_power_off, owns_clock
+
+
 class Refused(Exception):
     """A request the agent understood but will not do; becomes an Error frame."""
 
@@ -776,23 +847,25 @@ class Refused(Exception):
         self.code = code
 
 
-def handle_request(agent, conn, msg_type, payload):
-    """One request -> (response type, response payload). Raises ProtocolError for bytes
-    that do not decode and Refused for requests that are not allowed or not possible."""
+def handle_request(msg_type, payload, peer, policy):
+    """One request -> (response type, response payload, effect). The effect is what the
+    caller should make happen once the answer is queued: None, or ("shutdown", seconds)
+    with 0 meaning the configured grace. Raises ProtocolError for bytes that do not decode
+    and Refused for requests that are not allowed or not possible here."""
     if msg_type == MSG_PING:
         request = decode_message(PING_REQUEST, payload)
         if request["timestamp_secs"] > 0:
-            agent.maybe_set_clock(conn, request["timestamp_secs"])
+            set_clock_from_peer(request["timestamp_secs"], peer, policy)
         message = "pong: " + request["message"] if request["message"] else "pong"
         return msg_type | RESPONSE_BIT, encode_message(
-            PING_RESPONSE, {"message": message, "version": __version__})
+            PING_RESPONSE, {"message": message, "version": __version__}), None
     if msg_type == MSG_GET_SYSTEM_INFO:
-        return msg_type | RESPONSE_BIT, encode_message(SYSTEM_INFO, gather_system_info())
+        return msg_type | RESPONSE_BIT, encode_message(SYSTEM_INFO, gather_system_info()), None
     if msg_type == MSG_SHUTDOWN:
         request = decode_message(SHUTDOWN_REQUEST, payload)
-        grace = float(request["timeout_seconds"]) or None
-        agent.request_shutdown(grace, "Shutdown from " + conn.peer_text, conn)
-        return msg_type | RESPONSE_BIT, encode_message(SHUTDOWN_RESPONSE, {"accepted": True})
+        check_shutdown_allowed(peer, policy)
+        return msg_type | RESPONSE_BIT, encode_message(SHUTDOWN_RESPONSE, {"accepted": True}), \
+            ("shutdown", request["timeout_seconds"])
     if msg_type in MESSAGE_NAMES:
         raise Refused(ERROR_UNSUPPORTED, "unsupported request: %s is not implemented by this "
                       "agent" % request_name(msg_type))
@@ -801,9 +874,63 @@ def handle_request(agent, conn, msg_type, payload):
     raise ProtocolError("unknown message type 0x%04X" % msg_type)
 
 
+def check_shutdown_allowed(peer, policy):
+    """Raise Refused (403 or 503) unless this peer may power this guest off."""
+    who = describe_peer(peer)
+    if not peer_allowed(policy.allow, peer):
+        log("warn", "refused Shutdown from %s: not an allowed peer" % who)
+        raise Refused(ERROR_FORBIDDEN, "shutdown refused: %s is not allowed to request it "
+                      "(see --allow)" % who)
+    if not sys.platform.startswith("linux"):
+        log("warn", "Shutdown requested, but power-off is only supported on Linux")
+        raise Refused(ERROR_UNAVAILABLE, "shutdown refused: power-off is only supported on "
+                      "Linux guests")
+    if not policy.can_power_off:
+        log("warn", "refused Shutdown from %s: not PID 1" % who)
+        raise Refused(ERROR_UNAVAILABLE, "shutdown refused: this agent is not PID 1 (pid %d), "
+                      "so it will not signal every process on this machine (see --delegate)"
+                      % os.getpid())
+
+
+def set_clock_from_peer(seconds, peer, policy):
+    """A Ping's timestamp sets the clock only in PID 1, only from the VMM's side (a vsock or
+    virtio-serial peer: the VMM owns the serial port) and only from an allowed peer. A
+    Unix-socket peer is ignored, never refused: tests run as root on real machines."""
+    who = describe_peer(peer)
+    if not (policy.owns_clock and peer[0] in ("vsock", "serial")):
+        log("debug", "Ping timestamp from %s ignored (clock set only by the host as PID 1)"
+            % who)
+        return
+    if not peer_allowed(policy.allow, peer):
+        log("warn", "refused clock change from %s: not an allowed peer" % who)
+        raise Refused(ERROR_FORBIDDEN, "clock change refused: %s is not allowed to set the "
+                      "time (see --allow)" % who)
+    try:
+        time.clock_settime(time.CLOCK_REALTIME, float(seconds))
+        log("debug", "clock set to %d from the host" % seconds)
+    except (OSError, OverflowError, ValueError) as exc:
+        log("warn", "cannot set the clock to %d: %s" % (seconds, exc))
+
+
 # =============================================================================================
-# 4. PID 1 duties: logging, libc, reaping, the final reboot(2)
+# 4. PID 1 duties: logging, libc, boot, modules, reaping, the workload, power-off helpers
 # =============================================================================================
+
+# The event loop (section 6) serves Sources; the reaper, the workload and the shutdown
+# sequence below are three of them.
+class Source:
+    """Something the event loop serves (section 6): fds to poll with their handlers, a
+    deadline, and a tick after every wake-up. The defaults: nothing, never, nothing."""
+
+    def wants(self, now):
+        return ()
+
+    def deadline(self):
+        return None
+
+    def tick(self, now):
+        pass
+
 
 _log_level = LOG_LEVELS["info"]
 _log_fd = 2
@@ -1149,6 +1276,48 @@ def _modprobe(name):
     return False
 
 
+def boot_duties(config):
+    """PID 1's duties that need the configuration (early_boot() ran before it was read),
+    each best-effort: a failure is logged and boot goes on."""
+    if sys.platform.startswith("linux"):
+        set_hostname(config["hostname"])
+    failed = load_modules(config["modules"])
+    if failed:
+        log("warn", "modules not loaded: %s" % ", ".join(failed))
+
+
+# ---- reaping: every child, and every orphan when PID 1 -------------------------------------
+
+class Reaper(Source):
+    """Owns waitpid(). SIGCHLD coalesces, and as PID 1 every orphan is ours, so every wake-up
+    loops waitpid(-1, WNOHANG) until nothing more. ECHILD means no process is left besides
+    this one (`no_children`). Callers that care about one pid watch() it."""
+
+    def __init__(self):
+        self.watched = {}          # pid -> callback(pid, wait status)
+        self.no_children = False
+
+    def watch(self, pid, callback):
+        self.watched[pid] = callback
+
+    def tick(self, now):
+        self.reap()
+
+    def reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.no_children = True
+                return
+            if pid == 0:
+                self.no_children = False
+                return
+            log("debug", "reaped pid %d (%s)" % (pid, describe_status(status)))
+            callback = self.watched.pop(pid, None)
+            if callback is not None:
+                callback(pid, status)
+
 # ---- the workload: one program started after boot ----------------------------------------------
 
 TIOCSCTTY = {"mips": 0x5480, "mips64": 0x5480}.get(os.uname().machine if hasattr(os, "uname")
@@ -1180,6 +1349,71 @@ def spawn_clean(argv):
     except BaseException as exc:   # noqa: B902 - nothing may return into the parent's loop
         log("error", "cannot start %s: %s" % (" ".join(argv), exc))
     os._exit(127)
+
+
+
+class Workload(Source):
+    """The optional program started after boot (--exec / arcbox.exec=) and what happens when
+    it exits: ignore, respawn with a doubling back-off, or hand over to
+    `on_finished(status, what happened)` (the agent powers off, or stops when not PID 1). stop() ends the supervision when
+    the guest is going down: exits are then expected and nothing is respawned."""
+
+    BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+    STABLE_AFTER = 10.0            # a run this long resets the back-off
+
+    def __init__(self, argv, on_exit, reaper, on_finished):
+        self.argv, self.on_exit = argv, on_exit
+        self.reaper, self.on_finished = reaper, on_finished
+        self.pid = None
+        self.started = None
+        self.backoff = self.BACKOFF_FIRST
+        self.respawn_at = None
+        self.runs = 0
+        self.stopped = False
+        self.last_status = None    # exit code (or -signal) of the last run that ended
+
+    def stop(self):
+        self.stopped = True
+        self.respawn_at = None
+
+    def deadline(self):
+        return self.respawn_at
+
+    def tick(self, now):
+        if self.respawn_at is not None and now >= self.respawn_at:
+            self.start()
+
+    def start(self):
+        self.respawn_at = None
+        if not self.argv or self.stopped:
+            return
+        try:
+            self.pid = spawn_clean(self.argv)
+        except OSError as exc:
+            log("error", "cannot start %s: %s" % (" ".join(self.argv), exc))
+            self._exited(None, None)
+            return
+        self.started = time.monotonic()
+        self.runs += 1
+        self.reaper.watch(self.pid, self._exited)
+        log("info", "started %s (pid %d)" % (" ".join(self.argv), self.pid))
+
+    def _exited(self, pid, status):
+        self.pid = None
+        ran = time.monotonic() - self.started if self.started else 0.0
+        how = describe_status(status) if status is not None else "did not start"
+        self.last_status = os.waitstatus_to_exitcode(status) if status is not None else 127
+        if self.stopped:
+            log("debug", "workload %s during shutdown" % how)
+        elif self.on_exit == "poweroff":
+            self.on_finished(self.last_status, "workload %s after %.1fs" % (how, ran))
+        elif self.on_exit == "respawn":
+            self.backoff = self.BACKOFF_FIRST if ran >= self.STABLE_AFTER else self.backoff
+            log("info", "workload %s after %.1fs: respawning in %gs" % (how, ran, self.backoff))
+            self.respawn_at = time.monotonic() + self.backoff
+            self.backoff = min(self.backoff * 2, self.BACKOFF_MAX)
+        else:
+            log("info", "workload %s after %.1fs" % (how, ran))
 
 
 # ---- power-off helpers: flush and remount read-only ---------------------------------------------
@@ -1214,6 +1448,17 @@ def flush_filesystems(scope_ids):
     return min(left, 255)
 
 
+
+def remount_scope_from_now():
+    """Which mounts the power-off may remount read-only, as a function to call then: in a
+    real guest all of them (None); in a PID namespace only those mounted after this moment,
+    because the others are the host's (a superblock remount there would reach the host)."""
+    if is_initial_pid_namespace():
+        return lambda: None
+    at_start = {m[0] for m in read_mountinfo()}
+    return lambda: {m[0] for m in read_mountinfo()} - at_start
+
+
 # =============================================================================================
 # 5. The shutdown sequence: a state machine stepped by the event loop
 # =============================================================================================
@@ -1230,53 +1475,85 @@ def flush_filesystems(scope_ids):
 #           halts and do_exit()s the caller, which then is not PID 1;
 #   failed- reboot() returned or timed out: log loudly, and exit so that the kernel's panic
 #           setting decides (the Rust agent's fallback).
-# A second Shutdown meanwhile is acknowledged and does not restart any clock.
+# Whoever starts it (a request, a signal, the workload's exit) passes the action, the grace
+# and a reason to begin(); the caller makes sure it starts once.
 # Delegate mode (not PID 1, --delegate): instead of term/kill, signal PID 1 the busybox way
 # and, if the guest is still up when the grace is over, go on with sync and final ourselves.
 
-# What busybox's poweroff/halt/reboot send to PID 1 (busybox init.c), for delegate mode.
-BUSYBOX_INIT_SIGNALS = {"poweroff": signal.SIGUSR2, "halt": signal.SIGUSR1,
-                        "reboot": signal.SIGTERM}
+
+class ShutdownTimeouts:
+    """The sequence's bounds, read from the configuration once and frozen."""
+
+    __slots__ = ("kill_wait", "sync_timeout", "power_timeout")
+
+    def __init__(self, kill_wait, sync_timeout, power_timeout):
+        for name, value in zip(self.__slots__, (kill_wait, sync_timeout, power_timeout)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("ShutdownTimeouts is frozen")
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config["kill_wait"], config["sync_timeout"], config["power_timeout"])
 
 
-class ShutdownSequence:
+def power_off_failed(why):
+    """reboot() did not end the guest. PID 1 exits: the kernel's panic setting decides."""
+    log("error", "POWER-OFF FAILED: %s" % why)
+    log("error", "exiting PID 1: the kernel's panic setting decides what happens next")
+    os._exit(1)
+
+
+class ShutdownSequence(Source):
     """The phases, in order: idle, ack, term (or delegate), kill, sync, final, failed. Each
-    has a _step_<phase> method; step() runs the current one until the phase stops changing."""
+    has a _step_<phase> method; step() runs the current one until the phase stops changing.
 
-    def __init__(self, agent):
-        self.agent = agent
+    Collaborators: the reaper (who is left, and the helper children's ends), the frozen
+    timeouts, `delegate` (not PID 1: ask PID 1 instead of signalling everyone), the remount
+    scope (a function: which mounts to make read-only) and what to do if power-off fails."""
+
+    def __init__(self, reaper, timeouts, delegate=False, remount_scope=lambda: None,
+                 on_failure=power_off_failed):
+        self.reaper = reaper
+        self.timeouts = timeouts
+        self.delegate = delegate
+        self.remount_scope = remount_scope
+        self.on_failure = on_failure
         self.phase = "idle"
-        self.deadline = None       # when the current phase ends at the latest
-        self.ack_conn = None
+        self.deadline_at = None    # when the current phase ends at the latest
+        self.action = None
         self.grace = None
         self.reason = ""
+        self.ack = None            # a function: True while the host's reply is unflushed
         self.started = None        # monotonic time of the request
         self.phase_started = None
         self.helper = None         # pid of the sync/reboot child
-        self.helper_status = None
+        self.helper_code = None    # its exit code (or -signal), or an errno when run inline
 
     @property
     def active(self):
         return self.phase != "idle"
 
-    def begin(self, grace, reason, ack_conn):
-        if not self.agent.can_power_off:
-            log("error", "shutdown (%s) ignored: not PID 1 and not --delegate" % reason)
-            return
+    def begin(self, action, grace, reason, ack=None):
         now = time.monotonic()
-        self.grace = grace
-        self.reason = reason
-        self.ack_conn = ack_conn
+        self.action, self.grace, self.reason, self.ack = action, grace, reason, ack
         self.started = now
-        log("info", "shutdown requested (%s): action %s, grace %gs"
-            % (reason, self.agent.config["action"], grace))
-        self._enter("ack", now + HOST_REPLY_BUDGET)
+        log("info", "shutdown requested (%s): action %s, grace %gs" % (reason, action, grace))
+        self._enter("ack", now + HOST_REPLY_BUDGET)   # stepped by the loop's next tick
+
+    # the event loop's view
+    def deadline(self):
+        return self.deadline_at
+
+    def tick(self, now):
+        self.step(now)
 
     def _enter(self, phase, deadline=None):
         now = time.monotonic()
         if self.phase_started is not None and self.phase != "idle":
             log("debug", "shutdown phase %s took %.3fs" % (self.phase, now - self.phase_started))
-        self.phase, self.deadline, self.phase_started = phase, deadline, now
+        self.phase, self.deadline_at, self.phase_started = phase, deadline, now
 
     def step(self, now):
         """Advance as far as possible without blocking. Called after every loop wake-up."""
@@ -1290,15 +1567,14 @@ class ShutdownSequence:
         pass
 
     def _step_ack(self, now):
-        conn = self.ack_conn
-        if conn is not None and not conn.closed and conn.outbuf and now < self.deadline:
-            return
-        if conn is not None and conn.outbuf and not conn.closed:
+        if self.ack is not None and self.ack():
+            if now < self.deadline_at:
+                return
             log("warn", "shutdown: the reply was not flushed within %gs; going on"
                 % HOST_REPLY_BUDGET)
-        self.ack_conn = None
-        if not self.agent.is_init:
-            self._delegate(now)
+        self.ack = None
+        if self.delegate:
+            self._ask_pid1(now)
             return
         self._enter("term", now + self.grace)
         if kill_all(signal.SIGTERM):
@@ -1306,106 +1582,123 @@ class ShutdownSequence:
         else:
             log("info", "shutdown: no processes to signal")
         kill_all(signal.SIGCONT)   # a stopped process cannot run its TERM handler
-        self.agent.reap()
+        self.reaper.reap()
 
     def _step_term(self, now):
-        if self.agent.no_children:
+        if self.reaper.no_children:
             log("info", "shutdown: all processes gone after %.3fs"
                 % max(0.0, now - self.phase_started))
             self._start_sync(now)
-        elif now >= self.deadline:
-            self._enter("kill", now + self.agent.config["kill_wait"])
+        elif now >= self.deadline_at:
+            self._enter("kill", now + self.timeouts.kill_wait)
             kill_all(signal.SIGKILL)
             log("info", "shutdown: grace over, SIGKILL sent to the rest")
-            self.agent.reap()
+            self.reaper.reap()
 
     def _step_kill(self, now):
-        if self.agent.no_children:
+        if self.reaper.no_children:
             log("info", "shutdown: all processes gone after SIGKILL")
             self._start_sync(now)
-        elif now >= self.deadline:
+        elif now >= self.deadline_at:
             log("warn", "shutdown: processes remain %gs after SIGKILL (stuck in the kernel?); "
-                "going on" % self.agent.config["kill_wait"])
+                "going on" % self.timeouts.kill_wait)
             self._start_sync(now)
 
-    def _delegate(self, now):
-        action = self.agent.config["action"]
+    def _ask_pid1(self, now):
+        sig = BUSYBOX_INIT_SIGNALS[self.action]
         self._enter("delegate", now + self.grace)
         try:
-            os.kill(1, BUSYBOX_INIT_SIGNALS[action])
+            os.kill(1, sig)
             log("info", "shutdown: asked PID 1 for %s with signal %d; forcing it after %gs"
-                % (action, BUSYBOX_INIT_SIGNALS[action], self.grace))
+                % (self.action, sig, self.grace))
         except OSError as exc:
-            log("error", "shutdown: cannot signal PID 1 (%s); forcing %s now" % (exc, action))
-            self.deadline = now
+            log("error", "shutdown: cannot signal PID 1 (%s); forcing %s now"
+                % (exc, self.action))
+            self.deadline_at = now
 
     def _step_delegate(self, now):
-        if now >= self.deadline:
+        if now >= self.deadline_at:
             log("warn", "shutdown: the guest is still up %gs after asking PID 1; forcing it"
                 % self.grace)
             self._start_sync(now)
 
-    def _start_sync(self, now):
-        self._enter("sync", now + self.agent.config["sync_timeout"])
-        scope = self.agent.remount_scope()
-        self.helper_status = None
-        self.helper = spawn_helper(lambda: flush_filesystems(scope))
+    def _run_helper(self, body):
+        """body() in a child watched by the reaper; False when fork failed."""
+        self.helper_code = None
+        self.helper = spawn_helper(body)
         if self.helper is None:
-            os.sync()              # no fork possible: sync inline, unbounded but still done
-        else:
-            self.agent.watch(self.helper, self._helper_done)
+            return False
+        self.reaper.watch(self.helper, self._helper_done)
+        return True
 
     def _helper_done(self, pid, status):
         if pid == self.helper:
-            self.helper, self.helper_status = None, status
+            self.helper, self.helper_code = None, os.waitstatus_to_exitcode(status)
+
+    def _start_sync(self, now):
+        self._enter("sync", now + self.timeouts.sync_timeout)
+        scope = self.remount_scope()
+        if not self._run_helper(lambda: flush_filesystems(scope)):
+            os.sync()              # no fork possible: sync inline, unbounded but still done
+            self.helper_code = 0
 
     def _step_sync(self, now):
-        if self.helper is not None and now < self.deadline:
+        if self.helper is not None and now < self.deadline_at:
             return
         took = now - self.phase_started
         if self.helper is not None:
             log("warn", "shutdown: sync/remount did not finish within %gs; going on"
-                % self.agent.config["sync_timeout"])
-        elif self.helper_status:
+                % self.timeouts.sync_timeout)
+        elif self.helper_code:
+            # the child's exit code is the number of filesystems left writable
             log("warn", "shutdown: filesystems synced in %.3fs; %s stayed writable"
-                % (took, describe_status(self.helper_status).replace("exited with status ", "")))
+                % (took, self.helper_code if self.helper_code > 0 else
+                   "the helper was killed by signal %d and some" % -self.helper_code))
         else:
             log("info", "shutdown: filesystems synced and read-only in %.3fs" % took)
         self._start_final(now)
 
     def _start_final(self, now):
-        action = self.agent.config["action"]
-        command = REBOOT_COMMANDS[action]
-        self._enter("final", now + self.agent.config["power_timeout"])
-        log("info", "shutdown: calling reboot(%s) after %.3fs" % (action, now - self.started))
-        self.helper_status = None
-        self.helper = spawn_helper(lambda: min(call_reboot(command), 255))
-        if self.helper is None:
+        command = REBOOT_COMMANDS[self.action]
+        self._enter("final", now + self.timeouts.power_timeout)
+        log("info", "shutdown: calling reboot(%s) after %.3fs" % (self.action, now - self.started))
+        if not self._run_helper(lambda: min(call_reboot(command), 255)):
             # Without a child, call it here: success ends this process (which is the goal).
-            self.helper_status = call_reboot(command) << 8
-        else:
-            self.agent.watch(self.helper, self._helper_done)
+            self.helper_code = call_reboot(command)
 
     def _step_final(self, now):
-        if self.helper is not None and now < self.deadline:
+        if self.helper is not None and now < self.deadline_at:
             return
+        code = self.helper_code
         if self.helper is not None:
-            why = "the guest is still up %gs after reboot()" % self.agent.config["power_timeout"]
+            why = "the guest is still up %gs after reboot()" % self.timeouts.power_timeout
+        elif code is not None and code > 0:
+            why = "reboot() failed: %s" % os.strerror(code)
         else:
-            status = self.helper_status
-            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 0
-            why = ("reboot() failed: %s" % os.strerror(code) if code else
-                   "reboot() returned without powering off (%s)" % describe_status(status))
+            why = "reboot() returned without powering off (%s)" % (
+                "killed by signal %d" % -code if code else "exit status 0")
         self._enter("failed")
-        self.agent.power_off_failed(why)
+        self.on_failure(why)
 
     def _step_failed(self, now):
         pass
 
 
 # =============================================================================================
-# 6. The event loop: listeners, connections, signals, timers - one thread
+# 6. The event loop: one thread, one poll(); signals, the server and the timers plug into it
 # =============================================================================================
+#
+# Signals, the way busybox init explains them before its code: a PID 1 without a handler
+# never receives a signal (the kernel drops it), and "some users send poweroff signals to
+# init VERY early", so the handlers are installed before anything else (SignalInbox, from
+# main()). A handler only records the number: it runs between two bytecodes, possibly in the
+# middle of a step. set_wakeup_fd writes a byte to a pipe so that poll() wakes at once, and
+# the loop acts on the recorded signals after every wake-up, once the agent can act at all:
+# a SIGUSR2 that arrives while modules load is honoured as soon as the loop first turns.
+#
+# A source of events (Source, section 4) gives the loop fds with a handler each, a deadline,
+# and a tick after every wake-up. To add one (an input device, a notify socket): write the
+# Source and pass it to EventLoop.add() in Agent.__init__; nothing else changes.
 
 READ_CHUNK = 65536
 ACCEPT_BATCH = 64                 # accepts per wake-up, so one listener cannot starve others
@@ -1414,6 +1707,7 @@ ACCEPT_PAUSE = 0.25               # after EMFILE/ENFILE: no accept() for this lo
 BIND_RETRY_FIRST, BIND_RETRY_MAX = 0.1, 5.0
 SERIAL_RECHECK = 0.1              # host side of a serial port not connected: look again then
 SERIAL_STALE_FRAME = 0.5          # a partial frame this old on a serial stream is garbage
+POLL_MAX_MS = 3600 * 1000         # poll() takes a C int of ms: wake at least hourly instead
 
 _POLLIN = select.POLLIN | getattr(select, "POLLPRI", 0)
 _POLLOUT = select.POLLOUT
@@ -1421,13 +1715,123 @@ _POLLFAIL = select.POLLHUP | select.POLLERR | getattr(select, "POLLNVAL", 0)
 _SO_PEERCRED_SIZE = Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 
+class EventLoop:
+    """One poll() over every source's fds. As in CPython's selectors (a key per registration
+    that carries its data), each registration carries its handler: a ready fd goes straight
+    to handler(data, mask). After the handlers, every source ticks, in the order added."""
+
+    def __init__(self):
+        self.sources = []
+        self.poller = select.poll()
+        self.registered = {}       # fd -> event mask given to poll()
+
+    def add(self, source):
+        self.sources.append(source)
+
+    def run_once(self, max_wait=None):
+        now = time.monotonic()
+        keys = {}                  # fd -> (mask, handler, data)
+        soonest = None
+        for source in self.sources:
+            for fd, mask, handler, data in source.wants(now):
+                keys[fd] = (mask, handler, data)
+            when = source.deadline()
+            if when is not None and (soonest is None or when < soonest):
+                soonest = when
+        timeout = None if soonest is None else max(0.0, soonest - now)
+        if max_wait is not None:
+            timeout = max_wait if timeout is None else min(timeout, max_wait)
+        self._register(keys)
+        try:
+            events = self.poller.poll(None if timeout is None else
+                                      min(int(timeout * 1000) + 1, POLL_MAX_MS))
+        except InterruptedError:
+            events = []
+        for fd, mask in events:
+            key = keys.get(fd)
+            if key is not None:
+                key[1](key[2], mask)
+        now = time.monotonic()
+        for source in self.sources:
+            source.tick(now)
+
+    def _register(self, keys):
+        registered = self.registered
+        for fd in [fd for fd in registered if fd not in keys]:
+            try:
+                self.poller.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass
+            del registered[fd]
+        for fd, key in keys.items():
+            old = registered.get(fd)
+            if old is None:
+                self.poller.register(fd, key[0])
+            elif old != key[0]:
+                self.poller.modify(fd, key[0])
+            registered[fd] = key[0]
+
+
+class SignalInbox(Source):
+    """Takes the signals from the first instant (see the comment above) and hands each to
+    `route`, set by the agent, when the loop turns."""
+
+    def __init__(self):
+        self.pending = []
+        self.wake_r = self.wake_w = -1
+        self.route = None          # callback(signal number)
+
+    def install(self):
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum, frame):
+        self.pending.append(signum)
+
+    def wants(self, now):
+        return ((self.wake_r, select.POLLIN, _drain, self.wake_r),) if self.wake_r >= 0 else ()
+
+    def tick(self, now):
+        while self.pending:
+            sig = self.pending.pop(0)
+            if sig == signal.SIGCHLD:
+                continue            # the reaper runs after every wake-up anyway
+            log("debug", "signal %d received" % sig)
+            if self.route is not None:
+                self.route(sig)
+
+    def close(self):
+        if self.wake_r < 0:
+            return
+        signal.set_wakeup_fd(-1)
+        for fd in (self.wake_r, self.wake_w):
+            os.close(fd)
+        self.wake_r = self.wake_w = -1
+
+
+def _drain(fd, mask=0):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:
+        pass
+
+
+# ---- the server: listeners and connections speaking the wire protocol ---------------------
+
 class Listener:
     """A listening socket (vsock, unix) or, for serial:, the one persistent stream."""
 
     def __init__(self, addr):
         self.addr = addr
         self.sock = None
-        self.stream_fd = None      # serial: the opened port; the Agent wraps it in a Connection
+        self.stream_fd = None      # serial: the opened port; the Server wraps it in a Connection
         self.retry_at = 0.0        # monotonic time of the next bind attempt
         self.backoff = BIND_RETRY_FIRST
         self.failures = 0
@@ -1449,21 +1853,16 @@ class Listener:
             self.stream_fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
             return
         if kind == "vsock":
-            family = getattr(socket, "AF_VSOCK", None)
-            if family is None:
-                raise OSError(errno.EAFNOSUPPORT, "this Python/OS has no AF_VSOCK")
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(vsock_family(), socket.SOCK_STREAM)
             bind_to = (self.addr[1], self.addr[2])
         else:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            bind_to = self.addr[1]
-            if bind_to.startswith("@"):
-                bind_to = "\0" + bind_to[1:]
-            else:
+            bind_to = unix_sockaddr(self.addr[1])
+            if not is_abstract(self.addr[1]):
                 _remove_stale_socket(bind_to)
         try:
             sock.bind(bind_to)
-            if kind == "unix" and not bind_to.startswith("\0"):
+            if kind == "unix" and not is_abstract(self.addr[1]):
                 # Ping and GetSystemInfo are open to every local user; Shutdown is checked by
                 # the peer's credentials, not by file modes.
                 os.chmod(bind_to, 0o666)
@@ -1480,7 +1879,7 @@ class Listener:
             return
         self.sock.close()
         self.sock = None
-        if self.addr[0] == "unix" and not self.addr[1].startswith("@"):
+        if self.addr[0] == "unix" and not is_abstract(self.addr[1]):
             _remove_stale_socket(self.addr[1])
 
 
@@ -1520,15 +1919,15 @@ class Connection:
     # partial_since: when the incomplete frame at the front of inbuf started waiting; a
     # socket connection past --frame-timeout is closed, a serial stream drops the bytes.
 
-    def __init__(self, sock, peer, peer_text, now, fd=None, listener=None):
+    def __init__(self, sock, peer, now, fd=None, listener=None):
         self.sock = sock
         self.fd = sock.fileno() if sock is not None else fd
         self.listener = listener   # set for a persistent stream
         self.paused_until = 0.0    # persistent: not polled until then (host disconnected)
         self.partial_since = None  # when an incomplete frame started waiting
         self.dropped = 0           # persistent: garbage bytes skipped while resynchronising
-        self.peer = peer           # ("vsock", cid, port) or ("unix", pid, uid, gid)
-        self.peer_text = peer_text
+        self.peer = peer           # ("vsock", cid, port), ("unix", pid, uid, gid), ("serial", n)
+        self.peer_text = describe_peer(peer)
         self.inbuf = bytearray()
         self.outbuf = bytearray()
         self.last_active = now
@@ -1540,229 +1939,72 @@ class Connection:
     def persistent(self):
         return self.listener is not None
 
+    def unflushed(self):
+        """True while something queued for the peer has not been written yet."""
+        return not self.closed and bool(self.outbuf)
 
-def _peer_of(sock, family):
-    if family == getattr(socket, "AF_VSOCK", -1):
+
+def _peer_of(sock):
+    if sock.family == AF_VSOCK:
         try:
             cid, port = sock.getpeername()
         except OSError:
             cid, port = -1, -1
-        return ("vsock", cid, port), "vsock peer cid %d port %d" % (cid, port)
+        return ("vsock", cid, port)
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _SO_PEERCRED_SIZE.size)
         pid, uid, gid = _SO_PEERCRED_SIZE.unpack(raw)
     except (OSError, AttributeError):
         pid, uid, gid = 0, -1, -1
-    return ("unix", pid, uid, gid), "unix peer pid %d uid %d" % (pid, uid)
+    return ("unix", pid, uid, gid)
 
 
-class Workload:
-    """The optional program started after boot (--exec / arcbox.exec=) and what happens when
-    it exits: ignore, respawn with a doubling back-off, or power off."""
+class Server(Source):
+    """Owns the listeners and the connections: binds (with retries), accepts, reads frames,
+    answers them with handle_request() under `policy`, flushes, closes, and enforces the
+    limits. What a request wants done to the machine goes to `on_effect(effect, conn)`."""
 
-    BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
-    STABLE_AFTER = 10.0            # a run this long resets the back-off
-
-    def __init__(self, agent, argv, on_exit):
-        self.agent, self.argv, self.on_exit = agent, argv, on_exit
-        self.pid = None
-        self.started = None
-        self.backoff = self.BACKOFF_FIRST
-        self.respawn_at = None
-        self.runs = 0
-
-    def start(self):
-        self.respawn_at = None
-        if not self.argv or self.agent.shutdown.active:
-            return
-        try:
-            self.pid = spawn_clean(self.argv)
-        except OSError as exc:
-            log("error", "cannot start %s: %s" % (" ".join(self.argv), exc))
-            self._exited(None, None)
-            return
-        self.started = time.monotonic()
-        self.runs += 1
-        self.agent.watch(self.pid, self._exited)
-        log("info", "started %s (pid %d)" % (" ".join(self.argv), self.pid))
-
-    def _exited(self, pid, status):
-        self.pid = None
-        ran = time.monotonic() - self.started if self.started else 0.0
-        how = describe_status(status) if status is not None else "did not start"
-        if self.agent.shutdown.active:
-            log("debug", "workload %s during shutdown" % how)
-            return
-        if self.on_exit == "poweroff" and not self.agent.can_power_off:
-            log("info", "workload %s after %.1fs: stopping the agent (not PID 1: no power-off)"
-                % (how, ran))
-            self.agent.exit_code = 0
-        elif self.on_exit == "poweroff":
-            log("info", "workload %s after %.1fs: powering off" % (how, ran))
-            self.agent.shutdown.begin(self.agent.config["grace"], "workload exit", None)
-        elif self.on_exit == "respawn":
-            self.backoff = self.BACKOFF_FIRST if ran >= self.STABLE_AFTER else self.backoff
-            log("info", "workload %s after %.1fs: respawning in %gs" % (how, ran, self.backoff))
-            self.respawn_at = time.monotonic() + self.backoff
-            self.backoff = min(self.backoff * 2, self.BACKOFF_MAX)
-        else:
-            log("info", "workload %s after %.1fs" % (how, ran))
-
-
-class Agent:
-    """The guest side: one event loop in one thread."""
-
-    def __init__(self, config, is_init=None):
-        self.config = config
-        self.is_init = (os.getpid() == 1) if is_init is None else is_init
-        self.listeners = [Listener(addr) for addr in config["listen"]]
+    def __init__(self, config, policy, on_effect):
+        self.listen = config["listen"]
+        self.max_frame = config["max_frame"]
+        self.max_conns = config["max_conns"]
+        self.max_output = config["max_output"]
+        self.idle_timeout = config["idle_timeout"]
+        self.frame_timeout = config["frame_timeout"]
+        self.policy = policy
+        self.on_effect = on_effect
+        self.listeners = [Listener(addr) for addr in self.listen]
         self.conns = {}            # fd -> Connection
-        self.watched = {}          # pid -> callback(pid, status) for our own helpers
-        self.no_children = False   # waitpid said ECHILD: nobody left to reap
-        self.pending_signals = []
-        self.exit_code = None      # set to leave run() (never when PID 1)
-        self.shutdown = ShutdownSequence(self)
-        self.poller = select.poll()
-        self.registered = {}       # fd -> event mask
-        self.wake_r = self.wake_w = -1
-        self.boot_mounts = None    # mount ids present at start (PID namespace: not ours)
-        self.workload = Workload(self, config["exec"], config["on_exit"])
 
-    @property
-    def can_power_off(self):
-        return self.is_init or bool(self.config["delegate"])
-
-    # ---- set-up -------------------------------------------------------------------------
-    def setup(self):
-        if self.is_init:
-            self.boot()
-        if self.config["kmsg"]:
-            enable_kmsg()
-        if self.can_power_off and not is_initial_pid_namespace():
-            self.boot_mounts = {m[0] for m in read_mountinfo()}
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
-            os.set_inheritable(fd, False)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        self.poller.register(self.wake_r, select.POLLIN)
-        for sig in self._handled_signals():
-            signal.signal(sig, self._on_signal)
-        if self.is_init and sys.platform.startswith("linux"):
-            err = call_reboot(LINUX_REBOOT_CMD_CAD_OFF)
-            log("debug", "reboot(CAD_OFF): %s" % (os.strerror(err) if err else "Ctrl-Alt-Del "
-                                                  "now sends SIGINT"))
+    def open(self):
         now = time.monotonic()
         for listener in self.listeners:
             self._try_open(listener, now)
-        self.workload.start()
 
-    def boot(self):
-        """PID 1's duties that need the configuration (early_boot() ran before it was read),
-        each best-effort: a failure is logged and boot goes on."""
-        if sys.platform.startswith("linux"):
-            set_hostname(self.config["hostname"])
-        failed = load_modules(self.config["modules"])
-        if failed:
-            log("warn", "modules not loaded: %s" % ", ".join(failed))
+    # ---- the event loop's view ------------------------------------------------------------
+    def wants(self, now):
+        for listener in self.listeners:
+            if listener.sock is not None and listener.paused_until <= now:
+                yield listener.sock.fileno(), select.POLLIN, self._accept, listener
+        out_limit = self.max_output
+        for fd, conn in self.conns.items():
+            if conn.paused_until > now:
+                continue            # poll() reports POLLHUP even for an empty mask
+            mask = 0
+            if not conn.closing and not conn.eof and len(conn.outbuf) < out_limit:
+                mask |= _POLLIN
+            if conn.outbuf:
+                mask |= _POLLOUT
+            yield fd, mask, self._serve, conn
 
-    def remount_scope(self):
-        """Which mounts the power-off may remount read-only: all of them in a real guest
-        (None); in a PID namespace only those mounted after the agent started, because the
-        others are the host's (a superblock remount there would reach the host)."""
-        if self.boot_mounts is None:
-            return None
-        return {m[0] for m in read_mountinfo()} - self.boot_mounts
-
-    @staticmethod
-    def _handled_signals():
-        names = ("SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
-                 "SIGPWR")
-        return [getattr(signal, n) for n in names if hasattr(signal, n)]
-
-    def _on_signal(self, signum, frame):
-        # Runs between bytecodes; the wakeup fd has already woken poll(). Only record it.
-        self.pending_signals.append(signum)
-
-    def _try_open(self, listener, now):
-        try:
-            listener.open()
-        except OSError as exc:
-            listener.failures += 1
-            listener.retry_at = now + listener.backoff
-            level = "warn" if listener.failures == 1 else "debug"
-            log(level, "cannot listen on %s: %s; retrying in %gs"
-                % (listener.text, exc.strerror or exc, listener.backoff))
-            listener.backoff = min(listener.backoff * 2, BIND_RETRY_MAX)
-            return
-        log("info", "listening on %s" % listener.text)
-        listener.failures = 0
-        listener.backoff = BIND_RETRY_FIRST
-        if listener.stream_fd is not None:
-            peer = ("serial", listener.addr[1])
-            conn = Connection(None, peer, "serial port %s" % listener.addr[1], now,
-                              fd=listener.stream_fd, listener=listener)
-            self.conns[conn.fd] = conn
-
-    # ---- the loop -----------------------------------------------------------------------
-    def run(self):
-        """Serve until exit_code is set (never as PID 1). Nothing escapes: an exception in
-        one step is logged and the loop goes on."""
-        self.setup()
-        log("info", "ready (pid %d, version %s)" % (os.getpid(), __version__))
-        self.reap()
-        errors = 0
-        while self.exit_code is None:
-            try:
-                # After an error, wake up again soon but not in a hot loop: a bug that repeats
-                # must neither spin the CPU nor flood the console (50 ms doubling to 1.6 s).
-                self.loop_once(0.05 * 2 ** min(errors - 1, 5) if errors else None)
-                errors = 0
-            except Exception as exc:   # a bug must not kill init: log it and keep serving
-                errors += 1
-                log("error", "internal error (kept serving): %s" % describe_exception(exc))
-        self.close_all()
-        return self.exit_code
-
-    def loop_once(self, max_wait=None):
-        timeout = self._next_timeout(time.monotonic())
-        if max_wait is not None:
-            timeout = max_wait if timeout is None else min(timeout, max_wait)
-        self._sync_registrations()
-        try:
-            events = self.poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
-        except InterruptedError:
-            events = []
-        for fd, mask in events:
-            if fd == self.wake_r:
-                _drain(fd)
-                continue
-            conn = self.conns.get(fd)
-            if conn is not None:
-                self._serve_connection(conn, mask)
-                continue
-            for listener in self.listeners:
-                if listener.sock is not None and listener.sock.fileno() == fd:
-                    self._accept(listener)
-        self._handle_signals()
-        self.reap()
-        now = time.monotonic()
-        self._run_timers(now)
-        self.shutdown.step(now)
-
-    def _next_timeout(self, now):
+    def deadline(self):
         deadlines = []
-        if self.workload.respawn_at is not None:
-            deadlines.append(self.workload.respawn_at)
-        if self.shutdown.deadline is not None:
-            deadlines.append(self.shutdown.deadline)
         for listener in self.listeners:
             if not listener.is_open:
                 deadlines.append(listener.retry_at)
             elif listener.paused_until:
                 deadlines.append(listener.paused_until)
-        idle = self.config["idle_timeout"]
-        frame_timeout = self.config["frame_timeout"]
+        idle, frame_timeout = self.idle_timeout, self.frame_timeout
         for conn in self.conns.values():
             if not conn.persistent:
                 deadlines.append(conn.last_active + idle)
@@ -1773,51 +2015,15 @@ class Agent:
                     deadlines.append(conn.paused_until)
                 if conn.partial_since is not None:
                     deadlines.append(conn.partial_since + SERIAL_STALE_FRAME)
-        if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - now)
+        return min(deadlines) if deadlines else None
 
-    def _sync_registrations(self):
-        wanted = {self.wake_r: select.POLLIN}
-        out_limit = self.config["max_output"]
-        now = time.monotonic()
-        for listener in self.listeners:
-            if listener.sock is not None and listener.paused_until <= now:
-                wanted[listener.sock.fileno()] = select.POLLIN
-        for fd, conn in self.conns.items():
-            if conn.paused_until > now:
-                continue            # poll() reports POLLHUP even for an empty mask
-            mask = 0
-            if not conn.closing and not conn.eof and len(conn.outbuf) < out_limit:
-                mask |= _POLLIN
-            if conn.outbuf:
-                mask |= _POLLOUT
-            wanted[fd] = mask
-        for fd in list(self.registered):
-            if fd not in wanted:
-                try:
-                    self.poller.unregister(fd)
-                except (KeyError, ValueError, OSError):
-                    pass
-                del self.registered[fd]
-        for fd, mask in wanted.items():
-            old = self.registered.get(fd)
-            if old is None:
-                self.poller.register(fd, mask)
-            elif old != mask:
-                self.poller.modify(fd, mask)
-            self.registered[fd] = mask
-
-    def _run_timers(self, now):
-        if self.workload.respawn_at is not None and now >= self.workload.respawn_at:
-            self.workload.start()
+    def tick(self, now):
         for listener in self.listeners:
             if not listener.is_open and now >= listener.retry_at:
                 self._try_open(listener, now)
             if listener.paused_until and now >= listener.paused_until:
                 listener.paused_until = 0.0
-        idle = self.config["idle_timeout"]
-        frame_timeout = self.config["frame_timeout"]
+        idle, frame_timeout = self.idle_timeout, self.frame_timeout
         for conn in list(self.conns.values()):
             if not conn.persistent:
                 if now - conn.last_active >= idle:
@@ -1838,110 +2044,27 @@ class Agent:
                 conn.inbuf = bytearray()
                 conn.partial_since = None
 
-    # ---- signals and children -----------------------------------------------------------
-    def _handle_signals(self):
-        while self.pending_signals:
-            sig = self.pending_signals.pop(0)
-            if sig == signal.SIGCHLD:
-                continue            # reap() runs after every wake-up
-            log("debug", "signal %d received" % sig)
-            self.on_signal(sig)
-
-    def on_signal(self, sig):
-        if not self.is_init:
-            if self.shutdown.active and self.config["delegate"]:
-                return              # PID 1 is shutting down; stay to force it if it fails
-            if sig in (signal.SIGTERM, signal.SIGINT):
-                log("info", "signal %d: stopping the agent (not PID 1: no power-off)" % sig)
-                self.exit_code = 0
-            return
-        action = INIT_SIGNAL_ACTIONS.get(sig)
-        if action is None:
-            return                  # SIGHUP, SIGQUIT: nothing to do, nothing harmful
-        if action == "configured":
-            action = self.config["action"]
-        if self.shutdown.active:
-            log("info", "signal %d: shutdown already in progress" % sig)
-            return
-        self.config["action"] = action
-        self.shutdown.begin(self.config["grace"], "signal %d" % sig, None)
-
-    def watch(self, pid, callback):
-        self.watched[pid] = callback
-
-    def reap(self):
-        """waitpid(-1, WNOHANG) until nothing more: SIGCHLD coalesces, and as PID 1 every
-        orphan is ours. ECHILD means no process is left besides this one."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.no_children = True
-                return
-            if pid == 0:
-                self.no_children = False
-                return
-            log("debug", "reaped pid %d (%s)" % (pid, describe_status(status)))
-            callback = self.watched.pop(pid, None)
-            if callback is not None:
-                callback(pid, status)
-
-    # ---- requests that touch the machine ------------------------------------------------
-    def may_request_shutdown(self, conn):
-        allow = self.config["allow"]
-        if allow["any"]:
-            return True
-        if conn.peer[0] == "serial":
-            return allow["serial"]
-        if conn.peer[0] == "vsock":
-            return conn.peer[1] in allow["cid"]
-        return conn.peer[2] in allow["uid"]
-
-    def request_shutdown(self, grace, reason, conn):
-        if not self.may_request_shutdown(conn):
-            log("warn", "refused Shutdown from %s: not an allowed peer" % conn.peer_text)
-            raise Refused(ERROR_FORBIDDEN, "shutdown refused: %s is not allowed to request it "
-                          "(see --allow)" % conn.peer_text)
-        if not sys.platform.startswith("linux"):
-            log("warn", "Shutdown requested, but power-off is only supported on Linux")
-            raise Refused(ERROR_UNAVAILABLE, "shutdown refused: power-off is only supported on "
-                          "Linux guests")
-        if not self.can_power_off:
-            log("warn", "refused Shutdown from %s: not PID 1" % conn.peer_text)
-            raise Refused(ERROR_UNAVAILABLE, "shutdown refused: this agent is not PID 1 (pid %d),"
-                          " so it will not signal every process on this machine (see --delegate)"
-                          % os.getpid())
-        if self.shutdown.active:
-            log("info", "Shutdown from %s: already in progress (phase %s); not restarting"
-                % (conn.peer_text, self.shutdown.phase))
-            return
-        self.shutdown.begin(grace or self.config["grace"], reason, conn)
-
-    def maybe_set_clock(self, conn, seconds):
-        """Only PID 1 sets the clock, only for a vsock peer, and only an allowed one (the
-        host, CID 2, by default). A Unix-socket peer is ignored, never refused: tests run as
-        root on real machines and must not move their clock."""
-        if not (self.is_init and conn.peer[0] in ("vsock", "serial")):
-            log("debug", "Ping timestamp from %s ignored (clock set only by the host as PID 1)"
-                % conn.peer_text)
-            return
-        if not self.may_request_shutdown(conn):
-            log("warn", "refused clock change from %s: not an allowed peer" % conn.peer_text)
-            raise Refused(ERROR_FORBIDDEN, "clock change refused: %s is not allowed to set "
-                          "the time (see --allow)" % conn.peer_text)
+    # ---- listeners --------------------------------------------------------------------------
+    def _try_open(self, listener, now):
         try:
-            time.clock_settime(time.CLOCK_REALTIME, float(seconds))
-            log("debug", "clock set to %d from the host" % seconds)
-        except (OSError, OverflowError, ValueError) as exc:
-            log("warn", "cannot set the clock to %d: %s" % (seconds, exc))
+            listener.open()
+        except OSError as exc:
+            listener.failures += 1
+            listener.retry_at = now + listener.backoff
+            level = "warn" if listener.failures == 1 else "debug"
+            log(level, "cannot listen on %s: %s; retrying in %gs"
+                % (listener.text, exc.strerror or exc, listener.backoff))
+            listener.backoff = min(listener.backoff * 2, BIND_RETRY_MAX)
+            return
+        log("info", "listening on %s" % listener.text)
+        listener.failures = 0
+        listener.backoff = BIND_RETRY_FIRST
+        if listener.stream_fd is not None:
+            conn = Connection(None, ("serial", listener.addr[1]), now, fd=listener.stream_fd,
+                              listener=listener)
+            self.conns[conn.fd] = conn
 
-    def power_off_failed(self, why):
-        log("error", "POWER-OFF FAILED: %s" % why)
-        log("error", "exiting PID 1: the kernel's panic setting decides what happens next")
-        os._exit(1)
-
-    # ---- connections --------------------------------------------------------------------
-    def _accept(self, listener):
+    def _accept(self, listener, mask):
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, _ = listener.sock.accept()
@@ -1961,18 +2084,20 @@ class Agent:
             if listener.starved:
                 log("info", "accept on %s works again" % listener.text)
                 listener.starved = False
-            if len(self.conns) >= self.config["max_conns"]:
+            if len(self.conns) >= self.max_conns:
                 log("warn", "connection limit (%d) reached: closing a new connection"
-                    % self.config["max_conns"])
+                    % self.max_conns)
                 sock.close()
                 continue
             sock.setblocking(False)
-            peer, text = _peer_of(sock, listener.sock.family)
-            conn = Connection(sock, peer, text, time.monotonic())
+            conn = Connection(sock, _peer_of(sock), time.monotonic())
             self.conns[conn.fd] = conn
-            log("debug", "connection from %s on %s" % (text, listener.text))
+            log("debug", "connection from %s on %s" % (conn.peer_text, listener.text))
 
-    def _serve_connection(self, conn, mask):
+    # ---- connections ------------------------------------------------------------------------
+    def _serve(self, conn, mask):
+        if conn.closed:
+            return
         if mask & (_POLLIN | _POLLFAIL) and not conn.eof:
             self._read(conn)
         if not conn.closed and conn.outbuf and mask & (_POLLOUT | _POLLFAIL):
@@ -2001,9 +2126,9 @@ class Agent:
         self._flush(conn)
 
     def _process_frames(self, conn):
-        max_frame = self.config["max_frame"]
+        max_frame = self.max_frame
         while not conn.closing:
-            if len(conn.outbuf) >= self.config["max_output"]:
+            if len(conn.outbuf) >= self.max_output:
                 return              # back-pressure: go on when the peer has read
             if conn.persistent and self._skip_garbage(conn, max_frame):
                 continue
@@ -2061,8 +2186,9 @@ class Agent:
 
     def _answer(self, conn, msg_type, trace, payload):
         log("debug", "%s from %s" % (request_name(msg_type), conn.peer_text))
+        effect = None
         try:
-            rtype, rpayload = handle_request(self, conn, msg_type, payload)
+            rtype, rpayload, effect = handle_request(msg_type, payload, conn.peer, self.policy)
         except ProtocolError as exc:
             rtype, rpayload = MSG_ERROR, encode_error(ERROR_INVALID, "invalid request: %s" % exc)
             log("debug", "invalid %s from %s: %s" % (request_name(msg_type), conn.peer_text, exc))
@@ -2074,6 +2200,8 @@ class Agent:
             rtype, rpayload = MSG_ERROR, encode_error(ERROR_INTERNAL, "internal error: %s: %s"
                                                       % (type(exc).__name__, exc))
         self._send(conn, rtype, rpayload, trace)
+        if effect is not None:      # after the answer is queued: the ack goes out first
+            self.on_effect(effect, conn)
 
     def _send(self, conn, msg_type, payload, trace=b""):
         conn.outbuf += encode_frame(msg_type, payload, trace)
@@ -2128,35 +2256,116 @@ class Agent:
             conn.listener.stream_fd = None     # reopened by the retry timer
             conn.listener.retry_at = time.monotonic() + SERIAL_RECHECK
 
-    def close_all(self):
+    def close(self):
         for conn in list(self.conns.values()):
             self.close_conn(conn)
         for listener in self.listeners:
             listener.close()
-        signal.set_wakeup_fd(-1)
-        for fd in (self.wake_r, self.wake_w):
-            if fd >= 0:
-                os.close(fd)
 
 
-def _drain(fd):
-    try:
-        while os.read(fd, 4096):
-            pass
-    except OSError:
-        pass
+# ---- the agent: the loop, and what a signal, a request or the workload's end starts --------
 
+class Agent:
+    """Wires the parts into one loop: the signal inbox, the reaper, the server, the workload
+    and the shutdown sequence, and decides what starts a shutdown. Guest side, one thread."""
 
-# What busybox's poweroff/halt/reboot send to PID 1, plus SIGPWR (busybox: halt... we follow
-# the PID 1 issue: power-off) and Ctrl-Alt-Del (SIGINT once CAD is off): the configured action.
-INIT_SIGNAL_ACTIONS = {
-    signal.SIGUSR2: "poweroff",
-    signal.SIGUSR1: "halt",
-    signal.SIGTERM: "reboot",
-    signal.SIGINT: "configured",
-}
-if hasattr(signal, "SIGPWR"):
-    INIT_SIGNAL_ACTIONS[signal.SIGPWR] = "poweroff"
+    def __init__(self, config, is_init, inbox=None):
+        self.config = config
+        self.is_init = is_init
+        self.delegate = bool(config["delegate"]) and not is_init
+        self.can_power_off = is_init or self.delegate
+        self.exit_code = None      # set to leave run() (never when PID 1)
+        self.inbox = inbox or SignalInbox()
+        self.inbox.route = self.on_signal
+        self.reaper = Reaper()
+        policy = RequestPolicy(config["allow"], self.can_power_off, owns_clock=is_init)
+        self.server = Server(config, policy, self.on_request_effect)
+        self.workload = Workload(config["exec"], config["on_exit"], self.reaper,
+                                 self.on_workload_finished)
+        self.shutdown = ShutdownSequence(
+            self.reaper, ShutdownTimeouts.from_config(config), delegate=self.delegate,
+            remount_scope=remount_scope_from_now() if self.can_power_off else lambda: None)
+        self.loop = EventLoop()
+        for source in (self.inbox, self.reaper, self.server, self.workload, self.shutdown):
+            self.loop.add(source)
+
+    def start(self):
+        """Serve: signals (if main() did not take them already), Ctrl-Alt-Del as SIGINT,
+        listeners, the workload."""
+        if self.inbox.wake_r < 0:
+            self.inbox.install()
+        if self.is_init and sys.platform.startswith("linux"):
+            err = call_reboot(LINUX_REBOOT_CMD_CAD_OFF)
+            log("debug", "reboot(CAD_OFF): %s" % (os.strerror(err) if err else "Ctrl-Alt-Del "
+                                                  "now sends SIGINT"))
+        # A signal that came during boot is acted on now, before the workload would start.
+        self.inbox.tick(time.monotonic())
+        self.server.open()
+        self.workload.start()
+        log("info", "ready (pid %d, version %s)" % (os.getpid(), __version__))
+
+    def run(self):
+        """Serve until exit_code is set (never as PID 1). Nothing escapes: an exception in
+        one step is logged and the loop goes on."""
+        self.start()
+        errors = 0
+        while self.exit_code is None:
+            try:
+                # After an error, wake up again soon but not in a hot loop: a bug that repeats
+                # must neither spin the CPU nor flood the console (50 ms doubling to 1.6 s).
+                self.loop.run_once(0.05 * 2 ** min(errors - 1, 5) if errors else None)
+                errors = 0
+            except Exception as exc:   # a bug must not kill init: log it and keep serving
+                errors += 1
+                log("error", "internal error (kept serving): %s" % describe_exception(exc))
+        self.server.close()
+        self.inbox.close()
+        return self.exit_code
+
+    def loop_once(self, max_wait=None):
+        self.loop.run_once(max_wait)
+
+    # ---- what starts a shutdown ---------------------------------------------------------
+    def begin_shutdown(self, action, grace, reason, ack=None):
+        """The one door into the shutdown sequence: it starts once; later starts are logged."""
+        if self.shutdown.active:
+            log("info", "%s: shutdown already in progress (phase %s); not restarting"
+                % (reason, self.shutdown.phase))
+            return
+        if not self.can_power_off:
+            log("error", "shutdown (%s) ignored: not PID 1 and not --delegate" % reason)
+            return
+        self.workload.stop()
+        self.shutdown.begin(action, grace, reason, ack)
+
+    def on_signal(self, sig):
+        if not self.is_init:
+            if self.shutdown.active:
+                return              # delegating: stay to force the power-off if PID 1 fails
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                log("info", "signal %d: stopping the agent (not PID 1: no power-off)" % sig)
+                self.exit_code = 0
+            return
+        action = INIT_SIGNAL_ACTIONS.get(sig)
+        if action is None:
+            return                  # SIGHUP, SIGQUIT: nothing to do, nothing harmful
+        if action == "configured":
+            action = self.config["action"]
+        self.begin_shutdown(action, self.config["grace"], "signal %d" % sig)
+
+    def on_request_effect(self, effect, conn):
+        kind, grace = effect        # ("shutdown", seconds; 0 = the configured grace)
+        if kind == "shutdown":
+            self.begin_shutdown(self.config["action"], grace or self.config["grace"],
+                                "Shutdown from " + conn.peer_text, conn.unflushed)
+
+    def on_workload_finished(self, status, what):
+        if self.can_power_off:
+            log("info", "%s: powering off" % what)
+            self.begin_shutdown(self.config["action"], self.config["grace"], "workload exit")
+        else:
+            log("info", "%s: stopping the agent (not PID 1: no power-off)" % what)
+            self.exit_code = 0
 
 
 # =============================================================================================
@@ -2214,13 +2423,12 @@ class Client:
         kind = self.addr[0]
         where = format_address(self.addr)
         if kind == "vsock":
-            family = getattr(socket, "AF_VSOCK", None)
-            if family is None:
+            if AF_VSOCK is None:
                 raise ClientError(EXIT_UNREACHABLE, "%s: this system has no AF_VSOCK" % where)
-            sock, target = socket.socket(family, socket.SOCK_STREAM), (self.addr[1], self.addr[2])
+            sock = socket.socket(AF_VSOCK, socket.SOCK_STREAM)
+            target = (self.addr[1], self.addr[2])
         else:
-            path = self.addr[1]
-            target = "\0" + path[1:] if path.startswith("@") else path
+            target = unix_sockaddr(self.addr[1])
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = sock
         try:
@@ -2432,7 +2640,7 @@ def client_main(argv):
 
 
 # =============================================================================================
-# 8. main()
+# 8. main(): the PID-1 story, top-down
 # =============================================================================================
 
 USAGE = """usage: %(prog)s [serve] [OPTIONS]          run the guest agent (the default; PID 1 in a VM)
@@ -2471,33 +2679,54 @@ def _write(fd, text):
         pass
 
 
-def serve_main(argv, cmdline_path="/proc/cmdline"):
-    is_init = os.getpid() == 1
-    if is_init:
-        early_boot()
+def read_configuration(argv, cmdline_text, is_init):
+    """Defaults < kernel cmdline < flags. Returns (config, None), or (None, exit status) when
+    an operator asked for --help or typed a bad flag. As PID 1 (where the kernel passes stray
+    cmdline words as argv) problems are logged and the defaults kept: init must not exit."""
     flags, problems, wants_help = parse_serve_flags(argv)
-    cmdline, cmd_problems = parse_cmdline(_read_text(cmdline_path) if cmdline_path else "")
+    cmdline, cmd_problems = parse_cmdline(cmdline_text)
     config, value_problems = build_config(flags, cmdline)
     flag_problems = problems + [text for origin, text in value_problems if origin == "flag"]
     if not is_init:
-        # An operator typed this: answer and stop. As PID 1 (where the kernel passes stray
-        # cmdline words as argv) we log and go on, because init must not exit.
         if wants_help:
             _write(1, usage_text())
-            return EXIT_OK
+            return None, EXIT_OK
         if flag_problems:
             _write(2, "%s: %s\n(try --help)\n" % (PROG, "; ".join(flag_problems)))
-            return EXIT_USAGE
+            return None, EXIT_USAGE
     set_log_level(config["log"])
+    if config["kmsg"]:
+        enable_kmsg()
     for problem in flag_problems + cmd_problems:
         log("warn", problem)
     for origin, text in value_problems:
         if origin == "cmdline":
             log("warn", "kernel cmdline " + text)
-    return Agent(config, is_init=is_init).run()
+    return config, None
 
 
-def main(argv=None):
+def serve_main(argv, is_init, cmdline_path="/proc/cmdline"):
+    """The agent's life, in order. Each stage is best-effort: a failure is logged, never fatal."""
+    # 1. Take the signals before anything else: a PID 1 without handlers loses them, and a
+    #    poweroff sent while we boot must end in a power-off once the loop runs.
+    inbox = SignalInbox().install()
+    # 2. Early boot (PID 1): stdio, /proc, /sys, /dev and friends, then the console again.
+    if is_init:
+        early_boot()
+    # 3. Configuration: defaults < kernel cmdline (needs /proc) < flags.
+    config, status = read_configuration(argv, _read_text(cmdline_path) if cmdline_path else "",
+                                        is_init)
+    if config is None:
+        inbox.close()
+        return status
+    # 4. Boot duties that need the configuration (PID 1): hostname, kernel modules.
+    if is_init:
+        boot_duties(config)
+    # 5. Serve: one loop until power-off (PID 1) or a stop signal (not PID 1).
+    return Agent(config, is_init, inbox).run()
+
+
+def main(argv=None, is_init=False):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in CLIENT_COMMANDS:
         return client_main(argv)
@@ -2506,14 +2735,14 @@ def main(argv=None):
         return EXIT_OK
     if argv and argv[0] == "serve":
         argv = argv[1:]
-    return serve_main(argv)
+    return serve_main(argv, is_init)
 
 
 def run_as_init():
     """PID 1 must never return or raise: either would panic the kernel. If serving fails
     outright, keep reaping and honour power-off signals with the defaults."""
     try:
-        main()
+        main(is_init=True)
     except BaseException as exc:   # noqa: B902 - including SystemExit and KeyboardInterrupt
         log("error", "agent failed: %s" % describe_exception(exc))
     log("error", "serving stopped; falling back to reaping and signal handling only")
@@ -2526,7 +2755,8 @@ def run_as_init():
 
 
 def entry():
-    """Entry point of the .pyz and the console script."""
+    """Entry point of the .pyz and the console script. Whether this is init is decided here,
+    once: PID 1 has duties (and must never exit); anything else is a plain service."""
     if os.getpid() == 1:
         run_as_init()
     return main()

@@ -32,6 +32,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import agent  # noqa: E402
 import build  # noqa: E402
+import guestctl  # noqa: E402
 import nsguest  # noqa: E402
 from startup import vm_rss_kib  # noqa: E402
 
@@ -88,7 +89,7 @@ def namespace_shutdown(pyz_or_script, work, n_children, grace, ignore_term=False
         log = g.log()
     if code != nsguest.POWER_OFF_RETURNCODE:
         raise SystemExit("shutdown did not reach power-off (%s):\n%s" % (code, log))
-    events = nsguest.log_events(log)
+    events = guestctl.log_events(log)
     term = next((t for t, _, m in events if "SIGTERM sent" in m), None)
     kill = next((t for t, _, m in events if "SIGKILL sent" in m), None)
     return took, (kill - term - grace) if (term is not None and kill is not None) else None
@@ -179,20 +180,11 @@ def bench_startup(report, pyz, runs):
 # ---- 4 + 5: memory, throughput, latency -------------------------------------------------------------
 
 def start_server(cmd, sock):
-    if os.path.exists(sock):
-        os.unlink(sock)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(sock)
-            return proc, s
-        except OSError:
-            s.close()
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("%s did not start" % cmd)
-            time.sleep(0.01)
+    """A server process on sock, and one connection to it."""
+    proc = guestctl.ServerProcess(cmd, sock).start()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock)
+    return proc, s
 
 
 def ping_roundtrips(s, count):
@@ -252,24 +244,22 @@ def bench_serving(report, pyz, pings, runs, seconds):
                                sock)
         try:
             seq = ping_roundtrips(s, pings)
-            rss_10k = vm_rss_kib(proc.pid)
-            fds_10k = len(os.listdir("/proc/%d/fd" % proc.pid))
+            rss_10k = vm_rss_kib(proc.proc.pid)
+            fds_10k = len(os.listdir("/proc/%d/fd" % proc.proc.pid))
             ping_roundtrips(s, pings * 9)
-            rss_100k = vm_rss_kib(proc.pid)
-            fds_100k = len(os.listdir("/proc/%d/fd" % proc.pid))
+            rss_100k = vm_rss_kib(proc.proc.pid)
+            fds_100k = len(os.listdir("/proc/%d/fd" % proc.proc.pid))
             s.close()
             ours_rate = stats([concurrent_rate(sock, 100, seconds) for _ in range(runs)])
         finally:
-            proc.kill()
-            proc.wait()
+            proc.close()
         eproc, es = start_server([PY, "-S", ECHO, sock], sock)
         try:
             eseq = ping_roundtrips(es, pings)
             es.close()
             echo_rate = stats([concurrent_rate(sock, 100, seconds) for _ in range(runs)])
         finally:
-            eproc.kill()
-            eproc.wait()
+            eproc.close()
         report.data["memory"] = {"bare_kib": bare_kib, "after_%d" % pings: rss_10k,
                                  "after_%d" % (pings * 10): rss_100k, "fds": [fds_10k, fds_100k],
                                  "pyz_bytes": os.path.getsize(pyz)}

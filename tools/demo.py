@@ -19,6 +19,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import guestctl  # noqa: E402
 import nsguest  # noqa: E402
 
 VM_WORKLOAD = b"""#!/bin/sh
@@ -111,9 +112,10 @@ def run_vm(pyz, grace):
             print("\nbooting QEMU (TCG) with arcbox-agent.pyz as /init ...")
             ready = machine.wait_ready(120)
             print("agent answered over virtio-serial %.2f s after QEMU started" % ready)
-            deadline = time.monotonic() + 60
-            while "demo workload:" not in machine.console() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            try:
+                machine.wait_log("demo workload:", 60)
+            except RuntimeError:
+                pass                # said below: "(the workload said nothing)"
             print("guest console: %s\n" % next(
                 (l.strip() for l in machine.console().splitlines() if "demo workload:" in l),
                 "(the workload said nothing)"))
@@ -125,10 +127,7 @@ def run_vm(pyz, grace):
             status = machine.wait(grace + 60)
             took = time.monotonic() - asked
             console = machine.console()
-    events = []
-    for stamp, level, message in re.findall(
-            r"\[\s*([\d.]+)\] arcbox-agent (\w+): ([^\r\n]*)", console):
-        events.append((float(stamp), level, message))
+    events = guestctl.log_events(console)
     power = re.search(r"\[\s*([\d.]+)\] reboot: Power down", console)
     _print_timeline(events, float(power.group(1)) if power else None)
     print("\nshutdown request to QEMU exit, measured on the host: %.3f s" % took)
@@ -157,9 +156,9 @@ def run_namespace(pyz, grace):
             ok &= _run_client(pyz, ["shutdown", "--grace", "%g" % grace, "--to",
                                     guest.address]) == 0
             returncode = guest.wait(timeout=grace + 30)
-            ended = nsguest.boot_clock()
+            ended = guestctl.boot_clock()
             log = guest.log()
-    _print_timeline(nsguest.log_events(log), ended)
+    _print_timeline(guestctl.log_events(log), ended)
     if returncode == nsguest.POWER_OFF_RETURNCODE:
         print("\noutcome: the namespace init was killed by SIGINT: reboot(POWER_OFF) reached "
               "-- in a VM this is the power-off.")

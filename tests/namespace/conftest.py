@@ -2,7 +2,7 @@
 
 import pytest
 
-from nsguest import NamespaceGuest, log_events
+from nsguest import NamespaceGuest
 
 
 @pytest.fixture
@@ -22,9 +22,4 @@ def guest(pyz, tmp_path, namespaces):
 
     yield make
     for g in guests:
-        g.__exit__(None, None, None)
-
-
-def messages(g):
-    """The agent's log messages, without time and level."""
-    return [m for _, _, m in log_events(g.log())]
+        g.close()

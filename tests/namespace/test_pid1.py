@@ -16,8 +16,8 @@ import time
 import pytest
 
 import agent
-from conftest import messages
-from nsguest import POWER_OFF_RETURNCODE, log_events
+from guestctl import log_events
+from nsguest import POWER_OFF_RETURNCODE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.namespace
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.namespace
 
 def reaped(g, pid):
     """How the agent reported pid's end, or None."""
-    for m in messages(g):
+    for m in g.messages():
         found = re.match(r"reaped pid %d \((.*)\)$" % pid, m)
         if found:
             return found.group(1)
@@ -39,7 +39,7 @@ def test_ping_and_system_info_as_pid1(guest):
         agent.MSG_PING, agent.encode_message(agent.PING_REQUEST, {"message": "hi",
                                                                   "timestamp_secs": 1})))
     assert pong == {"message": "pong: hi", "version": agent.__version__}
-    assert any("Ping timestamp from unix peer" in m and "ignored" in m for m in messages(g)), \
+    assert any("Ping timestamp from unix peer" in m and "ignored" in m for m in g.messages()), \
         "a Unix-socket peer must never set the clock"
     info = agent.decode_message(agent.SYSTEM_INFO, g.request(agent.MSG_GET_SYSTEM_INFO))
     assert info["hostname"] == socket.gethostname()
@@ -55,7 +55,7 @@ def test_children_that_exit_on_term_end_the_teardown_without_waiting_for_the_gra
     assert g.shutdown(grace=60) is True
     assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
     assert time.monotonic() - started < 20, "waited for the 60 s grace although nobody was left"
-    log = messages(g)
+    log = g.messages()
     assert any(m.startswith("shutdown: all processes gone after") for m in log)
     assert not any("SIGKILL" in m for m in log)
     assert sum(1 for m in log if "killed by signal 15" in m) == 5
@@ -75,7 +75,7 @@ def test_a_child_ignoring_term_is_killed_when_the_grace_ends(guest, tmp_path):
     term = next(t for t, _, m in events if "SIGTERM sent" in m)
     kill = next(t for t, _, m in events if "SIGKILL sent" in m)
     assert kill - term >= 1.0
-    order = [m for m in messages(g) if m.startswith("shutdown: ")]
+    order = [m for m in g.messages() if m.startswith("shutdown: ")]
     assert [m.split(" ")[1] for m in order] == ["SIGTERM", "grace", "all", "filesystems",
                                                 "calling"], order
 
@@ -96,7 +96,7 @@ def test_a_stopped_child_is_continued_so_its_term_handler_runs(guest, tmp_path):
     assert g.shutdown(grace=60) is True
     assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
     assert reaped(g, pid) == "exited with status 0", g.log()   # its handler ran: SIGCONT
-    assert not any("SIGKILL" in m for m in messages(g))
+    assert not any("SIGKILL" in m for m in g.messages())
 
 
 def test_orphans_are_reaped_at_any_time_and_grandchildren_at_shutdown(guest, tmp_path):
@@ -142,7 +142,7 @@ def test_a_second_shutdown_is_accepted_and_does_not_restart_the_clock(guest):
     assert g.shutdown(grace=60) is True                    # accepted, nothing restarted
     assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
     assert time.monotonic() - started < 30, "the second Shutdown restarted the grace"
-    log = messages(g)
+    log = g.messages()
     assert sum(1 for m in log if "SIGTERM sent" in m) == 1
     assert any("already in progress" in m for m in log)
 
@@ -151,7 +151,7 @@ def test_busybox_poweroff_signal_to_pid1_runs_the_same_sequence(guest):
     g = guest("sleep 1000 &", agent_args=["--grace", "30"])
     os.kill(g.init_pid(), 12)                              # SIGUSR2: busybox poweroff
     assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
-    log = messages(g)
+    log = g.messages()
     assert any("shutdown requested (signal 12)" in m for m in log)
     assert any("all processes gone after" in m for m in log)
 

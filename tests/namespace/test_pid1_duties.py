@@ -14,19 +14,11 @@ import time
 import pytest
 
 import agent
-from conftest import messages
+from helpers import wait_for
 from nsguest import POWER_OFF_RETURNCODE, REBOOT_RETURNCODE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.namespace
-
-
-
-def wait_for(predicate, timeout=15, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting for " + what
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("sig,action,returncode", [
@@ -40,11 +32,32 @@ def test_busybox_signals_run_the_orderly_sequence(guest, sig, action, returncode
     g = guest("sleep 1000 &", agent_args=["--grace", "30", "--action", "halt"])
     os.kill(g.init_pid(), sig)
     assert g.wait(timeout=60) == returncode
-    log = messages(g)
+    log = g.messages()
     assert any("shutdown requested (signal %d): action %s" % (sig, action) in m for m in log)
     assert any("SIGTERM sent to all processes" in m for m in log)
     assert any("all processes gone after" in m for m in log)
     assert any("calling reboot(%s)" % action in m for m in log)
+
+
+def test_a_poweroff_sent_while_modules_load_is_honoured_once_the_loop_runs(guest, tmp_path):
+    """busybox init takes its signals first because "some users send poweroff signals to
+    init VERY early". Boot is slowed on purpose: a module that modules.dep does not know goes
+    to modprobe, here a fake (bind-mounted over /bin/busybox in the namespace only) that
+    sleeps. SIGUSR2 arrives meanwhile: a PID 1 without a handler yet would lose it."""
+    started, fake = tmp_path / "modprobe-started", tmp_path / "fake-modprobe"
+    fake.write_text("#!/bin/sh\ntouch %s\nsleep 2\nexit 1\n" % shlex.quote(str(started)))
+    fake.chmod(0o755)
+    g = guest("mount --bind %s /bin/busybox\nsleep 1000 &" % shlex.quote(str(fake)),
+              agent_args=["--modules", "arcbox_no_such_module"], wait_ready=False)
+    wait_for(started.exists, what="the fake modprobe to start")
+    os.kill(g.init_pid(), signal.SIGUSR2)
+    assert g.wait(timeout=30) == POWER_OFF_RETURNCODE, g.log()
+    log = g.messages()
+    loaded = next(i for i, m in enumerate(log) if "modules not loaded" in m)
+    begun = next(i for i, m in enumerate(log) if "shutdown requested (signal %d): action "
+                 "poweroff" % signal.SIGUSR2 in m)
+    assert loaded < begun, "the shutdown must start after boot, once the loop can act"
+    assert any("all processes gone after" in m for m in log)
 
 
 def test_sighup_and_sigquit_do_nothing_harmful(guest):
@@ -54,7 +67,7 @@ def test_sighup_and_sigquit_do_nothing_harmful(guest):
     time.sleep(0.3)
     assert g.proc.poll() is None and len(g.processes()) == 1
     assert g.request(agent.MSG_PING)
-    assert not any("shutdown" in m for m in messages(g))
+    assert not any("shutdown" in m for m in g.messages())
 
 
 def test_signals_during_a_shutdown_do_not_start_a_second_one(guest):
@@ -63,7 +76,7 @@ def test_signals_during_a_shutdown_do_not_start_a_second_one(guest):
         os.kill(g.init_pid(), signal.SIGUSR2)
         time.sleep(0.05)
     assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
-    assert sum(1 for m in messages(g) if "SIGTERM sent" in m) == 1
+    assert sum(1 for m in g.messages() if "SIGTERM sent" in m) == 1
 
 
 def test_a_burst_of_200_orphans_leaves_no_zombie(guest):
@@ -72,7 +85,7 @@ def test_a_burst_of_200_orphans_leaves_no_zombie(guest):
     subprocess.run(["nsenter", "-t", str(g.init_pid()), "-p", "-m", "--", "sh", "-c", cmd],
                    check=True, timeout=60)
     wait_for(lambda: not g.processes(), what="200 orphans to be reaped: %s" % g.processes())
-    assert sum(1 for m in messages(g) if m.startswith("reaped pid")) >= 200
+    assert sum(1 for m in g.messages() if m.startswith("reaped pid")) >= 200
     assert g.request(agent.MSG_PING)
 
 
@@ -88,7 +101,7 @@ def test_the_workload_starts_with_a_clean_signal_state_in_its_own_session(guest,
     assert "SigIgn:\t0000000000000000" in out.read_text(), lines   # not Python's SIGPIPE/XFSZ
     session, pid = (w.split("=")[1] for w in lines if "=" in w)
     assert session == pid, "the workload is not a session leader"
-    assert any(m.startswith("started sh -c") for m in messages(g))
+    assert any(m.startswith("started sh -c") for m in g.messages())
 
 
 def test_respawn_backs_off_instead_of_spinning(guest, tmp_path):
@@ -98,7 +111,7 @@ def test_respawn_backs_off_instead_of_spinning(guest, tmp_path):
     time.sleep(3.2)                     # back-off 0.5, 1, 2 s: runs at 0, 0.5, 1.5 (3.5)
     count = len(runs.read_text().split())
     assert 2 <= count <= 5, "%d runs in 3.2 s" % count
-    log = messages(g)
+    log = g.messages()
     for delay in ("0.5s", "1s", "2s"):
         assert any("exited with status 3" in m and "respawning in " + delay in m for m in log), log
 
@@ -106,7 +119,7 @@ def test_respawn_backs_off_instead_of_spinning(guest, tmp_path):
 def test_power_off_when_the_workload_exits_logs_its_status(guest):
     g = guest(agent_args=["--on-exit", "poweroff", "--exec", "sh", "-c", "sleep 0.3; exit 7"])
     assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
-    assert any("workload exited with status 7" in m and "powering off" in m for m in messages(g))
+    assert any("workload exited with status 7" in m and "powering off" in m for m in g.messages())
 
 
 @pytest.fixture
@@ -132,11 +145,11 @@ def test_filesystems_are_remounted_read_only_before_power_off_and_keep_their_dat
                   img=shlex.quote(str(ext4_image)), mnt=shlex.quote(str(mnt)),
                   tmpfs=shlex.quote(str(tmpfs)))
     g = guest(agent_args=["--exec", "sh", "-c", script])
-    wait_for(lambda: any(m.startswith("started sh") for m in messages(g)), what="workload")
+    wait_for(lambda: any(m.startswith("started sh") for m in g.messages()), what="workload")
     time.sleep(0.5)
     assert g.shutdown(grace=10) is True
     assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
-    log = messages(g)
+    log = g.messages()
     remounted = [m for m in log if m.startswith("shutdown: remounted")]
     assert remounted == ["shutdown: remounted %s (tmpfs) read-only" % tmpfs,
                          "shutdown: remounted %s (ext4) read-only" % mnt], log
@@ -172,7 +185,7 @@ def test_delegate_mode_signals_pid1_then_forces_power_off(guest, tmp_path):
     assert g.wait(timeout=60) == POWER_OFF_RETURNCODE    # forced by the agent, not PID 1
     assert time.monotonic() - started >= 1.0
     assert signals.read_text().split() == [str(int(signal.SIGUSR2))]
-    log = messages(g)
+    log = g.messages()
     assert any("asked PID 1 for poweroff with signal 12" in m for m in log)
     assert any("still up 1s after asking PID 1; forcing it" in m for m in log)
     assert not any("SIGTERM sent" in m for m in log)      # a delegate never broadcasts

@@ -15,7 +15,8 @@ import time
 import pytest
 
 import agent
-from nsguest import POWER_OFF_RETURNCODE, log_events
+from guestctl import log_events
+from nsguest import POWER_OFF_RETURNCODE
 
 pytestmark = pytest.mark.namespace
 PING = agent.encode_frame(agent.MSG_PING)

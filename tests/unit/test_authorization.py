@@ -1,25 +1,22 @@
 """Who may ask: Shutdown and clock-setting Pings, judged by the peer (vsock CID, Unix uid,
-serial port), with fake peers and a fake PID 1 (is_init=True, nothing is ever signalled:
-request_shutdown only starts the sequence object, which these tests inspect)."""
+serial port). peer_allowed() is a pure rule; handle_request() applies it with a policy, and
+nothing here can signal or power off anything (a Shutdown only returns its effect)."""
 
 import pytest
 
 import agent
 
-
-class Peer:
-    def __init__(self, *peer):
-        self.peer = peer
-        self.peer_text = "peer %r" % (peer,)
-        self.outbuf = bytearray()
-        self.closed = False
+DEFAULT_ALLOW = agent.default_config()["allow"]      # the real default, not a copy of it
 
 
-def pid1(allow="cid:2,uid:0,serial"):
-    a = agent.Agent(dict(agent.default_config(), listen=[], allow=agent._parse_allow(allow)),
-                    is_init=True)
-    a.shutdown.begin = lambda grace, reason, conn: setattr(a, "begun", (grace, reason))
-    return a
+def policy(allow=None, can_power_off=True, owns_clock=True):
+    return agent.RequestPolicy(DEFAULT_ALLOW if allow is None else agent._parse_allow(allow),
+                               can_power_off, owns_clock)
+
+
+def shutdown_request(peer, pol, seconds=5):
+    payload = agent.encode_message(agent.SHUTDOWN_REQUEST, {"timeout_seconds": seconds})
+    return agent.handle_request(agent.MSG_SHUTDOWN, payload, peer, pol)
 
 
 @pytest.mark.parametrize("peer,allowed", [
@@ -28,40 +25,55 @@ def pid1(allow="cid:2,uid:0,serial"):
     (("vsock", 3, 1234), False),         # another guest
     (("unix", 10, 0, 0), True),          # root
     (("unix", 10, 1000, 1000), False),
+    (("unix", 0, -1, -1), False),        # credentials unknown
     (("serial", "org.arcbox.agent"), True),
 ])
-def test_default_shutdown_rule(peer, allowed):
-    a = pid1()
+def test_the_default_rule(peer, allowed):
+    assert agent.peer_allowed(DEFAULT_ALLOW, peer) is allowed
+
+
+@pytest.mark.parametrize("peer,allowed", [
+    (("vsock", 2, 1234), True), (("vsock", 3, 1234), False),
+    (("unix", 10, 0, 0), True), (("unix", 10, 1000, 1000), False),
+    (("serial", "org.arcbox.agent"), True),
+])
+def test_shutdown_returns_its_effect_only_for_allowed_peers(peer, allowed):
+    pol = policy()
     if allowed:
-        a.request_shutdown(5, "test", Peer(*peer))
-        assert a.begun == (5, "test")
+        rtype, payload, effect = shutdown_request(peer, pol)
+        assert rtype == agent.MSG_SHUTDOWN | agent.RESPONSE_BIT
+        assert agent.decode_message(agent.SHUTDOWN_RESPONSE, payload) == {"accepted": True}
+        assert effect == ("shutdown", 5)
     else:
         with pytest.raises(agent.Refused) as err:
-            a.request_shutdown(5, "test", Peer(*peer))
+            shutdown_request(peer, pol)
         assert err.value.code == 403 and "is not allowed to request it" in str(err.value)
-        assert not hasattr(a, "begun")
 
 
 def test_configured_peers_and_any():
-    a = pid1("cid:1,uid:1000")
-    a.request_shutdown(None, "t", Peer("vsock", 1, 5))
-    assert a.begun == (25.0, "t")                     # 0/None -> the configured grace
-    with pytest.raises(agent.Refused):
-        pid1("cid:1,uid:1000").request_shutdown(1, "t", Peer("vsock", 2, 5))
-    with pytest.raises(agent.Refused):
-        pid1("cid:1").request_shutdown(1, "t", Peer("serial", "x"))
-    pid1("any").request_shutdown(1, "t", Peer("vsock", 77, 5))
+    allow = agent._parse_allow("cid:1,uid:1000")
+    assert agent.peer_allowed(allow, ("vsock", 1, 5))
+    assert agent.peer_allowed(allow, ("unix", 1, 1000, 1000))
+    assert not agent.peer_allowed(allow, ("vsock", 2, 5))
+    assert not agent.peer_allowed(allow, ("serial", "x"))
+    assert agent.peer_allowed(agent._parse_allow("any"), ("vsock", 77, 5))
+    assert shutdown_request(("vsock", 1, 5), policy("cid:1"), 0)[2] == ("shutdown", 0)
+
+
+def test_not_pid1_refuses_shutdown_with_503():
+    with pytest.raises(agent.Refused, match="not PID 1") as err:
+        shutdown_request(("unix", 1, 0, 0), policy(can_power_off=False))
+    assert err.value.code == 503
 
 
 def test_the_clock_is_set_only_by_an_allowed_vsock_or_serial_peer_of_pid1(monkeypatch):
     calls = []
     monkeypatch.setattr(agent.time, "clock_settime", lambda clock, t: calls.append(t))
-    a = pid1()
-    a.maybe_set_clock(Peer("vsock", 2, 9), 1781740800)
-    a.maybe_set_clock(Peer("serial", "p"), 1781740801)
-    a.maybe_set_clock(Peer("unix", 1, 0, 0), 1781740802)        # ignored, never refused
+    pol = policy()
+    agent.set_clock_from_peer(1781740800, ("vsock", 2, 9), pol)
+    agent.set_clock_from_peer(1781740801, ("serial", "p"), pol)
+    agent.set_clock_from_peer(1781740802, ("unix", 1, 0, 0), pol)     # ignored, never refused
     with pytest.raises(agent.Refused, match="clock change refused"):
-        a.maybe_set_clock(Peer("vsock", 3, 9), 1781740803)
-    not_init = agent.Agent(dict(agent.default_config(), listen=[]), is_init=False)
-    not_init.maybe_set_clock(Peer("vsock", 2, 9), 1781740804)   # not PID 1: ignored
+        agent.set_clock_from_peer(1781740803, ("vsock", 3, 9), pol)
+    agent.set_clock_from_peer(1781740804, ("vsock", 2, 9), policy(owns_clock=False))  # ignored
     assert calls == [1781740800.0, 1781740801.0]

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 import agent
-from agentproc import AgentProcess
+from helpers import start_agent
 
 
 def run(pyz, *args, timeout=30):
@@ -113,7 +113,7 @@ def test_usage_errors_exit_2(pyz):
 
 
 def test_commands_against_a_real_agent(pyz, tmp_path):
-    proc = AgentProcess(pyz, tmp_path)
+    proc = start_agent(pyz, tmp_path)
     try:
         to = "unix:" + proc.sock
         out = run(pyz, "ping", "--to", to, "--message", "hello")

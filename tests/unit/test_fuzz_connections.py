@@ -24,16 +24,16 @@ class Harness:
 
     def __init__(self, peers, **config):
         self.agent = agent.Agent(dict(agent.default_config(), listen=[], **config),
-                                 is_init=False)
-        self.agent.wake_r, self.agent.wake_w = os.pipe()
-        self.agent.reap = lambda: None          # pytest's children are not ours to reap
+                                 is_init=False)  # not started: no signal handlers installed
+        self.agent.reaper.reap = lambda: None   # pytest's children are not ours to reap
+        self.server = self.agent.server
         self.peers, self.conn_fds = [], []
         for _ in range(peers):
             ours, theirs = socket.socketpair()
             ours.setblocking(False)
             theirs.setblocking(False)
-            conn = agent.Connection(ours, ("unix", 1, 0, 0), "fuzz peer", time.monotonic())
-            self.agent.conns[conn.fd] = conn
+            conn = agent.Connection(ours, ("unix", 1, 0, 0), time.monotonic())
+            self.server.conns[conn.fd] = conn
             self.peers.append(theirs)
             self.conn_fds.append(conn.fd)
         self.received = [bytearray() for _ in range(peers)]
@@ -72,10 +72,8 @@ class Harness:
     def close(self):
         for peer in self.peers:
             peer.close()
-        for conn in list(self.agent.conns.values()):
-            self.agent.close_conn(conn)
-        os.close(self.agent.wake_r)
-        os.close(self.agent.wake_w)
+        for conn in list(self.server.conns.values()):
+            self.server.close_conn(conn)
 
 
 def well_framed(draw_kind, n):
@@ -133,7 +131,7 @@ def test_every_well_framed_request_gets_one_answer_in_order(streams, data):
                 else:
                     assert rtype == agent.MSG_ERROR
                     assert agent.decode_error(payload)[0] in (400, 501)
-        assert len(h.agent.conns) == len(streams)       # nobody was closed
+        assert len(h.server.conns) == len(streams)       # nobody was closed
     finally:
         h.close()
 
@@ -160,7 +158,7 @@ def test_arbitrary_bytes_never_break_the_loop(chunks):
                 assert rtype in (0x1001, 0x1002, agent.MSG_ERROR), hex(rtype)
                 if rtype == agent.MSG_ERROR:
                     agent.decode_error(payload)
-            if h.conn_fds[i] not in h.agent.conns:      # closed by the agent: it said why
+            if h.conn_fds[i] not in h.server.conns:      # closed by the agent: it said why
                 assert answers and answers[-1][0] == agent.MSG_ERROR
                 assert "invalid request" in agent.decode_error(answers[-1][2])[1]
     finally:
@@ -179,9 +177,9 @@ def test_a_serial_stream_resynchronises_after_garbage(garbage, sizes):
     ours.setblocking(False)
     theirs.setblocking(False)
     listener = agent.Listener(("serial", "fuzz"))
-    conn = agent.Connection(None, ("serial", "fuzz"), "serial fuzz", time.monotonic(),
+    conn = agent.Connection(None, ("serial", "fuzz"), time.monotonic(),
                             fd=ours.fileno(), listener=listener)
-    h.agent.conns[conn.fd] = conn
+    h.server.conns[conn.fd] = conn
     h.peers.append(theirs)
     h.received.append(bytearray())
     try:
@@ -197,6 +195,6 @@ def test_a_serial_stream_resynchronises_after_garbage(garbage, sizes):
         assert [(t, tr) for t, tr, _ in answers] == [(0x1001, b"good")]
     finally:
         theirs.close()
-        h.agent.conns.pop(conn.fd, None)
+        h.server.conns.pop(conn.fd, None)
         ours.close()
         h.close()

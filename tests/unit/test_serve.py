@@ -13,12 +13,12 @@ import time
 import pytest
 
 import agent
-from agentproc import AgentProcess, RawClient
+from helpers import RawClient, start_agent
 
 
 @pytest.fixture
 def served(pyz, tmp_path):
-    proc = AgentProcess(pyz, tmp_path, "--idle-timeout", "2")
+    proc = start_agent(pyz, tmp_path, "--idle-timeout", "2")
     yield proc
     proc.stop()
 
@@ -33,7 +33,7 @@ def error_of(frame):
 
 
 def test_many_exchanges_on_one_connection_and_trace_ids_echoed(served):
-    c = served.connect()
+    c = RawClient(served.sock)
     for i in range(50):
         rtype, trace, payload = c.request(agent.MSG_PING, ping_payload(str(i)), b"t%d" % i)
         assert (rtype, trace) == (0x1001, b"t%d" % i)
@@ -42,7 +42,7 @@ def test_many_exchanges_on_one_connection_and_trace_ids_echoed(served):
 
 
 def test_pipelined_and_byte_by_byte_requests(served):
-    c = served.connect()
+    c = RawClient(served.sock)
     frames = b"".join(agent.encode_frame(agent.MSG_PING, ping_payload(str(i))) for i in range(5))
     c.send(frames)
     assert [agent.decode_message(agent.PING_RESPONSE, c.frame()[2])["message"]
@@ -68,7 +68,7 @@ def test_pipelined_and_byte_by_byte_requests(served):
 ])
 def test_unknown_and_unsupported_types_get_an_error_and_the_connection_stays(served, msg_type,
                                                                               code, text):
-    c = served.connect()
+    c = RawClient(served.sock)
     got_code, message = error_of(c.request(msg_type, b"", b"tr"))
     assert got_code == code and text in message
     assert c.request(agent.MSG_PING)[0] == 0x1001        # still in step
@@ -76,7 +76,7 @@ def test_unknown_and_unsupported_types_get_an_error_and_the_connection_stays(ser
 
 
 def test_malformed_protobuf_gets_error_400_and_the_connection_stays(served):
-    c = served.connect()
+    c = RawClient(served.sock)
     code, message = error_of(c.request(agent.MSG_PING, b"\x0a\x05ab"))
     assert code == 400 and message.startswith("invalid request: ") and "overruns" in message
     assert c.request(agent.MSG_PING)[0] == 0x1001
@@ -84,7 +84,7 @@ def test_malformed_protobuf_gets_error_400_and_the_connection_stays(served):
 
 
 def test_trace_overrun_gets_error_and_stream_stays_in_step(served):
-    c = served.connect()
+    c = RawClient(served.sock)
     c.send(struct.pack(">IIH", 7, agent.MSG_PING, 40) + b"x")
     assert "trace length" in error_of(c.frame())[1]
     assert c.request(agent.MSG_PING)[0] == 0x1001
@@ -92,38 +92,38 @@ def test_trace_overrun_gets_error_and_stream_stays_in_step(served):
 
 
 def test_oversized_frame_gets_error_then_close_without_allocating(served):
-    c = served.connect()
+    c = RawClient(served.sock)
     c.send(struct.pack(">II", 0xFFFFFFF0, agent.MSG_PING))
     code, message = error_of(c.frame())
     assert code == 400 and "exceeds the limit of 65536" in message
     assert c.frame() is None                              # closed: the stream is lost
     c.close()
     assert served.proc.poll() is None
-    assert served.connect().request(agent.MSG_PING)[0] == 0x1001
+    assert RawClient(served.sock).request(agent.MSG_PING)[0] == 0x1001
 
 
 def test_eof_mid_frame_and_silent_clients_do_not_hurt(served):
-    c = served.connect()
+    c = RawClient(served.sock)
     c.send(agent.encode_frame(agent.MSG_PING, ping_payload("x"))[:7])
     c.close()
-    silent = served.connect(timeout=10)
+    silent = RawClient(served.sock, timeout=10)
     started = time.monotonic()
     assert silent.frame() is None                         # closed by the idle timeout (2 s)
     assert time.monotonic() - started >= 1.5
-    assert served.connect().request(agent.MSG_PING)[0] == 0x1001
+    assert RawClient(served.sock).request(agent.MSG_PING)[0] == 0x1001
     assert "closed mid-frame" in served.log() and "idle connection" in served.log()
 
 
 def test_shutdown_is_refused_when_not_pid1_and_nothing_is_signalled(served):
     sentinel = subprocess.Popen(["sleep", "60"])
     try:
-        code, message = error_of(served.connect().request(
+        code, message = error_of(RawClient(served.sock).request(
             agent.MSG_SHUTDOWN, agent.encode_message(agent.SHUTDOWN_REQUEST,
                                                      {"timeout_seconds": 1})))
         assert code == 503 and "not PID 1" in message
         time.sleep(0.3)
         assert sentinel.poll() is None and served.proc.poll() is None
-        assert served.connect().request(agent.MSG_PING)[0] == 0x1001
+        assert RawClient(served.sock).request(agent.MSG_PING)[0] == 0x1001
     finally:
         sentinel.kill()
         sentinel.wait()
@@ -134,7 +134,7 @@ def served_public(pyz):
     """An agent whose socket directory an unprivileged user can reach (tmp_path is 0700)."""
     workdir = tempfile.mkdtemp(prefix="arcbox-public-")
     os.chmod(workdir, 0o755)
-    proc = AgentProcess(pyz, workdir)
+    proc = start_agent(pyz, workdir)
     yield proc
     proc.stop()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -143,9 +143,9 @@ def served_public(pyz):
 def test_shutdown_from_a_non_root_peer_is_refused_with_the_reason(served_public):
     served = served_public
     # Import first, then drop to nobody: the interpreter's own files may be unreadable to it.
-    code = ("import sys; sys.path.insert(0, %r); import os, agent, agentproc;"
+    code = ("import sys; sys.path.insert(0, %r); import os, agent, helpers;"
             "os.setgid(65534); os.setuid(65534);"
-            "c = agentproc.RawClient(%r);"
+            "c = helpers.RawClient(%r);"
             "f = c.request(agent.MSG_SHUTDOWN);"
             "print(f[0], agent.decode_error(f[2]))") % (os.path.dirname(__file__) + "/..",
                                                        served.sock)
@@ -175,10 +175,10 @@ def test_bad_flags_exit_2_with_a_reason(pyz):
 def test_a_listener_that_cannot_bind_is_retried_while_the_others_serve(pyz, tmp_path):
     late_dir = tmp_path / "not-yet"
     late = str(late_dir / "late.sock")
-    proc = AgentProcess(pyz, tmp_path, "--listen", "unix:" + str(tmp_path / "agent.sock"),
+    proc = start_agent(pyz, tmp_path, "--listen", "unix:" + str(tmp_path / "agent.sock"),
                         "--listen", "unix:" + late)
     try:
-        assert proc.connect().request(agent.MSG_PING)[0] == 0x1001   # serves meanwhile
+        assert RawClient(proc.sock).request(agent.MSG_PING)[0] == 0x1001   # serves meanwhile
         time.sleep(0.3)
         late_dir.mkdir()                    # the "transport" appears, as vsock does on load
         deadline = time.monotonic() + 15
@@ -218,15 +218,10 @@ def test_a_failing_handler_gets_error_500_and_the_agent_keeps_serving(tmp_path):
 
 
 def test_power_off_is_refused_off_linux_with_a_warning(monkeypatch):
-    a = agent.Agent(dict(agent.default_config(), listen=[]), is_init=True)
-
-    class Conn:
-        peer, peer_text = ("unix", 1, 0, 0), "root peer"
-
+    pol = agent.RequestPolicy(agent.default_config()["allow"], True, True)
     monkeypatch.setattr(agent.sys, "platform", "darwin")
     with pytest.raises(agent.Refused, match="only supported on Linux"):
-        a.request_shutdown(5, "test", Conn())
-    assert a.shutdown.phase == "idle"
+        agent.handle_request(agent.MSG_SHUTDOWN, b"", ("unix", 1, 0, 0), pol)
 
 
 def test_out_of_descriptors_does_not_spin_and_service_resumes(pyz, tmp_path):

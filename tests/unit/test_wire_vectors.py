@@ -104,23 +104,19 @@ def test_load_average_is_packed_little_endian_doubles():
     assert payload == b"\x42\x08" + struct.pack("<d", 1.5)
 
 
-def test_handle_request_answers_the_ping_vector_like_the_rust_agent():
-    class Conn:
-        peer = ("unix", 1, 0, 0)
-        peer_text = "test"
-
-    class FakeAgent:
-        def maybe_set_clock(self, conn, seconds):
-            self.clock = seconds
-
-    fake = FakeAgent()
+def test_handle_request_answers_the_ping_vector_like_the_rust_agent(monkeypatch):
+    clock = []
+    monkeypatch.setattr(agent.time, "clock_settime", lambda which, t: clock.append(t))
+    policy = agent.RequestPolicy(agent.default_config()["allow"], True, True)
     _, _, payload = decode_one(PING_REQ)
-    rtype, rpayload = agent.handle_request(fake, Conn(), agent.MSG_PING, payload)
+    rtype, rpayload, effect = agent.handle_request(agent.MSG_PING, payload, ("vsock", 2, 99),
+                                                   policy)
+    assert effect is None
     assert rtype == 0x1001
     assert agent.decode_message(agent.PING_RESPONSE, rpayload) == {
         "message": "pong: ping", "version": agent.__version__}
-    assert fake.clock == 1781740800
-    rtype, rpayload = agent.handle_request(fake, Conn(), agent.MSG_PING, b"")
+    assert clock == [1781740800.0]          # the host (CID 2) set PID 1's clock
+    rtype, rpayload, _ = agent.handle_request(agent.MSG_PING, b"", ("unix", 1, 0, 0), policy)
     assert agent.decode_message(agent.PING_RESPONSE, rpayload)["message"] == "pong"
     # Never field 3 (protocol_version): newer hosts would demand duties we do not have.
     assert {f for f, _, _ in agent.iter_fields(rpayload)} == {1, 2}

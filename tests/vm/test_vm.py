@@ -22,10 +22,6 @@ BOOT_TIMEOUT = 90          # TCG on a loaded machine; a boot takes ~4 s here
 STOP_TIMEOUT = 60
 
 
-def agent_lines(vm):
-    return re.findall(r"arcbox-agent \w+: ([^\r\n]*)", vm.console())
-
-
 def assert_powered_off(vm, status):
     console = vm.console()
     assert status == 0, "qemu exit status %s (pvpanic: a kernel panic?)\n%s" % (status,
@@ -49,7 +45,7 @@ def test_host_pings_reads_info_and_powers_off_over_virtio_serial(boot):
     assert vm.shutdown(grace=5) is True
     assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
     assert time.monotonic() - asked < STOP_TIMEOUT
-    lines = agent_lines(vm)
+    lines = vm.messages()
     assert "listening on serial:org.arcbox.agent" in lines
     assert "listening on vsock:any:1024" in lines
     assert any(l.startswith("shutdown: calling reboot(poweroff)") for l in lines)
@@ -72,19 +68,10 @@ def vsock_client_cmdline(extra=""):
     return ('arcbox.exec="/usr/bin/python3 -S /test/vsock_client.py" ' + extra).strip()
 
 
-def wait_console(vm, needle, timeout=BOOT_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while needle not in vm.console():
-        assert vm.proc.poll() is None or needle in vm.console(), vm.console()[-3000:]
-        assert time.monotonic() < deadline, "no %r on the console:\n%s" % (
-            needle, vm.console()[-3000:])
-        time.sleep(0.05)
-
-
 def test_real_af_vsock_in_the_guest_and_the_peer_cid_rule(boot):
     # Default: CID 1 (the guest itself) may ping, not shut down.
     vm = boot(vsock_client_cmdline())
-    wait_console(vm, "VSOCK-TEST: shutdown")
+    vm.wait_log("VSOCK-TEST: shutdown", BOOT_TIMEOUT)
     console = vm.console()
     assert "VSOCK-TEST: ping 0x1001" in console and "pong: vsock" in console
     assert re.search(r"VSOCK-TEST: shutdown error 403 shutdown refused: vsock peer cid 1 "
@@ -101,13 +88,13 @@ def test_an_allowed_vsock_peer_powers_the_guest_off(boot):
     assert_powered_off(vm, status)
     assert "VSOCK-TEST: shutdown 0x100A b'\\x08\\x01'" in vm.console()
     assert any(l.startswith("shutdown requested (Shutdown from vsock peer cid 1")
-               for l in agent_lines(vm))
+               for l in vm.messages())
 
 
 def test_busybox_poweroff_in_the_guest_goes_through_the_agent(boot):
     vm = boot('arcbox.exec="/bin/sh -c \'sleep 1; exec poweroff\'" arcbox.grace=5')
     assert_powered_off(vm, vm.wait(BOOT_TIMEOUT + STOP_TIMEOUT))
-    lines = agent_lines(vm)
+    lines = vm.messages()
     assert any(l.startswith("shutdown requested (signal 12): action poweroff") for l in lines)
     assert any(l.startswith("shutdown: SIGTERM sent to all processes") for l in lines)
 
@@ -120,7 +107,7 @@ def test_ctrl_alt_del_from_the_vmm_powers_off_in_order(boot):
     vm.wait_ready(BOOT_TIMEOUT)
     vm.monitor_command("sendkey ctrl-alt-delete")
     assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
-    lines = agent_lines(vm)
+    lines = vm.messages()
     assert any(l.startswith("shutdown requested (signal 2): action poweroff") for l in lines), \
         lines
     assert any(l.startswith("shutdown: calling reboot(poweroff)") for l in lines)
@@ -129,10 +116,10 @@ def test_ctrl_alt_del_from_the_vmm_powers_off_in_order(boot):
 def test_a_process_ignoring_sigterm_is_killed_after_the_grace(boot):
     vm = boot('arcbox.exec=/test/ignore_term.sh')
     vm.wait_ready(BOOT_TIMEOUT)
-    wait_console(vm, "IGNORING-TERM")
+    vm.wait_log("IGNORING-TERM", BOOT_TIMEOUT)
     assert vm.shutdown(grace=1) is True
     assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
-    lines = agent_lines(vm)
+    lines = vm.messages()
     assert "shutdown: grace over, SIGKILL sent to the rest" in lines, lines
     assert "shutdown: all processes gone after SIGKILL" in lines
 
@@ -148,11 +135,11 @@ def test_nothing_lost_on_an_ext4_disk(boot, tmp_path, run):
               "yes arcbox-run-%d | head -c 2000000 > /mnt/data && echo done > /mnt/marker && "
               "echo DISK-WRITTEN-$((40+2)) && exec sleep 1000" % run)   # not in the log line
     vm = boot('arcbox.exec="/bin/sh -c \'%s\'"' % script, disk=disk, log_level="debug")
-    wait_console(vm, "DISK-WRITTEN-42")
+    vm.wait_log("DISK-WRITTEN-42", BOOT_TIMEOUT)
     vm.wait_ready(BOOT_TIMEOUT)
     assert vm.shutdown(grace=5) is True
     assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
-    assert "shutdown: remounted /mnt (ext4) read-only" in agent_lines(vm)
+    assert "shutdown: remounted /mnt (ext4) read-only" in vm.messages()
     header = subprocess.run(["dumpe2fs", "-h", disk], capture_output=True, text=True).stdout
     assert re.search(r"Filesystem state:\s+clean", header), header
     assert "needs_recovery" not in header, "the journal needs recovery: not cleanly remounted"
@@ -175,7 +162,7 @@ def test_pid1_survives_a_flood_of_bad_frames_then_powers_off(boot):
               agent.encode_frame(agent.MSG_PING, b"\x0a\x09bad") * 100]
     for chunk in floods:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(vm.socket)
+        s.connect(vm.sock)
         s.sendall(chunk)
         s.close()
     # A host retries a Ping that got no answer, as the ArcBox host's boot probe does: the
@@ -186,7 +173,7 @@ def test_pid1_survives_a_flood_of_bad_frames_then_powers_off(boot):
     assert vm.proc.poll() is None
     assert vm.shutdown(grace=2) is True
     assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
-    lines = agent_lines(vm)
+    lines = vm.messages()
     assert any("garbage in the stream; resynchronising" in l for l in lines)
     assert not any("internal error" in l for l in lines)
 
@@ -204,7 +191,7 @@ def test_kmsg_logging_reaches_the_kernel_log(boot):
     # (the kernel cmdline has no escapes: the pattern uses dots for its spaces)
     vm = boot('arcbox.kmsg=1 arcbox.exec="/bin/sh -c \'sleep 0.5; '
               'dmesg | grep -q arcbox-agent:.listening.on.serial && echo KMSG-$((6*7))\'"')
-    wait_console(vm, "KMSG-42")
+    vm.wait_log("KMSG-42", BOOT_TIMEOUT)
     vm.wait_ready(BOOT_TIMEOUT)
     assert vm.shutdown(grace=2) is True
     assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
