@@ -777,6 +777,12 @@ def _ipv6_addresses(if_inet6):
     return found
 
 
+def ip_addresses(fib_trie, if_inet6):
+    """The guest's addresses as GetSystemInfo reports them: IPv4 first, then global IPv6;
+    loopback and link-local left out. Read per request, so they follow DHCP."""
+    return _ipv4_addresses(fib_trie) + _ipv6_addresses(if_inet6)
+
+
 def gather_system_info():
     uname = os.uname()
     mem = _meminfo()
@@ -795,8 +801,8 @@ def gather_system_info():
         "arch": uname.machine, "total_memory": mem.get("MemTotal", 0),
         "available_memory": mem.get("MemAvailable", 0), "cpu_count": os.cpu_count() or 0,
         "load_average": load, "hostname": socket.gethostname(), "uptime": uptime,
-        "ip_addresses": (_ipv4_addresses(_read_text("/proc/net/fib_trie"))
-                         + _ipv6_addresses(_read_text("/proc/net/if_inet6"))),
+        "ip_addresses": ip_addresses(_read_text("/proc/net/fib_trie"),
+                                     _read_text("/proc/net/if_inet6")),
     }
 
 
@@ -811,6 +817,16 @@ def describe_peer(peer):
     if peer[0] == "unix":
         return "unix peer pid %d uid %d" % (peer[1], peer[2])
     return "serial port %s" % peer[1]
+
+
+def peer_group(peer):
+    """Who, for rate-limiting log lines: a vsock CID, a Unix uid, a serial port (not the
+    port or pid, which change with every connection)."""
+    if peer[0] == "vsock":
+        return "cid %d" % peer[1]
+    if peer[0] == "unix":
+        return "uid %d" % peer[2]
+    return "serial %s" % peer[1]
 
 
 def peer_allowed(allow, peer):
@@ -878,7 +894,8 @@ def check_shutdown_allowed(peer, policy):
     """Raise Refused (403 or 503) unless this peer may power this guest off."""
     who = describe_peer(peer)
     if not peer_allowed(policy.allow, peer):
-        log("warn", "refused Shutdown from %s: not an allowed peer" % who)
+        log_limited("refused", peer_group(peer), "warn",
+                    "refused Shutdown from %s: not an allowed peer" % who)
         raise Refused(ERROR_FORBIDDEN, "shutdown refused: %s is not allowed to request it "
                       "(see --allow)" % who)
     if not sys.platform.startswith("linux"):
@@ -886,7 +903,8 @@ def check_shutdown_allowed(peer, policy):
         raise Refused(ERROR_UNAVAILABLE, "shutdown refused: power-off is only supported on "
                       "Linux guests")
     if not policy.can_power_off:
-        log("warn", "refused Shutdown from %s: not PID 1" % who)
+        log_limited("refused", peer_group(peer), "warn",
+                    "refused Shutdown from %s: not PID 1" % who)
         raise Refused(ERROR_UNAVAILABLE, "shutdown refused: this agent is not PID 1 (pid %d), "
                       "so it will not signal every process on this machine (see --delegate)"
                       % os.getpid())
@@ -902,7 +920,8 @@ def set_clock_from_peer(seconds, peer, policy):
             % who)
         return
     if not peer_allowed(policy.allow, peer):
-        log("warn", "refused clock change from %s: not an allowed peer" % who)
+        log_limited("refused", peer_group(peer), "warn",
+                    "refused clock change from %s: not an allowed peer" % who)
         raise Refused(ERROR_FORBIDDEN, "clock change refused: %s is not allowed to set the "
                       "time (see --allow)" % who)
     try:
@@ -967,6 +986,50 @@ def enable_kmsg():
         _kmsg_fd = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         log("warn", "cannot log to /dev/kmsg: %s" % exc.strerror)
+
+
+# Repeated warnings caused by peers are rate-limited per (kind, who): on a serial console
+# (Firecracker's 8250, a TCG guest) a flood of bad frames would otherwise become a console
+# flood that stalls PID 1. The first LOG_BURST of a key in a LOG_WINDOW are written; the rest
+# are counted and summarised in one line when the window is over.
+LOG_BURST, LOG_WINDOW, LOG_MAX_KEYS = 3, 10.0, 256
+_log_windows = {}                  # (kind, who) -> [window start, written, suppressed]
+
+
+def log_limited(kind, who, level, message):
+    now = time.monotonic()
+    key = (kind, who)
+    window = _log_windows.get(key)
+    if window is not None and now - window[0] >= LOG_WINDOW:
+        _summarise(key, window)
+        window = None
+    if window is None:
+        if len(_log_windows) >= LOG_MAX_KEYS:   # many distinct peers: forget the oldest
+            oldest = next(iter(_log_windows))
+            _summarise(oldest, _log_windows.pop(oldest))
+        window = _log_windows[key] = [now, 0, 0]
+    if window[1] < LOG_BURST:
+        window[1] += 1
+        log(level, message)
+    else:
+        window[2] += 1
+
+
+def flush_log_windows(now):
+    """Summarise the windows that are over; returns when the next one ends (or None)."""
+    soonest = None
+    for key, window in list(_log_windows.items()):
+        if now - window[0] >= LOG_WINDOW:
+            _summarise(key, _log_windows.pop(key))
+        elif window[2] and (soonest is None or window[0] + LOG_WINDOW < soonest):
+            soonest = window[0] + LOG_WINDOW
+    return soonest
+
+
+def _summarise(key, window):
+    if window[2]:
+        log("warn", "suppressed %d similar messages (%s, %s) in %gs"
+            % (window[2], key[0], key[1], LOG_WINDOW))
 
 
 def _since_boot():
@@ -1974,7 +2037,8 @@ class Server(Source):
         self.policy = policy
         self.on_effect = on_effect
         self.listeners = [Listener(addr) for addr in self.listen]
-        self.conns = {}            # fd -> Connection
+        self.conns = {}            # fd -> Connection, in accept order
+        self.summary_at = None     # when suppressed log lines are next summarised
 
     def open(self):
         now = time.monotonic()
@@ -2015,9 +2079,12 @@ class Server(Source):
                     deadlines.append(conn.paused_until)
                 if conn.partial_since is not None:
                     deadlines.append(conn.partial_since + SERIAL_STALE_FRAME)
+        if self.summary_at is not None:
+            deadlines.append(self.summary_at)
         return min(deadlines) if deadlines else None
 
     def tick(self, now):
+        self.summary_at = flush_log_windows(now)
         for listener in self.listeners:
             if not listener.is_open and now >= listener.retry_at:
                 self._try_open(listener, now)
@@ -2084,15 +2151,32 @@ class Server(Source):
             if listener.starved:
                 log("info", "accept on %s works again" % listener.text)
                 listener.starved = False
-            if len(self.conns) >= self.max_conns:
-                log("warn", "connection limit (%d) reached: closing a new connection"
-                    % self.max_conns)
+            peer = _peer_of(sock)
+            if len(self.conns) >= self.max_conns and not self._make_room(peer):
                 sock.close()
                 continue
             sock.setblocking(False)
-            conn = Connection(sock, _peer_of(sock), time.monotonic())
+            conn = Connection(sock, peer, time.monotonic())
             self.conns[conn.fd] = conn
             log("debug", "connection from %s on %s" % (conn.peer_text, listener.text))
+
+    def _make_room(self, peer):
+        """At --max-conns. The host must never be locked out by others holding connections
+        (any local user can reach the Unix socket, any guest process vsock loopback): a
+        newcomer allowed to shut the guest down evicts the oldest connection of a peer that
+        is not; a newcomer that is not allowed is refused. True when there is room now."""
+        group = peer_group(peer)
+        if peer_allowed(self.policy.allow, peer):
+            for conn in self.conns.values():           # in accept order: oldest first
+                if not conn.persistent and not peer_allowed(self.policy.allow, conn.peer):
+                    log_limited("limit", group, "warn", "connection limit (%d) reached: "
+                                "closed the oldest connection of %s for %s"
+                                % (self.max_conns, conn.peer_text, describe_peer(peer)))
+                    self.close_conn(conn)
+                    return True
+        log_limited("limit", group, "warn", "connection limit (%d) reached: closing a new "
+                    "connection from %s" % (self.max_conns, describe_peer(peer)))
+        return False
 
     # ---- connections ------------------------------------------------------------------------
     def _serve(self, conn, mask):
@@ -2143,7 +2227,8 @@ class Server(Source):
                 self._send(conn, MSG_ERROR, encode_error(ERROR_INVALID, "invalid request: %s"
                                                          % exc))
                 if exc.fatal:       # the frame boundary is lost: nothing after it can be read
-                    log("warn", "bad frame from %s: %s; closing" % (conn.peer_text, exc))
+                    log_limited("bad frame", peer_group(conn.peer), "warn",
+                                "bad frame from %s: %s; closing" % (conn.peer_text, exc))
                     conn.closing = True
                     conn.inbuf = bytearray()
                 else:
@@ -2179,7 +2264,8 @@ class Server(Source):
         if 6 <= length <= max_frame and 1 <= msg_type <= REQUEST_MAX:
             return False
         if not conn.dropped:
-            log("warn", "%s: garbage in the stream; resynchronising" % conn.peer_text)
+            log_limited("garbage", peer_group(conn.peer), "warn",
+                        "%s: garbage in the stream; resynchronising" % conn.peer_text)
         del buf[:1]
         conn.dropped += 1
         return True
@@ -2605,8 +2691,8 @@ def client_main(argv):
     if argv[0] == "ping":
         parser.add_argument("--message", default="", help="text the agent echoes back")
         parser.add_argument("--set-clock", action="store_true",
-                            help="send this machine's time (the guest sets its clock from it "
-                            "only when the request comes from the host, CID 2)")
+                            help="send this machine's time (the guest, as PID 1, sets its clock "
+                            "from it only for an allowed vsock peer or virtio-serial port)")
     if argv[0] == "shutdown":
         parser.add_argument("--grace", metavar="SECONDS", type=float, default=None,
                             help="SIGTERM grace before SIGKILL (default: the guest's, 25 s)")

@@ -31,25 +31,36 @@ def namespaces():
     return True
 
 
-_FIGURES = {}
+_FIGURES = {}      # test name -> the figures it recorded
+_PASSED = set()
 
 
 @pytest.fixture
 def figures(request):
-    """Soak tests record what they measured here; it is printed at the end of the run and
-    written to dist/soak-figures.json."""
+    """Soak tests record what they measured here. Only a test that passed publishes them
+    (printed at the end of the run and written to dist/soak-figures.json): a figure from a
+    failed check is not a figure."""
     table = {}
     _FIGURES[request.node.name] = table
     return table
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.passed:
+        _PASSED.add(item.name)
+
+
 def pytest_terminal_summary(terminalreporter):
-    if not _FIGURES:
+    published = {name: table for name, table in _FIGURES.items() if name in _PASSED}
+    if not published:
         return
     import json
-    terminalreporter.section("soak figures")
-    for name, table in _FIGURES.items():
+    terminalreporter.section("soak figures (tests that passed)")
+    for name, table in published.items():
         terminalreporter.write_line("%s: %s" % (name, json.dumps(table, sort_keys=True)))
     os.makedirs(os.path.join(ROOT, "dist"), exist_ok=True)
     with open(os.path.join(ROOT, "dist", "soak-figures.json"), "w") as f:
-        json.dump(_FIGURES, f, indent=1, sort_keys=True)
+        json.dump(published, f, indent=1, sort_keys=True)

@@ -7,6 +7,7 @@ below as an @example so it stays a regression test."""
 
 import os
 import socket
+import struct
 import time
 
 from hypothesis import HealthCheck, given, settings
@@ -193,6 +194,53 @@ def test_a_serial_stream_resynchronises_after_garbage(garbage, sizes):
         h.settle()
         answers = h.frames(0)
         assert [(t, tr) for t, tr, _ in answers] == [(0x1001, b"good")]
+    finally:
+        theirs.close()
+        h.server.conns.pop(conn.fd, None)
+        ours.close()
+        h.close()
+
+
+def serial_harness():
+    h = Harness(0)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    conn = agent.Connection(None, ("serial", "fuzz"), time.monotonic(), fd=ours.fileno(),
+                            listener=agent.Listener(("serial", "fuzz")))
+    h.server.conns[conn.fd] = conn
+    h.peers.append(theirs)
+    h.received.append(bytearray())
+    return h, conn, ours, theirs
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.integers(6, 65536), st.integers(1, agent.REQUEST_MAX),
+       st.binary(max_size=400), st.lists(st.integers(1, 64), min_size=1, max_size=20))
+def test_a_plausible_partial_frame_on_a_serial_stream_is_dropped_after_silence(
+        garbage, length, msg_type, partial, sizes):
+    """Garbage, then a header that looks like a request (a request type, a length that fits)
+    whose body never comes, then silence: after SERIAL_STALE_FRAME the partial frame is
+    dropped, and the next good request is answered. Time passes through the server's tick."""
+    partial = partial[:max(0, length - 4 - 1)]           # always short of the declared length
+    garbage = bytes(b for b in garbage if b not in (0x00,))
+    header = struct.pack(">II", length, msg_type)
+    h, conn, ours, theirs = serial_harness()
+    try:
+        stream = garbage + header + partial
+        pos = 0
+        for size in sizes * (len(stream) // max(1, sum(sizes)) + 1):
+            if pos >= len(stream):
+                break
+            h.send(0, stream[pos:pos + size])
+            pos += size
+        h.settle()
+        assert h.frames(0) == []                          # nothing answered yet
+        h.server.tick(time.monotonic() + agent.SERIAL_STALE_FRAME + 0.01)   # silence
+        assert not conn.inbuf
+        h.send(0, agent.encode_frame(agent.MSG_PING, b"", b"good"))
+        h.settle()
+        assert [(t, tr) for t, tr, _ in h.frames(0)] == [(0x1001, b"good")]
     finally:
         theirs.close()
         h.server.conns.pop(conn.fd, None)

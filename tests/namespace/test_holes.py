@@ -1,0 +1,193 @@
+"""What an audit found untested or broken, each checked on the real .pyz as PID 1 of a PID
+namespace: every wire grace value, the host never locked out by others' connections, a
+bounded log under a flood, grace 0 meaning the configured one, no polling interval, a
+reboot() that fails, and the fallback loop when serving fails outright."""
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import agent
+from helpers import wait_for
+from nsguest import POWER_OFF_RETURNCODE
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+pytestmark = pytest.mark.namespace
+IGNORE_TERM = "(trap '' TERM; exec sleep 1000) &"
+
+
+def stamp_of(g, needle):
+    return next(t for t, _, m in g.events() if needle in m)
+
+
+@pytest.mark.parametrize("wire_grace", [0, 1, 2**31 - 1, 2**32 - 1])
+def test_every_wire_grace_value_is_handled(guest, wire_grace):
+    """timeout_seconds is a u32: 0 means the configured grace (here 1 s), and the largest
+    values must neither overflow poll() nor spin the loop; the agent keeps serving."""
+    g = guest(IGNORE_TERM, agent_args=["--grace", "1"])
+    assert g.shutdown(grace=wire_grace) is True
+    if wire_grace <= 1:
+        assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
+        waited = stamp_of(g, "SIGKILL sent") - stamp_of(g, "SIGTERM sent")
+        assert 1.0 <= waited < 3.0, waited
+    else:
+        time.sleep(1.5)
+        assert g.proc.poll() is None and len(g.processes()) == 1, "killed before the grace"
+        assert g.request(agent.MSG_PING)                 # the loop still turns
+        assert "internal error" not in g.log(), g.log()[-2000:]
+        cpu = _cpu_ticks(g.init_pid())
+        time.sleep(1.0)
+        assert _cpu_ticks(g.init_pid()) - cpu < 10, "PID 1 spins during a long grace"
+        for pid in g.processes():                       # end the grace the other way
+            os.kill(pid, signal.SIGKILL)
+        assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
+    assert "grace %gs" % (wire_grace or 1) in g.log()
+    assert "internal error" not in g.log()
+
+
+def _cpu_ticks(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_grace_0_over_the_wire_is_the_configured_grace_not_at_once_and_not_25s(guest):
+    g = guest(IGNORE_TERM, agent_args=["--grace", "2"])
+    assert g.shutdown(grace=0) is True
+    assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
+    waited = stamp_of(g, "SIGKILL sent") - stamp_of(g, "SIGTERM sent")
+    assert 2.0 <= waited < 4.0, waited
+
+
+def test_the_teardown_ends_within_50ms_of_the_last_exit(guest, tmp_path):
+    """No polling interval: a child that exits ~330 ms after SIGTERM ends the term phase at
+    once. (Not 300 ms: a 100 ms poll that starts at SIGTERM would wake right then by luck;
+    at 330 ms it wakes ~70 ms late and fails this bound, which was checked.)"""
+    ready, stamp = tmp_path / "ready", tmp_path / "stamp"
+    g = guest("%s %s %s %s 0.33 &\nwhile [ ! -e %s ]; do sleep 0.01; done"
+              % (shlex.quote(sys.executable), shlex.quote(os.path.join(HERE, "slow_term_child.py")),
+                 shlex.quote(str(ready)), shlex.quote(str(stamp)), shlex.quote(str(ready))))
+    assert g.shutdown(grace=30) is True
+    assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
+    exited = float(stamp.read_text())
+    gone = stamp_of(g, "all processes gone after")
+    assert 0 <= gone - exited < 0.05, "teardown ended %.3fs after the child's exit" % (
+        gone - exited)
+    assert 0.33 <= exited - stamp_of(g, "SIGTERM sent") < 1.0
+
+
+NOBODY_CLIENT = r"""
+import os, socket, sys, time
+os.setgid(65534); os.setuid(65534)
+socks = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect("\0" + sys.argv[1])
+    socks.append(s)
+print("holding", len(socks), flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_host_is_never_locked_out_by_idle_connections_of_others(guest, tmp_path):
+    """200 idle connections from uid 65534 (nobody) against --max-conns 128 (the default):
+    root (allowed to shut down) still pings and powers the guest off; nobody's newest
+    connections are refused, and the oldest of them make room for root."""
+    name = "arcbox-lockout-%d" % os.getpid()
+    g = guest("sleep 1000 &", agent_args=["--listen", "unix:@" + name], log_level="info")
+    holder = subprocess.Popen([sys.executable, "-c", NOBODY_CLIENT, name, "200"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().startswith("holding 200")
+        time.sleep(0.3)
+        pong = g.request(agent.MSG_PING)
+        assert agent.decode_message(agent.PING_RESPONSE, pong)["message"] == "pong"
+        assert g.shutdown(grace=5) is True
+        assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
+    finally:
+        holder.kill()
+        holder.wait()
+    log = g.messages()
+    assert any("closing a new connection from unix peer" in m and "uid 65534" in m
+               for m in log), log[-20:]
+    assert any("closed the oldest connection of unix peer" in m for m in log), log[-20:]
+    assert sum(1 for m in log if "connection limit" in m) <= 2 * agent.LOG_BURST
+
+
+def test_10000_bad_frames_log_a_bounded_number_of_lines(guest):
+    """Every bad frame used to log a warning: on a serial console that is a flood that stalls
+    PID 1. Now the first few of each kind are logged, the rest summarised."""
+    g = guest(agent_args=["--allow", "cid:2"], log_level="info")      # root may not shut down
+    before = len(g.log().splitlines())
+    huge = b"\xff\xff\xff\xff" + b"\x00\x00\x00\x01"                 # fatal: length > limit
+    refused = agent.encode_frame(agent.MSG_SHUTDOWN, b"")             # 403 for root here
+    sent = 0
+    for i in range(5000):                                             # 5000 fatal frames
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(g.sock)
+        s.sendall(huge)
+        s.recv(4096)
+        s.close()
+        sent += 1
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(g.sock)
+    for i in range(50):                                               # 5000 refused requests
+        s.sendall(refused * 100)
+        got = b""
+        while got.count(b"shutdown refused") < 100:
+            got += s.recv(65536)
+        sent += 100
+    s.close()
+    assert sent == 10000
+    assert g.request(agent.MSG_PING) and g.proc.poll() is None
+    lines = g.log().splitlines()[before:]
+    assert len(lines) <= 100, "%d log lines for 10,000 bad frames" % len(lines)
+    text = "\n".join(lines)
+    assert "bad frame from unix peer" in text and "exceeds the limit" in text
+    assert "refused Shutdown from unix peer" in text
+    os.kill(g.init_pid(), signal.SIGUSR2)
+    assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
+
+
+def test_a_reboot_that_fails_is_reported_and_pid1_exits(guest):
+    """Without CAP_SYS_BOOT reboot(2) fails with EPERM: the agent says POWER-OFF FAILED and
+    exits, which in a VM hands the decision to the kernel's panic= setting."""
+    g = guest("sleep 1000 &", init="sh -c 'exec setpriv --bounding-set=-sys_boot $AGENT'")
+    assert g.shutdown(grace=5) is True
+    assert g.wait(timeout=30) == 1                        # exited: not killed by reboot()
+    log = g.messages()
+    assert "POWER-OFF FAILED: reboot() failed: Operation not permitted" in log, log[-10:]
+    assert any(m.startswith("exiting PID 1") for m in log)
+
+
+FAILING_SERVE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import agent
+def broken(*args, **kwargs):
+    raise RuntimeError("injected: serving failed")
+agent.serve_main = broken
+agent.run_as_init()
+"""
+
+
+def test_the_fallback_loop_after_serving_fails_still_powers_off(guest, tmp_path):
+    script = tmp_path / "failing_serve.py"
+    script.write_text(FAILING_SERVE)
+    g = guest("sleep 1000 &", wait_ready=False,
+              init="%s %s %s" % (shlex.quote(sys.executable), shlex.quote(str(script)),
+                                 shlex.quote(REPO)))
+    wait_for(lambda: "falling back to reaping" in g.log(), what="the fallback loop")
+    time.sleep(0.2)
+    os.kill(g.init_pid(), signal.SIGUSR2)                 # busybox poweroff still works
+    assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
+    log = g.messages()
+    assert any("agent failed: RuntimeError: injected: serving failed" in m for m in log), log
+    assert any("all processes gone after" in m for m in log)
