@@ -91,6 +91,7 @@ def unix_sockaddr(path):
 
 
 LOG_LEVELS = {"error": 0, "warn": 1, "info": 2, "debug": 3}
+LOG_DEBUG = LOG_LEVELS["debug"]
 
 
 class ConfigError(ValueError):
@@ -273,6 +274,41 @@ def _parse_allow(text):
     return allow
 
 
+# systemd's notify address forms (systemd(1), vmm.notify_socket): vsock:CID:PORT tries a
+# datagram, then a seqpacket, then a stream socket; vsock-dgram:, vsock-seqpacket: and
+# vsock-stream: force one type. An AF_UNIX address is a path or @abstract (our unix:PATH too).
+NOTIFY_TYPES = {"vsock": ("dgram", "seqpacket", "stream"), "vsock-dgram": ("dgram",),
+                "vsock-seqpacket": ("seqpacket",), "vsock-stream": ("stream",)}
+
+
+def parse_notify_address(text):
+    """-> ("vsock", (types...), cid, port) or ("unix", (types...), path); "" -> None."""
+    text = str(text).strip()
+    if not text or text.lower() in ("none", "off", "0"):
+        return None
+    kind, sep, rest = text.partition(":")
+    if kind.lower() in NOTIFY_TYPES:
+        cid_text, _, port_text = rest.partition(":")
+        if not cid_text or not port_text:
+            raise ConfigError("%r: expected %s:CID:PORT" % (text, kind))
+        return ("vsock", NOTIFY_TYPES[kind.lower()], _parse_cid(cid_text),
+                _int_in_range(0, 0xFFFFFFFF)(port_text))
+    path = rest if kind.lower() == "unix" and sep else text
+    if path.startswith(("/", "@")) and len(path) > 1:
+        return ("unix", NOTIFY_TYPES["vsock"], path)
+    raise ConfigError("%r is not a notify address (vsock:CID:PORT, vsock-stream:CID:PORT, "
+                      "vsock-dgram:, vsock-seqpacket:, /PATH or @NAME)" % (text,))
+
+
+def format_notify_address(addr):
+    if addr is None:
+        return "none"
+    if addr[0] == "unix":
+        return addr[2]
+    kind = "vsock" if len(addr[1]) > 1 else "vsock-" + addr[1][0]
+    return "%s:%d:%d" % (kind, addr[2], addr[3])
+
+
 # The serve options: (name, metavar, parser, default, help). The flag is --name (with dashes),
 # the kernel cmdline key is arcbox.name; flags win over the cmdline, which wins over defaults.
 SERVE_OPTIONS = (
@@ -317,6 +353,14 @@ SERVE_OPTIONS = (
      "not PID 1: on Shutdown signal PID 1 the busybox way, then force power-off after the "
      "grace"),
     ("kmsg", None, _parse_bool, "0", "also log to /dev/kmsg"),
+    ("power_button", "on|off", _parse_bool, "on",
+     "PID 1 (and --delegate): a press of the ACPI/GPIO power button (any input device with "
+     "KEY_POWER) runs the orderly shutdown with --action; loads the button/evdev (x86) or "
+     "gpio_keys/evdev (arm) modules when they are modules"),
+    ("notify", "ADDR", parse_notify_address, "",
+     "tell the host READY=1 and, at shutdown, X_SYSTEMD_SHUTDOWN and EXIT_STATUS (systemd's "
+     "VM notify protocol): vsock:CID:PORT, vsock-stream:CID:PORT, /PATH, @NAME; default: "
+     "the vmm.notify_socket credential (systemd.set_credential= or SMBIOS type 11)"),
 )
 
 
@@ -421,6 +465,8 @@ def _describe(name, value):
         return ",".join(format_address(a) for a in value)
     if name in ("modules", "exec"):
         return " ".join(value) or "nothing"
+    if name == "notify":
+        return format_notify_address(value)
     if name == "allow":
         if value["any"]:
             return "any"
@@ -536,7 +582,12 @@ _U64 = (1 << 64) - 1
 _MAX_GROUP_DEPTH = 32             # bound recursion on (deprecated) group fields
 
 
+_ONE_BYTE_VARINTS = [bytes((i,)) for i in range(0x80)]   # the common case, precomputed
+
+
 def encode_varint(value):
+    if 0 <= value < 0x80:
+        return _ONE_BYTE_VARINTS[value]
     value &= _U64                 # negative int64 -> two's complement, 10 bytes
     out = bytearray()
     while value > 0x7F:
@@ -640,26 +691,39 @@ SHUTDOWN_RESPONSE = {1: ("accepted", "bool")}
 _KIND_DEFAULTS = {"string": "", "int64": 0, "uint64": 0, "uint32": 0, "bool": False}
 
 
+_ENCODE_PLANS = {}                # id(schema) -> [(name, kind, field key bytes)] in order
+
+
+def _encode_plan(schema):
+    plan = _ENCODE_PLANS.get(id(schema))
+    if plan is None:
+        plan = _ENCODE_PLANS[id(schema)] = [
+            (name, kind, encode_varint(number << 3 | (
+                WT_LEN if kind in ("doubles", "strings", "string") else WT_VARINT)))
+            for number, (name, kind) in sorted(schema.items())]
+    return plan
+
+
 def encode_message(schema, values):
-    """Encode fields in field-number order, omitting proto3 defaults."""
+    """Encode fields in field-number order, omitting proto3 defaults. (The schemas are
+    module constants: each one's field order and keys are worked out once.)"""
     out = bytearray()
-    for number in sorted(schema):
-        name, kind = schema[number]
+    for name, kind, key in _encode_plan(schema):
         value = values.get(name)
-        if kind == "doubles":
-            if value:
-                packed = b"".join(_DOUBLE_LE.pack(float(v)) for v in value)
-                out += encode_varint(number << 3 | WT_LEN) + encode_varint(len(packed)) + packed
+        if not value:
+            continue              # proto3: defaults (0, "", False, empty) are not sent
+        if kind == "string":
+            data = value.encode("utf-8")
+            out += key + encode_varint(len(data)) + data
         elif kind == "strings":
-            for item in value or ():
+            for item in value:
                 data = item.encode("utf-8")
-                out += encode_varint(number << 3 | WT_LEN) + encode_varint(len(data)) + data
-        elif kind == "string":
-            if value:
-                data = value.encode("utf-8")
-                out += encode_varint(number << 3 | WT_LEN) + encode_varint(len(data)) + data
-        elif value:               # int64, uint64, uint32, bool
-            out += encode_varint(number << 3 | WT_VARINT) + encode_varint(int(value))
+                out += key + encode_varint(len(data)) + data
+        elif kind == "doubles":
+            packed = b"".join(_DOUBLE_LE.pack(float(v)) for v in value)
+            out += key + encode_varint(len(packed)) + packed
+        else:                     # int64, uint64, uint32, bool
+            out += key + encode_varint(int(value))
     return bytes(out)
 
 
@@ -863,12 +927,17 @@ class Refused(Exception):
         self.code = code
 
 
+_PLAIN_PONG = encode_message(PING_RESPONSE, {"message": "pong", "version": __version__})
+
+
 def handle_request(msg_type, payload, peer, policy):
     """One request -> (response type, response payload, effect). The effect is what the
     caller should make happen once the answer is queued: None, or ("shutdown", seconds)
     with 0 meaning the configured grace. Raises ProtocolError for bytes that do not decode
     and Refused for requests that are not allowed or not possible here."""
     if msg_type == MSG_PING:
+        if not payload:           # the health check hosts send in a loop: answered as is
+            return MSG_PING | RESPONSE_BIT, _PLAIN_PONG, None
         request = decode_message(PING_REQUEST, payload)
         if request["timestamp_secs"] > 0:
             set_clock_from_peer(request["timestamp_secs"], peer, policy)
@@ -1052,6 +1121,13 @@ def describe_exception(exc):
     return "%s: %s [at %s]" % (type(exc).__name__, exc, " < ".join(reversed(frames[-6:])))
 
 
+def describe_exit_code(code):
+    """An exit code as os.waitstatus_to_exitcode gives it (negative: a signal)."""
+    if code is None:
+        return "still running"
+    return "killed by signal %d" % -code if code < 0 else "exit status %d" % code
+
+
 def describe_status(status):
     if os.WIFSIGNALED(status):
         return "killed by signal %d" % os.WTERMSIG(status)
@@ -1108,6 +1184,21 @@ def kill_all(sig):
         return True
     except ProcessLookupError:
         return False
+
+
+def _close_fds_but(*keep):
+    """In a helper child: close every descriptor except stdin/stdout and `keep` (negative
+    ones ignored), listed from /proc/self/fd so the cost follows what is open."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd > 1 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass               # the listing's own descriptor, already closed
 
 
 def spawn_helper(body):
@@ -1259,15 +1350,18 @@ def modules_dep(base):
     return table
 
 
-def load_modules(names):
+def load_modules(names, optional=()):
     """Load kernel modules with finit_module(2) in dependency order (modules.dep), without
     a child process or a modprobe binary; busybox/kmod modprobe is the fallback when
-    modules.dep does not know a module. Never raises; returns the names that failed."""
+    modules.dep does not know a module. `optional` ones are loaded only if modules.dep
+    knows them (elsewhere they are built in, or not needed). Never raises; returns the
+    names that failed."""
     failed = []
-    if not names:
+    if not names and not optional:
         return failed
     import ctypes
     table = modules_dep("/lib/modules/" + os.uname().release)
+    names = list(names) + [n for n in optional if n in table and n not in names]
     number = FINIT_MODULE_SYSCALL.get(os.uname().machine)
     for name in names:
         paths = table.get(name.replace("-", "_"))
@@ -1344,7 +1438,9 @@ def boot_duties(config):
     each best-effort: a failure is logged and boot goes on."""
     if sys.platform.startswith("linux"):
         set_hostname(config["hostname"])
-    failed = load_modules(config["modules"])
+    wanted = POWER_BUTTON_MODULES.get(os.uname().machine, ["evdev"]) \
+        if config["power_button"] else []
+    failed = load_modules(config["modules"], optional=wanted)
     if failed:
         log("warn", "modules not loaded: %s" % ", ".join(failed))
 
@@ -1354,14 +1450,41 @@ def boot_duties(config):
 class Reaper(Source):
     """Owns waitpid(). SIGCHLD coalesces, and as PID 1 every orphan is ours, so every wake-up
     loops waitpid(-1, WNOHANG) until nothing more. ECHILD means no process is left besides
-    this one (`no_children`). Callers that care about one pid watch() it."""
+    this one (`no_children`). Callers that care about one pid watch() it; a `helper` (our
+    own power-off child) does not count as a process left: then "nobody left" is "no child
+    but helpers" in /proc/self/task/PID/children (every other process of the guest has an
+    ancestor among PID 1's children)."""
 
     def __init__(self):
         self.watched = {}          # pid -> callback(pid, wait status)
+        self.helpers = set()
         self.no_children = False
 
-    def watch(self, pid, callback):
+    def watch(self, pid, callback, helper=False):
         self.watched[pid] = callback
+        if helper:
+            self.helpers.add(pid)
+
+    @staticmethod
+    def children():
+        """Our direct children, or None when the kernel does not list them (the file needs
+        CONFIG_PROC_CHILDREN, which Debian's kernels have, and a mounted /proc)."""
+        try:
+            fd = os.open("/proc/self/task/%d/children" % os.getpid(), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            chunks = []
+            while True:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return {int(pid) for pid in b"".join(chunks).split()}
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
 
     def tick(self, now):
         self.reap()
@@ -1374,9 +1497,14 @@ class Reaper(Source):
                 self.no_children = True
                 return
             if pid == 0:
-                self.no_children = False
+                if self.helpers:
+                    children = self.children()
+                    self.no_children = children is not None and children <= self.helpers
+                else:
+                    self.no_children = False
                 return
             log("debug", "reaped pid %d (%s)" % (pid, describe_status(status)))
+            self.helpers.discard(pid)
             callback = self.watched.pop(pid, None)
             if callback is not None:
                 callback(pid, status)
@@ -1481,16 +1609,17 @@ class Workload(Source):
 
 # ---- power-off helpers: flush and remount read-only ---------------------------------------------
 
-def flush_filesystems(scope_ids):
+def flush_filesystems(spare_ids=frozenset()):
     """Runs in a child at power-off: sync, remount every writable real filesystem read-only
-    in reverse mount order (children before parents), sync again. scope_ids limits it to
-    those mount ids (None: all). Returns the number of filesystems left writable."""
+    in reverse mount order (children before parents), sync again. Mounts whose ids are in
+    spare_ids are left alone (see mounts_to_spare). Returns how many stayed writable."""
+    started = time.monotonic()
     os.sync()
+    # the disks' time, not ours: the benchmarks report it apart from the agent's overhead
+    log("info", "shutdown: sync() took %.2f ms" % ((time.monotonic() - started) * 1000))
     left = 0
     for mount_id, target, fstype, readonly in reversed(read_mountinfo()):
-        if readonly or fstype in PSEUDO_FILESYSTEMS:
-            continue
-        if scope_ids is not None and mount_id not in scope_ids:
+        if readonly or fstype in PSEUDO_FILESYSTEMS or mount_id in spare_ids:
             continue
         err = libc_call("mount", None, target.encode(), None, MS_REMOUNT | MS_RDONLY, None)
         if err == errno.EBUSY and target != "/":
@@ -1512,14 +1641,13 @@ def flush_filesystems(scope_ids):
 
 
 
-def remount_scope_from_now():
-    """Which mounts the power-off may remount read-only, as a function to call then: in a
-    real guest all of them (None); in a PID namespace only those mounted after this moment,
-    because the others are the host's (a superblock remount there would reach the host)."""
+def mounts_to_spare():
+    """Which mounts the power-off must not remount read-only: in a real guest none; in a PID
+    namespace (a container, our tests) every mount that was there when the agent started,
+    because those are the host's (a superblock remount would reach the host)."""
     if is_initial_pid_namespace():
-        return lambda: None
-    at_start = {m[0] for m in read_mountinfo()}
-    return lambda: {m[0] for m in read_mountinfo()} - at_start
+        return frozenset()
+    return frozenset(m[0] for m in read_mountinfo())
 
 
 # =============================================================================================
@@ -1533,9 +1661,11 @@ def remount_scope_from_now():
 #           or the grace ends;
 #   kill  - kill(-1, SIGKILL) if anybody is left, reap for up to kill_wait;
 #   sync  - in a child, bounded by sync_timeout (a hung disk must not hang power-off): sync,
-#           remount every writable filesystem read-only in reverse mount order, sync;
-#   final - reboot(cmd) in a child, as busybox does: if the kernel cannot power off it
-#           halts and do_exit()s the caller, which then is not PID 1;
+#           remount every writable filesystem read-only in reverse mount order, sync, report
+#           to PID 1 over a pipe, and go straight on to final (one fork for both);
+#   final - reboot(cmd) in that child, as busybox does: if the kernel cannot power off it
+#           halts and do_exit()s the caller, which then is not PID 1 (if the sync hung, a
+#           second child is forked for reboot alone);
 #   failed- reboot() returned or timed out: log loudly, and exit so that the kernel's panic
 #           setting decides (the Rust agent's fallback).
 # Whoever starts it (a request, a signal, the workload's exit) passes the action, the grace
@@ -1561,6 +1691,13 @@ class ShutdownTimeouts:
         return cls(config["kill_wait"], config["sync_timeout"], config["power_timeout"])
 
 
+def reboot_now(action, command, since):
+    """The last call: in the process that makes it (a child of PID 1, see final), so the
+    log line's time is when reboot() was entered."""
+    log("info", "shutdown: calling reboot(%s) after %.3fs" % (action, time.monotonic() - since))
+    return min(call_reboot(command), 255)
+
+
 def power_off_failed(why):
     """reboot() did not end the guest. PID 1 exits: the kernel's panic setting decides."""
     log("error", "POWER-OFF FAILED: %s" % why)
@@ -1574,14 +1711,15 @@ class ShutdownSequence(Source):
 
     Collaborators: the reaper (who is left, and the helper children's ends), the frozen
     timeouts, `delegate` (not PID 1: ask PID 1 instead of signalling everyone), the remount
-    scope (a function: which mounts to make read-only) and what to do if power-off fails."""
+    mounts to spare from the read-only remount, and what to do if power-off fails."""
 
-    def __init__(self, reaper, timeouts, delegate=False, remount_scope=lambda: None,
-                 on_failure=power_off_failed):
+    def __init__(self, reaper, timeouts, delegate=False, spare_mounts=frozenset(),
+                 on_failure=power_off_failed, notifier=None):
         self.reaper = reaper
+        self.notifier = notifier or NoNotifier()
         self.timeouts = timeouts
         self.delegate = delegate
-        self.remount_scope = remount_scope
+        self.spare_mounts = spare_mounts
         self.on_failure = on_failure
         self.phase = "idle"
         self.deadline_at = None    # when the current phase ends at the latest
@@ -1593,14 +1731,21 @@ class ShutdownSequence(Source):
         self.phase_started = None
         self.helper = None         # pid of the sync/reboot child
         self.helper_code = None    # its exit code (or -signal), or an errno when run inline
+        self.exit_status = 0       # told to the host: the workload's, when it ended the guest
+        self.flushed = False       # the notifier had its chance before the sync child
+        self.prepared = None       # (pid, report fd, go fd) of a sync child forked early
+        self.sync_retried = False
+        self.sync_pipe = -1        # the sync child reports on it when filesystems are done
+        self.sync_report = None    # filesystems left writable; -1: the child died first
 
     @property
     def active(self):
         return self.phase != "idle"
 
-    def begin(self, action, grace, reason, ack=None):
+    def begin(self, action, grace, reason, ack=None, exit_status=0):
         now = time.monotonic()
         self.action, self.grace, self.reason, self.ack = action, grace, reason, ack
+        self.exit_status = exit_status
         self.started = now
         log("info", "shutdown requested (%s): action %s, grace %gs" % (reason, action, grace))
         self._enter("ack", now + HOST_REPLY_BUDGET)   # stepped by the loop's next tick
@@ -1645,7 +1790,17 @@ class ShutdownSequence(Source):
         else:
             log("info", "shutdown: no processes to signal")
         kill_all(signal.SIGCONT)   # a stopped process cannot run its TERM handler
+        self._tell_host()
+        self._prepare_sync_helper()
         self.reaper.reap()
+
+    def _tell_host(self):
+        """systemd's shutdown notification, sent while the processes handle SIGTERM (so the
+        reboot cannot cut it off): which action, and the exit status (the console shows it
+        too)."""
+        log("info", "shutdown: %s, exit status %d" % (self.action, self.exit_status))
+        self.notifier.send("X_SYSTEMD_SHUTDOWN=%s\nEXIT_STATUS=%d\n"
+                           % (self.action, self.exit_status))
 
     def _step_term(self, now):
         if self.reaper.no_children:
@@ -1656,6 +1811,7 @@ class ShutdownSequence(Source):
             self._enter("kill", now + self.timeouts.kill_wait)
             kill_all(signal.SIGKILL)
             log("info", "shutdown: grace over, SIGKILL sent to the rest")
+            self._abandon_prepared()       # SIGKILL reached it too; a new one comes at sync
             self.reaper.reap()
 
     def _step_kill(self, now):
@@ -1670,6 +1826,7 @@ class ShutdownSequence(Source):
     def _ask_pid1(self, now):
         sig = BUSYBOX_INIT_SIGNALS[self.action]
         self._enter("delegate", now + self.grace)
+        self._tell_host()
         try:
             os.kill(1, sig)
             log("info", "shutdown: asked PID 1 for %s with signal %d; forcing it after %gs"
@@ -1685,49 +1842,176 @@ class ShutdownSequence(Source):
                 % self.grace)
             self._start_sync(now)
 
-    def _run_helper(self, body):
+    def _run_helper(self, body, helper=False):
         """body() in a child watched by the reaper; False when fork failed."""
         self.helper_code = None
         self.helper = spawn_helper(body)
         if self.helper is None:
             return False
-        self.reaper.watch(self.helper, self._helper_done)
+        self.reaper.watch(self.helper, self._helper_done, helper)
         return True
 
     def _helper_done(self, pid, status):
         if pid == self.helper:
             self.helper, self.helper_code = None, os.waitstatus_to_exitcode(status)
 
+    def _fork_sync_helper(self, wait_for_go):
+        """Fork the child that does the rest, as fast as it can: sync, remount read-only,
+        sync, report (one byte on a pipe: how many filesystems stayed writable), then
+        reboot(). One fork for both, and no round trip through the parent, which only keeps
+        the bounds. With wait_for_go the child first waits for a byte on another pipe: it
+        is forked early (see _step_ack) and started when nobody is left. Returns
+        (report fd, go fd), -1 where there is none; or None when fork failed."""
+        spare, since = self.spare_mounts, self.started
+        action, command = self.action, REBOOT_COMMANDS[self.action]
+        try:
+            report_r, report_w = os.pipe()
+            go_r, go_w = os.pipe() if wait_for_go else (-1, -1)
+        except OSError:
+            return None
+
+        def sync_then_reboot():
+            signal.set_wakeup_fd(-1)                      # PID 1's pipe is not ours to wake
+            _close_fds_but(2, _kmsg_fd, report_w, go_r)   # no dup of a socket outlives PID 1's
+            if go_r >= 0 and not os.read(go_r, 1):
+                return 0           # PID 1 closed the pipe without a word: not needed
+            started = time.monotonic()
+            left = flush_filesystems(spare)
+            took = time.monotonic() - started
+            if left:
+                log("warn", "shutdown: filesystems synced in %.3fs; %d stayed writable"
+                    % (took, left))
+            else:
+                log("info", "shutdown: filesystems synced and read-only in %.3fs" % took)
+            os.write(report_w, bytes((min(left, 255),)))
+            return reboot_now(action, command, since)
+
+        forked = self._run_helper(sync_then_reboot, helper=wait_for_go)
+        for fd in (report_w, go_r):
+            if fd >= 0:
+                os.close(fd)
+        if not forked:
+            for fd in (report_r, go_w):
+                if fd >= 0:
+                    os.close(fd)
+            return None
+        os.set_blocking(report_r, False)
+        return report_r, go_w
+
+    def _prepare_sync_helper(self):
+        """Fork the sync/reboot child while the processes handle SIGTERM (after the signals
+        went out, so it is not hit by them): a fork costs ~1 ms in a Python PID 1, which
+        then is not on the path from "nobody left" to reboot(). Only where "nobody left but
+        the helper" can be told (/proc/self/task/PID/children); if the helper dies (SIGKILL
+        at the end of the grace kills it too), a new one is forked at sync time."""
+        if self.delegate or self.reaper.children() is None:
+            return
+        pipes = self._fork_sync_helper(wait_for_go=True)
+        if pipes is not None:
+            self.prepared = (self.helper,) + pipes
+
+    def _abandon_prepared(self):
+        """The prepared helper is dead or dying: it counts as a process to wait for (so that
+        nobody is left only once it is reaped), and its pipes are closed."""
+        if self.prepared is not None:
+            pid, report_r, go_w = self.prepared
+            self.prepared = None
+            self.reaper.helpers.discard(pid)
+            for fd in (report_r, go_w):
+                os.close(fd)
+
     def _start_sync(self, now):
+        """Start the sync/reboot child: the prepared one if it is still there, else a new
+        one. If its report does not come within sync_timeout (a hung disk), a second child
+        is forked that only calls reboot()."""
+        if self.notifier.busy() and not self.flushed:
+            # a notify connection still in progress: give it a moment, bounded
+            self.flushed = True
+            self._enter("flush", now + NOTIFY_FLUSH)
+            return
         self._enter("sync", now + self.timeouts.sync_timeout)
-        scope = self.remount_scope()
-        if not self._run_helper(lambda: flush_filesystems(scope)):
-            os.sync()              # no fork possible: sync inline, unbounded but still done
-            self.helper_code = 0
+        self.sync_report = None
+        prepared, self.prepared = self.prepared, None
+        if prepared is not None:
+            pid, report_r, go_w = prepared
+            try:
+                if self.helper != pid:
+                    raise OSError(errno.ESRCH, "the prepared helper is gone")
+                os.write(go_w, b"g")
+                self.sync_pipe = report_r
+                return
+            except OSError as exc:
+                log("debug", "shutdown: prepared helper not usable (%s); forking anew" % exc)
+                os.close(report_r)
+            finally:
+                os.close(go_w)
+        pipes = self._fork_sync_helper(wait_for_go=False)
+        if pipes is not None:
+            self.sync_pipe = pipes[0]
+            return
+        os.sync()                  # no fork possible: sync inline, unbounded but still done
+        log("info", "shutdown: filesystems synced (no fork possible: not remounted)")
+        self.sync_report = 0
+        self.helper = None
+
+    def _step_flush(self, now):
+        if not self.notifier.busy() or now >= self.deadline_at:
+            self._start_sync(now)
+
+    def wants(self, now):
+        if self.sync_pipe >= 0:
+            return ((self.sync_pipe, select.POLLIN, self._on_sync_report, None),)
+        return ()
+
+    def _on_sync_report(self, _, mask):
+        try:
+            data = os.read(self.sync_pipe, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._close_sync_pipe()
+        self.sync_report = data[0] if data else -1    # -1: the child died before reporting
+
+    def _close_sync_pipe(self):
+        if self.sync_pipe >= 0:
+            os.close(self.sync_pipe)
+            self.sync_pipe = -1
 
     def _step_sync(self, now):
-        if self.helper is not None and now < self.deadline_at:
+        report = self.sync_report
+        if report is None and self.helper is not None and now < self.deadline_at:
             return
-        took = now - self.phase_started
-        if self.helper is not None:
+        if report is not None and report >= 0:  # the child logged it, and goes on to reboot()
+            if self.helper is not None:
+                self._enter("final", now + self.timeouts.power_timeout)
+                return
+        elif report is None and self.helper is not None:
             log("warn", "shutdown: sync/remount did not finish within %gs; going on"
                 % self.timeouts.sync_timeout)
-        elif self.helper_code:
-            # the child's exit code is the number of filesystems left writable
-            log("warn", "shutdown: filesystems synced in %.3fs; %s stayed writable"
-                % (took, self.helper_code if self.helper_code > 0 else
-                   "the helper was killed by signal %d and some" % -self.helper_code))
+        elif not self.sync_retried:
+            # Killed before it was done (by whom? a process's kill(-1)): nothing may be lost,
+            # so sync again, once, before reboot().
+            log("warn", "shutdown: the sync/remount child ended before it was done (%s); "
+                "once more" % describe_exit_code(self.helper_code))
+            self.sync_retried = True
+            self._close_sync_pipe()
+            self._start_sync(now)
+            return
         else:
-            log("info", "shutdown: filesystems synced and read-only in %.3fs" % took)
+            log("warn", "shutdown: the sync/remount child ended again before it was done (%s); "
+                "going on" % describe_exit_code(self.helper_code))
+        self._close_sync_pipe()
         self._start_final(now)
 
     def _start_final(self, now):
-        command = REBOOT_COMMANDS[self.action]
+        """reboot() from a child of its own: after a sync that did not finish, or when the
+        sync child is gone."""
+        action, command, since = self.action, REBOOT_COMMANDS[self.action], self.started
         self._enter("final", now + self.timeouts.power_timeout)
-        log("info", "shutdown: calling reboot(%s) after %.3fs" % (self.action, now - self.started))
-        if not self._run_helper(lambda: min(call_reboot(command), 255)):
+        if not self._run_helper(lambda: reboot_now(action, command, since)):
             # Without a child, call it here: success ends this process (which is the goal).
-            self.helper_code = call_reboot(command)
+            self.helper_code = reboot_now(action, command, since)
 
     def _step_final(self, now):
         if self.helper is not None and now < self.deadline_at:
@@ -1738,8 +2022,7 @@ class ShutdownSequence(Source):
         elif code is not None and code > 0:
             why = "reboot() failed: %s" % os.strerror(code)
         else:
-            why = "reboot() returned without powering off (%s)" % (
-                "killed by signal %d" % -code if code else "exit status 0")
+            why = "reboot() returned without powering off (%s)" % describe_exit_code(code)
         self._enter("failed")
         self.on_failure(why)
 
@@ -1886,6 +2169,358 @@ def _drain(fd, mask=0):
         pass
 
 
+# ---- the power button: evdev devices that can report KEY_POWER ----------------------------
+#
+# QEMU's system_powerdown, libvirt's `virsh shutdown`, Proxmox, Cloud Hypervisor's
+# power-button and Apple Virtualization's requestStop all press a virtual power button and
+# wait. The kernel reports it as an input device: the ACPI button driver on x86 ("Power
+# Button"), gpio-keys on arm64 `-M virt`. Which keys a device has is a bitmap in sysfs; its
+# presses come as struct input_event on /dev/input/eventN. New devices (a module loaded
+# late) are announced by a kernel uevent, so the agent listens for those instead of polling.
+
+EV_KEY = 1                        # <linux/input-event-codes.h>
+KEY_POWER = 116
+KEY_PRESSED = 1                   # input_event.value: 1 press, 0 release, 2 autorepeat
+# struct input_event { struct timeval time; __u16 type; __u16 code; __s32 value; }: the
+# timeval is two C longs, so 24 bytes on 64-bit and 16 on 32-bit, as native "ll" gives.
+_INPUT_EVENT = Struct("llHHi")
+_LONG_BITS = Struct("l").size * 8  # sysfs capability words are unsigned longs
+NETLINK_KOBJECT_UEVENT = 15       # <linux/netlink.h>; not every Python names it
+POWER_BUTTON_MODULES = {"x86_64": ["button", "evdev"], "i686": ["button", "evdev"],
+                        "i386": ["button", "evdev"], "aarch64": ["gpio_keys", "evdev"],
+                        "armv7l": ["gpio_keys", "evdev"]}
+RESCAN_FALLBACK = 5.0             # without uevents: look for new devices this often
+
+
+def has_key(capabilities, code):
+    """Is key `code` set in a sysfs capabilities/key bitmap ("1000 0 0": hex words, most
+    significant first)? Garbage is a no."""
+    words = capabilities.split()
+    index = len(words) - 1 - code // _LONG_BITS
+    if index < 0:
+        return False
+    try:
+        return bool(int(words[index], 16) >> (code % _LONG_BITS) & 1)
+    except ValueError:
+        return False
+
+
+def power_presses(data):
+    """Whole input events in data -> how many are a press of KEY_POWER; and the bytes left
+    over (a short read: never from evdev, so a sign of garbage)."""
+    size = _INPUT_EVENT.size
+    presses = 0
+    for offset in range(0, len(data) - size + 1, size):
+        _, _, ev_type, code, value = _INPUT_EVENT.unpack_from(data, offset)
+        if ev_type == EV_KEY and code == KEY_POWER and value == KEY_PRESSED:
+            presses += 1
+    return presses, len(data) % size
+
+
+class PowerButtons(Source):
+    """Opens every input device with KEY_POWER, turns a press into `on_press(device name)`,
+    picks up devices that appear later, drops those that go away or misbehave."""
+
+    def __init__(self, on_press, sysfs="/sys/class/input", devices="/dev/input"):
+        self.on_press = on_press
+        self.sysfs, self.devdir = sysfs, devices
+        self.open_fds = {}         # fd -> (eventN, device name)
+        self.uevents = None        # netlink socket for kernel uevents, if we could have one
+        self.rescan_at = None
+
+    def start(self):
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
+            sock.bind((0, 1))      # group 1: the kernel's uevents
+            sock.setblocking(False)
+            self.uevents = sock
+        except (OSError, AttributeError) as exc:
+            log("debug", "power button: no uevents (%s); looking for new devices every %gs"
+                % (exc, RESCAN_FALLBACK))
+        self.scan()
+        if not self.open_fds:
+            log("info", "power button: no input device with KEY_POWER yet (watching for one)")
+
+    def scan(self):
+        self.rescan_at = None if self.uevents else time.monotonic() + RESCAN_FALLBACK
+        watched = {event for event, _ in self.open_fds.values()}
+        try:
+            names = sorted(n for n in os.listdir(self.sysfs) if n.startswith("event"))
+        except OSError:
+            return
+        for event in names:
+            if event in watched:
+                continue
+            base = "%s/%s/device" % (self.sysfs, event)
+            if not has_key(_read_text(base + "/capabilities/key"), KEY_POWER):
+                continue
+            name = _read_text(base + "/name").strip() or event
+            try:
+                fd = os.open("%s/%s" % (self.devdir, event),
+                             os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                log("warn", "power button: cannot open %s/%s (%s): %s"
+                    % (self.devdir, event, name, exc.strerror))
+                if self.rescan_at is None:     # the node may come a moment after the uevent
+                    self.rescan_at = time.monotonic() + 0.5
+                continue
+            self.open_fds[fd] = (event, name)
+            log("info", "power button: watching %s (%s)" % (event, name))
+
+    def wants(self, now):
+        keys = [(fd, select.POLLIN, self._on_device, fd) for fd in self.open_fds]
+        if self.uevents is not None:
+            keys.append((self.uevents.fileno(), select.POLLIN, self._on_uevent, None))
+        return keys
+
+    def deadline(self):
+        return self.rescan_at
+
+    def tick(self, now):
+        if self.rescan_at is not None and now >= self.rescan_at:
+            self.scan()
+
+    def _on_uevent(self, _, mask):
+        for _ in range(64):        # a burst of uevents (a module load) in one wake-up
+            try:
+                data = self.uevents.recv(16384)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log("warn", "power button: uevent socket failed (%s); polling instead" % exc)
+                self.uevents.close()
+                self.uevents = None
+                self.rescan_at = time.monotonic()
+                return
+            if b"SUBSYSTEM=input" in data and b"ACTION=add" in data:
+                self.scan()
+
+    def _on_device(self, fd, mask):
+        event, name = self.open_fds.get(fd, ("?", "?"))
+        try:
+            data = os.read(fd, _INPUT_EVENT.size * 64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(fd, "%s" % exc.strerror)
+            return
+        if not data:
+            self._drop(fd, "end of file")
+            return
+        presses, left = power_presses(data)
+        if left:
+            log_limited("input", event, "warn", "power button: %s gave %d stray bytes; "
+                        "ignored" % (event, left))
+        if presses:
+            self.on_press("%s (%s)" % (event, name))
+
+    def _drop(self, fd, why):
+        event, name = self.open_fds.pop(fd)
+        os.close(fd)
+        log("info", "power button: %s (%s) gone: %s" % (event, name, why))
+
+    def close(self):
+        for fd in list(self.open_fds):
+            os.close(fd)
+        self.open_fds.clear()
+        if self.uevents is not None:
+            self.uevents.close()
+            self.uevents = None
+
+
+# ---- telling the host: systemd's VM notify protocol ----------------------------------------
+#
+# Hosts that speak systemd's VM interface (systemd-vmspawn, mkosi, microvm.nix) pass an
+# address as the vmm.notify_socket credential and learn from it that the guest is ready and
+# how it ended: newline-separated KEY=VALUE messages (sd_notify(3)), one per datagram or one
+# per stream connection (a stream receiver reads to EOF). Every send here is non-blocking
+# and bounded; an absent or dead receiver costs nothing and is logged once.
+
+NOTIFY_CONNECT_TIMEOUT = 2.0      # a stream connect still pending then is given up
+NOTIFY_FLUSH = 0.02               # at power-off, wait at most this for one still in flight
+_SOCKET_TYPES = {"dgram": socket.SOCK_DGRAM, "stream": socket.SOCK_STREAM,
+                 "seqpacket": getattr(socket, "SOCK_SEQPACKET", -1)}
+_SOCK_NONBLOCK_CLOEXEC = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+# Errors that mean "this socket type is not possible here": try the next one.
+_WRONG_TYPE = (errno.EPROTOTYPE, errno.ESOCKTNOSUPPORT, errno.EPROTONOSUPPORT,
+               errno.EOPNOTSUPP, errno.EAFNOSUPPORT, errno.ENODEV, errno.EINVAL)
+
+
+def notify_credential(cmdline_text, dmi="/sys/firmware/dmi/entries"):
+    """The vmm.notify_socket credential, as systemd finds it: the kernel cmdline's
+    systemd.set_credential=vmm.notify_socket:ADDR, else an SMBIOS type 11 string
+    io.systemd.credential:vmm.notify_socket=ADDR (or .binary: with base64).
+    -> (address text, where it came from), or (None, None)."""
+    for word in split_cmdline(cmdline_text):
+        key, _, value = word.partition("=")
+        if key == "systemd.set_credential" and value.startswith("vmm.notify_socket:"):
+            return value[len("vmm.notify_socket:"):], "kernel cmdline"
+    try:
+        entries = sorted(e for e in os.listdir(dmi) if e.startswith("11-"))
+    except OSError:
+        return None, None          # no SMBIOS in sysfs (no DMI, or not x86/arm64 UEFI)
+    for entry in entries:
+        try:
+            with open("%s/%s/raw" % (dmi, entry), "rb") as f:
+                raw = f.read(65536)
+        except OSError:
+            continue
+        for text in smbios_strings(raw):
+            for prefix in (b"io.systemd.credential:vmm.notify_socket=",
+                           b"io.systemd.credential.binary:vmm.notify_socket="):
+                if text.startswith(prefix):
+                    value = text[len(prefix):]
+                    if b"binary" in prefix:
+                        import binascii
+                        try:
+                            value = binascii.a2b_base64(value)
+                        except (binascii.Error, ValueError):
+                            log("warn", "SMBIOS type 11 (%s): vmm.notify_socket is not "
+                                "base64; ignored" % entry)
+                            continue
+                    return value.decode("utf-8", "replace").strip(), "SMBIOS type 11"
+    return None, None
+
+
+def smbios_strings(raw):
+    """An SMBIOS structure -> its strings: after the formatted area (length in byte 1),
+    NUL-terminated strings, ended by an empty one."""
+    if len(raw) < 4 or raw[1] < 4 or raw[1] > len(raw):
+        return []
+    found = []
+    for text in raw[raw[1]:].split(b"\0"):
+        if not text:
+            break
+        found.append(text)
+    return found
+
+
+class Notifier(Source):
+    """Sends notify messages to one address. Socket types are tried as systemd does (for
+    vsock:, datagram, then seqpacket, then stream); the first that works is kept. A stream
+    connect that is still in progress waits in the loop, bounded."""
+
+    def __init__(self, addr):
+        self.addr = addr
+        self.types = list(addr[1])
+        self.pending = {}          # fd -> [socket, message bytes, deadline]
+        self.failed_once = False
+
+    def _sockaddr(self):
+        if self.addr[0] == "vsock":
+            return vsock_family(), (self.addr[2], self.addr[3])
+        return socket.AF_UNIX, unix_sockaddr(self.addr[2])
+
+    def send(self, text):
+        data = text.encode("utf-8", "replace")
+        while self.types:
+            kind = self.types[0]
+            try:
+                family, target = self._sockaddr()
+                sock = socket.socket(family, _SOCKET_TYPES[kind] | _SOCK_NONBLOCK_CLOEXEC)
+            except (OSError, ValueError) as exc:
+                if self._next_type(kind, exc):
+                    continue
+                return
+            try:
+                sock.connect(target)
+            except (BlockingIOError, InterruptedError):
+                if kind == "stream":   # EINPROGRESS (another machine): the loop finishes it
+                    self.pending[sock.fileno()] = [sock, data, time.monotonic()
+                                                   + NOTIFY_CONNECT_TIMEOUT]
+                    return
+                sock.close()
+                self._failed("the receiver is not keeping up; message dropped")
+                return
+            except OSError as exc:
+                sock.close()
+                if self._next_type(kind, exc):
+                    continue
+                return
+            log("debug", "notify %s (%s): %s" % (format_notify_address(self.addr), kind,
+                                                 text.replace("\n", " ")))
+            if kind == "stream":
+                self._finish(sock, data)
+                return
+            try:
+                sock.send(data)
+            except BlockingIOError:
+                self._failed("the receiver is not reading; message dropped")
+            except OSError as exc:
+                self._failed("%s" % exc.strerror)
+            sock.close()
+            return
+
+    def _next_type(self, kind, exc):
+        if exc.errno in _WRONG_TYPE and len(self.types) > 1:
+            log("debug", "notify: %s sockets do not work here (%s); trying %s"
+                % (kind, exc.strerror, self.types[1]))
+            self.types.pop(0)
+            return True
+        self._failed("%s" % (getattr(exc, "strerror", None) or exc))
+        return False
+
+    def _failed(self, why):
+        if not self.failed_once:
+            log("warn", "notify %s: %s (no further notify errors are logged)"
+                % (format_notify_address(self.addr), why))
+            self.failed_once = True
+        else:
+            log("debug", "notify %s: %s" % (format_notify_address(self.addr), why))
+
+    def _finish(self, sock, data):
+        """A connected stream: one message, then EOF, which ends it for the receiver."""
+        try:
+            sock.send(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._failed("%s" % exc.strerror)
+        sock.close()
+
+    def busy(self):
+        return bool(self.pending)
+
+    def wants(self, now):
+        return [(fd, select.POLLOUT, self._on_connected, fd) for fd in self.pending]
+
+    def deadline(self):
+        return min((p[2] for p in self.pending.values()), default=None)
+
+    def _on_connected(self, fd, mask):
+        sock, data, _ = self.pending.pop(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            sock.close()
+            self._failed(os.strerror(err))
+        else:
+            self._finish(sock, data)
+
+    def tick(self, now):
+        for fd, (sock, _, deadline) in list(self.pending.items()):
+            if now >= deadline:
+                del self.pending[fd]
+                sock.close()
+                self._failed("no connection within %gs" % NOTIFY_CONNECT_TIMEOUT)
+
+    def close(self):
+        for sock, _, _ in self.pending.values():
+            sock.close()
+        self.pending.clear()
+
+
+class NoNotifier(Source):
+    """No notify address: nothing to tell, never busy."""
+
+    def send(self, text):
+        pass
+
+    def close(self):
+        pass
+
+    def busy(self):
+        return False
+
+
 # ---- the server: listeners and connections speaking the wire protocol ---------------------
 
 class Listener:
@@ -1977,8 +2612,8 @@ class Connection:
     port) outlives its peers: EOF there means the host side is not connected right now."""
 
     __slots__ = ("sock", "fd", "peer", "peer_text", "inbuf", "outbuf", "last_active",
-                 "closing", "closed", "eof", "listener", "paused_until", "partial_since",
-                 "dropped")
+                 "closing", "closed", "eof", "listener", "persistent", "paused_until",
+                 "partial_since", "dropped")
     # partial_since: when the incomplete frame at the front of inbuf started waiting; a
     # socket connection past --frame-timeout is closed, a serial stream drops the bytes.
 
@@ -1986,6 +2621,7 @@ class Connection:
         self.sock = sock
         self.fd = sock.fileno() if sock is not None else fd
         self.listener = listener   # set for a persistent stream
+        self.persistent = listener is not None
         self.paused_until = 0.0    # persistent: not polled until then (host disconnected)
         self.partial_since = None  # when an incomplete frame started waiting
         self.dropped = 0           # persistent: garbage bytes skipped while resynchronising
@@ -1997,10 +2633,6 @@ class Connection:
         self.closing = False       # close once outbuf is flushed
         self.closed = False
         self.eof = False
-
-    @property
-    def persistent(self):
-        return self.listener is not None
 
     def unflushed(self):
         """True while something queued for the peer has not been written yet."""
@@ -2211,7 +2843,7 @@ class Server(Source):
 
     def _process_frames(self, conn):
         max_frame = self.max_frame
-        while not conn.closing:
+        while not conn.closing and conn.inbuf:
             if len(conn.outbuf) >= self.max_output:
                 return              # back-pressure: go on when the peer has read
             if conn.persistent and self._skip_garbage(conn, max_frame):
@@ -2271,7 +2903,8 @@ class Server(Source):
         return True
 
     def _answer(self, conn, msg_type, trace, payload):
-        log("debug", "%s from %s" % (request_name(msg_type), conn.peer_text))
+        if _log_level >= LOG_DEBUG:   # the per-frame path: do not even format the line
+            log("debug", "%s from %s" % (request_name(msg_type), conn.peer_text))
         effect = None
         try:
             rtype, rpayload, effect = handle_request(msg_type, payload, conn.peer, self.policy)
@@ -2355,7 +2988,7 @@ class Agent:
     """Wires the parts into one loop: the signal inbox, the reaper, the server, the workload
     and the shutdown sequence, and decides what starts a shutdown. Guest side, one thread."""
 
-    def __init__(self, config, is_init, inbox=None):
+    def __init__(self, config, is_init, inbox=None, notify=None):
         self.config = config
         self.is_init = is_init
         self.delegate = bool(config["delegate"]) and not is_init
@@ -2368,12 +3001,19 @@ class Agent:
         self.server = Server(config, policy, self.on_request_effect)
         self.workload = Workload(config["exec"], config["on_exit"], self.reaper,
                                  self.on_workload_finished)
+        notify = notify if notify is not None else config["notify"]
+        self.notifier = Notifier(notify) if notify else NoNotifier()
+        self.buttons = PowerButtons(self.on_power_button) \
+            if config["power_button"] and self.can_power_off else None
         self.shutdown = ShutdownSequence(
             self.reaper, ShutdownTimeouts.from_config(config), delegate=self.delegate,
-            remount_scope=remount_scope_from_now() if self.can_power_off else lambda: None)
+            spare_mounts=mounts_to_spare() if self.can_power_off else frozenset(),
+            notifier=self.notifier)
         self.loop = EventLoop()
-        for source in (self.inbox, self.reaper, self.server, self.workload, self.shutdown):
-            self.loop.add(source)
+        for source in (self.inbox, self.reaper, self.server, self.buttons, self.notifier,
+                       self.workload, self.shutdown):
+            if source is not None:
+                self.loop.add(source)
 
     def start(self):
         """Serve: signals (if main() did not take them already), Ctrl-Alt-Del as SIGINT,
@@ -2387,8 +3027,14 @@ class Agent:
         # A signal that came during boot is acted on now, before the workload would start.
         self.inbox.tick(time.monotonic())
         self.server.open()
+        if self.buttons is not None:
+            self.buttons.start()
         self.workload.start()
         log("info", "ready (pid %d, version %s)" % (os.getpid(), __version__))
+        listening = ",".join(l.text for l in self.server.listeners if l.is_open) or "nothing"
+        self.notifier.send("READY=1\nSTATUS=arcbox-agent %s serving on %s\n"
+                           "X_SYSTEMD_HOSTNAME=%s\n" % (__version__, listening,
+                                                         socket.gethostname()))
 
     def run(self):
         """Serve until exit_code is set (never as PID 1). Nothing escapes: an exception in
@@ -2404,15 +3050,16 @@ class Agent:
             except Exception as exc:   # a bug must not kill init: log it and keep serving
                 errors += 1
                 log("error", "internal error (kept serving): %s" % describe_exception(exc))
-        self.server.close()
-        self.inbox.close()
+        for part in (self.server, self.buttons, self.notifier, self.inbox):
+            if part is not None:
+                part.close()
         return self.exit_code
 
     def loop_once(self, max_wait=None):
         self.loop.run_once(max_wait)
 
     # ---- what starts a shutdown ---------------------------------------------------------
-    def begin_shutdown(self, action, grace, reason, ack=None):
+    def begin_shutdown(self, action, grace, reason, ack=None, exit_status=0):
         """The one door into the shutdown sequence: it starts once; later starts are logged."""
         if self.shutdown.active:
             log("info", "%s: shutdown already in progress (phase %s); not restarting"
@@ -2422,7 +3069,7 @@ class Agent:
             log("error", "shutdown (%s) ignored: not PID 1 and not --delegate" % reason)
             return
         self.workload.stop()
-        self.shutdown.begin(action, grace, reason, ack)
+        self.shutdown.begin(action, grace, reason, ack, exit_status)
 
     def on_signal(self, sig):
         if not self.is_init:
@@ -2445,10 +3092,16 @@ class Agent:
             self.begin_shutdown(self.config["action"], grace or self.config["grace"],
                                 "Shutdown from " + conn.peer_text, conn.unflushed)
 
+    def on_power_button(self, device):
+        self.begin_shutdown(self.config["action"], self.config["grace"],
+                            "power button %s" % device)
+
     def on_workload_finished(self, status, what):
         if self.can_power_off:
             log("info", "%s: powering off" % what)
-            self.begin_shutdown(self.config["action"], self.config["grace"], "workload exit")
+            # the host learns the workload's status (EXIT_STATUS=); killed by a signal: 128+N
+            self.begin_shutdown(self.config["action"], self.config["grace"], "workload exit",
+                                exit_status=status if status >= 0 else 128 - status)
         else:
             log("info", "%s: stopping the agent (not PID 1: no power-off)" % what)
             self.exit_code = 0
@@ -2788,6 +3441,15 @@ def read_configuration(argv, cmdline_text, is_init):
     for origin, text in value_problems:
         if origin == "cmdline":
             log("warn", "kernel cmdline " + text)
+    if not config["notify"] and (is_init or config["delegate"]):
+        text, where = notify_credential(cmdline_text)
+        if text is not None:
+            try:
+                config["notify"] = parse_notify_address(text)
+            except ConfigError as exc:
+                log("warn", "vmm.notify_socket from the %s: %s; not notifying" % (where, exc))
+    if config["notify"]:
+        log("info", "notify: telling the host at %s" % format_notify_address(config["notify"]))
     return config, None
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/python3 -S
-"""Throughput baseline: a minimal blocking server, one thread per connection, that answers
+"""Throughput baseline, second row: a minimal blocking server, one thread per connection, that answers
 every frame with a fixed Ping response of the same shape the agent sends. No protocol beyond
 framing, no limits, no logging: what "answering the same frames" costs at the least.
 
@@ -20,7 +20,7 @@ def serve(conn):
     buf = b""
     with conn:
         while True:
-            while len(buf) < 4 or len(buf) < 4 + HEAD.unpack_from(buf)[0]:
+            while len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[:4], "big"):
                 chunk = conn.recv(65536)
                 if not chunk:
                     return

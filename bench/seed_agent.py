@@ -11,7 +11,8 @@ and module loading (in a VM), and the log line format (for the grace-precision f
 Where the seed is vague this version is the *faster* reading (it stops polling as soon as
 waitpid says ECHILD), so the ratios against it are conservative.
 
-usage: seed_agent.py --listen ADDR [--log L]    (ADDR: unix:PATH or serial:NAME)
+usage: seed_agent.py --listen ADDR [--log L] [--handler-delay S]   (ADDR: unix:PATH or
+       serial:NAME; --handler-delay 0 drops the Rust handler's 100 ms sleep)
 """
 
 import os
@@ -29,7 +30,7 @@ import agent  # noqa: E402
 
 POLL = 0.1            # the seed's polling interval
 REAP_WINDOW = 0.5     # after SIGKILL
-HANDLER_DELAY = 0.1   # the Rust handler's sleep between reply and teardown
+HANDLER_DELAY = 0.1   # the Rust handler's sleep between reply and teardown (--handler-delay)
 
 
 def reap_all():
@@ -45,6 +46,7 @@ def reap_all():
 
 def shutdown(grace):
     time.sleep(HANDLER_DELAY)
+    agent.log("info", "shutdown requested: grace %gs" % grace)
     agent.kill_all(signal.SIGTERM)
     agent.log("info", "shutdown: SIGTERM sent to all processes (grace %gs)" % grace)
     deadline = time.monotonic() + grace
@@ -58,7 +60,10 @@ def shutdown(grace):
         end = time.monotonic() + REAP_WINDOW
         while not reap_all() and time.monotonic() < end:
             time.sleep(POLL)
+    started = time.monotonic()
     os.sync()
+    agent.log("info", "shutdown: sync() took %.2f ms"
+              % ((time.monotonic() - started) * 1000))
     agent.log("info", "shutdown: calling reboot(poweroff)")
     agent.call_reboot(agent.LINUX_REBOOT_CMD_POWER_OFF)
     agent.log("error", "reboot() returned")
@@ -101,8 +106,11 @@ def cmdline_value(key):
 
 
 def main():
+    global HANDLER_DELAY
     addr = ("unix", "/tmp/seed.sock")
     args = sys.argv[1:]
+    if "--handler-delay" in args:         # 0: the seed's algorithm without the Rust sleep
+        HANDLER_DELAY = float(args[args.index("--handler-delay") + 1])
     if "--log" in args:
         agent.set_log_level(args[args.index("--log") + 1])
     if "--listen" in args:

@@ -96,6 +96,19 @@ class NamespaceGuest(GuestProcess):
         return result
 
 
+    def commands(self):
+        """{host pid: command line} for every process in the namespace but its init (the
+        agent's own power-off helper shows up as the agent's command line)."""
+        found = {}
+        for pid in self.processes():
+            try:
+                with open("/proc/%d/cmdline" % pid, "rb") as f:
+                    found[pid] = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+            except OSError:
+                pass
+        return found
+
+
 def _children(pid):
     found = []
     try:

@@ -2,6 +2,7 @@
 almost never takes, driven here with fakes (nothing is signalled, nothing rebooted)."""
 
 import errno
+import os
 import subprocess
 import time
 
@@ -54,3 +55,44 @@ def test_the_timeouts_record_is_frozen():
         TIMEOUTS.kill_wait = 9
     assert TIMEOUTS.kill_wait == 0.5
     assert agent.ShutdownTimeouts.from_config(agent.default_config()).power_timeout == 10.0
+
+
+def sync_phase(monkeypatch):
+    """A sequence in the sync phase whose helper children are recorded, not forked."""
+    forks = []
+
+    def fake_fork(self, wait_for_go):
+        forks.append(wait_for_go)
+        self.helper = 5000 + len(forks)
+        return (-1, -1)
+
+    monkeypatch.setattr(agent.ShutdownSequence, "_fork_sync_helper", fake_fork)
+    finals = []
+    monkeypatch.setattr(agent.ShutdownSequence, "_start_final",
+                        lambda self, now: finals.append(now))
+    seq = agent.ShutdownSequence(agent.Reaper(), TIMEOUTS, on_failure=lambda why: None)
+    seq.action, seq.started = "poweroff", time.monotonic()
+    return seq, forks, finals
+
+
+def test_a_prepared_helper_that_is_gone_is_replaced_at_sync(monkeypatch):
+    seq, forks, finals = sync_phase(monkeypatch)
+    r, w = os.pipe()
+    seq.prepared = (4242, r, w)              # forked early, then killed: helper is no longer it
+    seq.helper = None
+    seq._start_sync(time.monotonic())
+    assert forks == [False] and seq.phase == "sync" and seq.prepared is None
+    with pytest.raises(OSError):
+        os.fstat(w)                          # its pipes are closed
+
+
+def test_a_sync_child_killed_before_its_report_is_synced_again_once(monkeypatch):
+    seq, forks, finals = sync_phase(monkeypatch)
+    seq._start_sync(time.monotonic())
+    assert forks == [False]
+    seq.sync_report, seq.helper, seq.helper_code = -1, None, -9   # died before reporting
+    seq.step(time.monotonic())
+    assert forks == [False, False] and finals == [], "nothing may be lost: sync again"
+    seq.sync_report, seq.helper, seq.helper_code = -1, None, -9   # and again
+    seq.step(time.monotonic())
+    assert forks == [False, False] and len(finals) == 1            # then reboot() anyway
