@@ -1657,12 +1657,16 @@ def mounts_to_spare():
 # What happens on Shutdown, in order (each step bounded, none blocks the loop):
 #   ack   - the ShutdownResponse is written and flushed (bounded by HOST_REPLY_BUDGET);
 #   term  - kill(-1, SIGTERM) then kill(-1, SIGCONT), so stopped processes can run their
-#           TERM handler; reap on every SIGCHLD; leave as soon as no process is left (ECHILD)
-#           or the grace ends;
-#   kill  - kill(-1, SIGKILL) if anybody is left, reap for up to kill_wait;
-#   sync  - in a child, bounded by sync_timeout (a hung disk must not hang power-off): sync,
-#           remount every writable filesystem read-only in reverse mount order, sync, report
-#           to PID 1 over a pipe, and go straight on to final (one fork for both);
+#           TERM handler; tell the host (X_SYSTEMD_SHUTDOWN, EXIT_STATUS) if it listens;
+#           fork the sync/reboot child now, waiting on a pipe, so the fork is off the path;
+#           reap on every SIGCHLD; leave as soon as no process is left (ECHILD, or only
+#           that child) or the grace ends;
+#   kill  - kill(-1, SIGKILL) if anybody is left (the waiting child too), reap for up to
+#           kill_wait;
+#   flush - only if a notify connection is still in flight: wait for it, 20 ms at most;
+#   sync  - in that child (or a new one), bounded by sync_timeout (a hung disk must not
+#           hang power-off): sync, remount every writable filesystem read-only in reverse
+#           mount order, sync, report to PID 1 over a pipe, and go straight on to final;
 #   final - reboot(cmd) in that child, as busybox does: if the kernel cannot power off it
 #           halts and do_exit()s the caller, which then is not PID 1 (if the sync hung, a
 #           second child is forked for reboot alone);
@@ -1706,7 +1710,8 @@ def power_off_failed(why):
 
 
 class ShutdownSequence(Source):
-    """The phases, in order: idle, ack, term (or delegate), kill, sync, final, failed. Each
+    """The phases, in order: idle, ack, term (or delegate), kill, flush, sync, final, failed.
+    Each
     has a _step_<phase> method; step() runs the current one until the phase stops changing.
 
     Collaborators: the reaper (who is left, and the helper children's ends), the frozen
@@ -2425,12 +2430,10 @@ class Notifier(Source):
             try:
                 sock.connect(target)
             except (BlockingIOError, InterruptedError):
-                if kind == "stream":   # EINPROGRESS (another machine): the loop finishes it
-                    self.pending[sock.fileno()] = [sock, data, time.monotonic()
-                                                   + NOTIFY_CONNECT_TIMEOUT]
-                    return
-                sock.close()
-                self._failed("the receiver is not keeping up; message dropped")
+                # EINPROGRESS: a connection over vsock (stream or seqpacket) takes a round
+                # trip; the loop finishes it. (A datagram connect never blocks.)
+                self.pending[sock.fileno()] = [sock, data, time.monotonic()
+                                               + NOTIFY_CONNECT_TIMEOUT]
                 return
             except OSError as exc:
                 sock.close()
@@ -2439,7 +2442,7 @@ class Notifier(Source):
                 return
             log("debug", "notify %s (%s): %s" % (format_notify_address(self.addr), kind,
                                                  text.replace("\n", " ")))
-            if kind == "stream":
+            if kind != "dgram":
                 self._finish(sock, data)
                 return
             try:
@@ -2469,7 +2472,8 @@ class Notifier(Source):
             log("debug", "notify %s: %s" % (format_notify_address(self.addr), why))
 
     def _finish(self, sock, data):
-        """A connected stream: one message, then EOF, which ends it for the receiver."""
+        """A connected stream or seqpacket socket: one message, then EOF, which ends it for
+        a receiver that reads to the end."""
         try:
             sock.send(data)
             sock.shutdown(socket.SHUT_WR)
@@ -3395,7 +3399,8 @@ serve options (flag --name VALUE, or kernel cmdline arcbox.name=VALUE; flags win
 %(options)s
 
 signals to PID 1: SIGUSR2 power-off, SIGUSR1 halt, SIGTERM reboot (busybox poweroff/halt/
-reboot), SIGPWR power-off, SIGINT (Ctrl-Alt-Del) the configured action.
+reboot), SIGPWR power-off, SIGINT (Ctrl-Alt-Del) the configured action. The ACPI/GPIO power
+button (QEMU system_powerdown, virsh shutdown) runs the configured action too.
 
 %(addresses)s
 

@@ -100,8 +100,9 @@ class GuestProcess:
                                    % (self.what, self.sock, timeout, self.tail()))
             time.sleep(0.01)
 
-    def wait_ready(self, timeout=None):
-        """Ping until the agent answers; returns the seconds since start()."""
+    def wait_ready(self, timeout=None, try_timeout=1.0):
+        """Ping until the agent answers (each try waiting try_timeout for the answer);
+        returns the seconds since start()."""
         timeout = timeout or self.ready_timeout
         deadline = time.monotonic() + timeout
         last = None
@@ -110,7 +111,7 @@ class GuestProcess:
                 raise RuntimeError("%s ended (%s) before the agent answered:\n%s"
                                    % (self.what, self.proc.returncode, self.tail()))
             try:
-                self.request(agent.MSG_PING, b"", timeout=1.0)
+                self.request(agent.MSG_PING, b"", timeout=try_timeout)
                 return time.monotonic() - self.started
             except (OSError, agent.ClientError) as exc:
                 last = exc

@@ -40,6 +40,9 @@ PYTHON_DEBS = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-std
 # Modules the VM tests need, loaded by the agent at boot (arcbox.modules=) in this order.
 GUEST_MODULES = ["virtio_pci", "pvpanic_pci", "virtio_console", "virtio_blk", "crc32c_generic",
                  "ext4", "vsock_loopback"]
+# In the image too, but not in arcbox.modules: the agent loads these itself for the power
+# button when modules.dep lists them (ACPI button driver and evdev on x86).
+IMAGE_MODULES = GUEST_MODULES + ["button", "evdev"]
 BUSYBOX = "/bin/busybox"
 
 
@@ -303,7 +306,33 @@ class Cpio:
 
 # ---- the image -------------------------------------------------------------------------------------------
 
-def build_initramfs(pyz, out, extra_files=None, modules=GUEST_MODULES, init=None):
+NOTIFY_RECEIVER_PORT = 5555
+
+
+def notify_receiver_files():
+    """Extra files for a guest that receives systemd's notify messages itself, standing in
+    for a host that could listen on vsock (this machine has no vhost-vsock): boot it with
+    rdinit=/notify-init. The receiver must listen before the agent says READY=1, so the
+    wrapper loads vsock_loopback (with the agent's own loader, from /init: the .pyz), starts
+    the receiver, waits until it listens, then execs the agent."""
+    with open(os.path.join(HERE, "guest_notify_receiver.py"), "rb") as f:
+        receiver = f.read()
+    return {"/notify_receiver.py": receiver,
+            "/notify-init": (
+                b"#!/bin/sh\n/usr/bin/python3 -S -c \"import sys; sys.path.insert(0, '/init'); "
+                b"import agent; agent.load_modules(sys.argv[1:])\" vsock_loopback\n"
+                b"/usr/bin/python3 -S /notify_receiver.py %d /tmp/rx-ready &\n"
+                b"while [ ! -e /tmp/rx-ready ]; do sleep 0.02; done\nexec /init\n"
+                % NOTIFY_RECEIVER_PORT)}
+
+
+def notify_smbios_args():
+    """QEMU arguments passing the notify address the way systemd-vmspawn does."""
+    return ["-smbios", "type=11,value=io.systemd.credential:vmm.notify_socket=vsock:1:%d"
+            % NOTIFY_RECEIVER_PORT]
+
+
+def build_initramfs(pyz, out, extra_files=None, modules=IMAGE_MODULES, init=None):
     """Write the initramfs; returns a dict describing what went in. `init` replaces the
     .pyz as /init (the benchmarks' baseline agent)."""
     if not os.path.exists(BUSYBOX):

@@ -40,13 +40,14 @@ class VM(GuestProcess):
     request_timeout = 10.0
 
     def __init__(self, workdir, initramfs, kernel, cmdline="", disk=None, memory=256,
-                 log_level="info"):
+                 log_level="info", qemu_args=()):
         GuestProcess.__init__(self, workdir, os.path.join(workdir, "agent-serial.sock"),
                               os.path.join(workdir, "console.log"),
                               output_path=os.path.join(workdir, "qemu.out"))
         self.monitor = os.path.join(workdir, "monitor.sock")
         self.initramfs, self.kernel, self.disk = initramfs, kernel, disk
         self.memory = memory
+        self.qemu_args = list(qemu_args)
         self.cmdline = " ".join([
             "console=ttyS0", "quiet", "panic=-1", "rdinit=/init",
             "arcbox.modules=" + ",".join(guestimage.GUEST_MODULES),
@@ -74,7 +75,7 @@ class VM(GuestProcess):
                "-device", "virtserialport,bus=vser.0,chardev=agent,name=" + SERIAL_PORT_NAME]
         if self.disk:
             cmd += ["-drive", "file=%s,if=virtio,format=raw,cache=writeback" % self.disk]
-        return cmd
+        return cmd + self.qemu_args
 
     def start(self):
         for path in (self.sock, self.log_path):

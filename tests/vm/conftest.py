@@ -22,6 +22,7 @@ def guest_image(pyz, tmp_path_factory):
     extra = {"/test/vsock_client.py": client,
              # a process that ignores SIGTERM (the disposition survives exec)
              "/test/ignore_term.sh": b"#!/bin/sh\ntrap '' TERM\necho IGNORING-TERM\nexec sleep 1000\n"}
+    extra.update(guestimage.notify_receiver_files())
     info = guestimage.build_initramfs(pyz, out, extra_files=extra)
     info["kernel"] = guestimage.vmlinux(guestimage.fetch_packages())
     info["initramfs"] = out
@@ -30,12 +31,14 @@ def guest_image(pyz, tmp_path_factory):
 
 @pytest.fixture
 def boot(guest_image, tmp_path):
-    """boot(cmdline="", disk=None) -> a started VM; every VM is killed at the end."""
+    """boot(cmdline="", disk=None, log_level, qemu_args) -> a started VM; every VM is killed
+    at the end."""
     machines = []
 
-    def start(cmdline="", disk=None, log_level="info"):
+    def start(cmdline="", disk=None, log_level="info", qemu_args=()):
         machine = vmtool.VM(str(tmp_path), guest_image["initramfs"], guest_image["kernel"],
-                            cmdline=cmdline, disk=disk, log_level=log_level)
+                            cmdline=cmdline, disk=disk, log_level=log_level,
+                            qemu_args=qemu_args)
         machines.append(machine)
         return machine.start()
 

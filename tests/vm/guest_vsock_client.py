@@ -2,6 +2,7 @@
 through vsock_loopback (CID 1, port 1024), sends Ping then Shutdown, and prints what it got
 on the console as 'VSOCK-TEST: ...' lines. Only the modules the guest image carries."""
 
+import signal
 import socket
 import struct
 import time
@@ -41,6 +42,9 @@ def main():
     print("VSOCK-TEST: connected from cid %d" % sock.getsockname()[0], flush=True)
     msg_type, payload = exchange(sock, frame(0x0001, b"\x0a\x05vsock"))
     print("VSOCK-TEST: ping 0x%04X %r" % (msg_type, payload), flush=True)
+    # The answer is in our socket before SIGTERM is sent (the agent flushes it first), but
+    # SIGTERM may still arrive before this process has printed it: hold SIGTERM until then.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     msg_type, payload = exchange(sock, frame(0x000A, b"\x08\x02"))
     if msg_type == 0xFFFF:
         code, length = struct.unpack(">iI", payload[:8])
@@ -48,6 +52,7 @@ def main():
               flush=True)
     else:
         print("VSOCK-TEST: shutdown 0x%04X %r" % (msg_type, payload), flush=True)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     time.sleep(1000)
 
 

@@ -16,6 +16,7 @@ import time
 import pytest
 
 import agent
+import guestimage
 
 pytestmark = pytest.mark.vm
 BOOT_TIMEOUT = 90          # TCG on a loaded machine; a boot takes ~4 s here
@@ -124,31 +125,107 @@ def test_a_process_ignoring_sigterm_is_killed_after_the_grace(boot):
     assert "shutdown: all processes gone after SIGKILL" in lines
 
 
-@pytest.mark.parametrize("run", range(3))
-def test_nothing_lost_on_an_ext4_disk(boot, tmp_path, run):
+def fresh_disk(tmp_path):
     disk = str(tmp_path / "disk.img")
     with open(disk, "wb") as f:
         f.truncate(64 << 20)
     subprocess.run(["mkfs.ext4", "-q", "-F", disk], check=True, timeout=60)
-    # The workload writes 2 MB and a small file, never syncs, and stays busy.
-    script = ("mount -t ext4 /dev/vda /mnt && "
-              "yes arcbox-run-%d | head -c 2000000 > /mnt/data && echo done > /mnt/marker && "
-              "echo DISK-WRITTEN-$((40+2)) && exec sleep 1000" % run)   # not in the log line
-    vm = boot('arcbox.exec="/bin/sh -c \'%s\'"' % script, disk=disk, log_level="debug")
-    vm.wait_log("DISK-WRITTEN-42", BOOT_TIMEOUT)
-    vm.wait_ready(BOOT_TIMEOUT)
-    assert vm.shutdown(grace=5) is True
-    assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
-    assert "shutdown: remounted /mnt (ext4) read-only" in vm.messages()
+    return disk
+
+
+def disk_writer(tag, then="exec sleep 1000"):
+    """A workload that writes 2 MB and a small file to the disk, never syncs, says so on the
+    console (DISK-WRITTEN-42, computed so that the echoed command cannot match), then `then`."""
+    return ("mount -t ext4 /dev/vda /mnt && "
+            "yes arcbox-run-%s | head -c 2000000 > /mnt/data && echo done > /mnt/marker && "
+            "echo DISK-WRITTEN-$((40+2)) && %s" % (tag, then))
+
+
+def assert_disk_intact(disk, tag):
     header = subprocess.run(["dumpe2fs", "-h", disk], capture_output=True, text=True).stdout
     assert re.search(r"Filesystem state:\s+clean", header), header
     assert "needs_recovery" not in header, "the journal needs recovery: not cleanly remounted"
     fsck = subprocess.run(["e2fsck", "-fn", disk], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     data = subprocess.run(["debugfs", "-R", "cat /data", disk], capture_output=True).stdout
-    assert data == (b"arcbox-run-%d\n" % run * 200000)[:2000000]
+    assert data == (b"arcbox-run-%s\n" % tag.encode() * 200000)[:2000000]
     marker = subprocess.run(["debugfs", "-R", "cat /marker", disk], capture_output=True).stdout
     assert marker == b"done\n"
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_nothing_lost_on_an_ext4_disk(boot, tmp_path, run):
+    disk = fresh_disk(tmp_path)
+    vm = boot('arcbox.exec="/bin/sh -c \'%s\'"' % disk_writer(run), disk=disk,
+              log_level="debug")
+    vm.wait_log("DISK-WRITTEN-42", BOOT_TIMEOUT)
+    vm.wait_ready(BOOT_TIMEOUT)
+    assert vm.shutdown(grace=5) is True
+    assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
+    assert "shutdown: remounted /mnt (ext4) read-only" in vm.messages()
+    assert_disk_intact(disk, str(run))
+
+
+def test_the_acpi_power_button_powers_off_in_order(boot, tmp_path):
+    """QEMU's system_powerdown (what libvirt, Proxmox and OpenStack press): the ACPI button
+    driver reports it on an input device, the agent runs the orderly sequence. A process
+    that exits on TERM goes at once, one that ignores TERM is killed at the grace, a second
+    press during the grace changes nothing, the disk written without sync is intact."""
+    disk = fresh_disk(tmp_path)
+    work = disk_writer("button", then="(sleep 1000 &) && exec /test/ignore_term.sh")
+    vm = boot('arcbox.exec="/bin/sh -c \'%s\'" arcbox.grace=2' % work, disk=disk,
+              log_level="debug")
+    vm.wait_log("IGNORING-TERM", BOOT_TIMEOUT)
+    vm.wait_ready(BOOT_TIMEOUT)
+    assert any(l.startswith("power button: watching") and "(Power Button)" in l
+               for l in vm.messages()), vm.messages()
+    vm.monitor_command("system_powerdown")
+    vm.wait_log("shutdown: SIGTERM sent", STOP_TIMEOUT)
+    vm.monitor_command("system_powerdown")                # pressed again during the grace
+    assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
+    lines = vm.messages()
+    assert sum(1 for l in lines if l.startswith("shutdown requested (power button")) == 1, lines
+    assert any("shutdown already in progress" in l and "power button" in l for l in lines)
+    assert sum(1 for l in lines if l.startswith("shutdown: SIGTERM sent")) == 1
+    assert any(l.startswith("reaped pid") and "killed by signal 15" in l for l in lines)
+    assert "shutdown: grace over, SIGKILL sent to the rest" in lines
+    events = vm.events()
+    waited = next(t for t, _, m in events if "SIGKILL sent" in m) - next(
+        t for t, _, m in events if "SIGTERM sent" in m)
+    assert 2.0 <= waited < 4.0, waited
+    assert_disk_intact(disk, "button")
+
+
+def test_with_the_power_button_switched_off_a_press_is_ignored(boot):
+    vm = boot("arcbox.power_button=0")
+    vm.wait_ready(BOOT_TIMEOUT)
+    vm.monitor_command("system_powerdown")
+    time.sleep(2.0)
+    assert vm.proc.poll() is None, "the guest went down although the button is off"
+    assert vm.request(agent.MSG_PING)
+    assert not any("power button" in l or "shutdown requested" in l for l in vm.messages())
+    assert vm.shutdown(grace=2) is True                   # stopped the other way
+    assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
+
+
+def test_the_host_is_told_ready_and_the_exit_status_through_smbios_and_vsock(boot):
+    """systemd's VM interface: the notify address arrives as an SMBIOS type 11 credential
+    (as systemd-vmspawn passes it); `vsock:1:5555` tries a datagram (vsock_loopback has
+    none), then seqpacket, where a receiver in the guest stands in for the host. The
+    workload's exit status (3) ends the guest and is what the host is told."""
+    vm = boot("rdinit=/notify-init arcbox.on_exit=poweroff arcbox.grace=2 "
+              "arcbox.exec=\"/bin/sh -c 'sleep 2; exit 3'\"",
+              qemu_args=guestimage.notify_smbios_args())
+    assert_powered_off(vm, vm.wait(BOOT_TIMEOUT + STOP_TIMEOUT))
+    console = vm.console()
+    got = [l.split(": ", 1)[1] for l in console.splitlines() if "NOTIFY-RECEIVED at" in l]
+    assert len(got) == 2, console[-3000:]
+    ready = dict(f.split("=", 1) for f in got[0].split(" | ") if "=" in f)
+    assert ready["READY"] == "1" and ready["X_SYSTEMD_HOSTNAME"] == "arcbox"
+    assert "serving on serial:org.arcbox.agent" in ready["STATUS"]
+    assert got[1].startswith("X_SYSTEMD_SHUTDOWN=poweroff | EXIT_STATUS=3"), got[1]
+    assert "notify: telling the host at vsock:1:5555" in vm.messages()
+    assert "shutdown: poweroff, exit status 3" in vm.messages()
 
 
 def test_pid1_survives_a_flood_of_bad_frames_then_powers_off(boot):
