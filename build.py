@@ -138,6 +138,35 @@ def check_artifact(path, interpreter):
     return " ".join(cmd), result.stdout.strip()
 
 
+def install_into(rootfs, pyz):
+    """Install the .pyz into a guest root filesystem directory the way the README says:
+    ROOTFS/sbin/arcbox-agent, and ROOTFS/sbin/init pointing at it. An /sbin/init that is
+    something else (a distribution's init) is left alone: boot with init=/sbin/arcbox-agent
+    then. Returns what was done, one line per step."""
+    if not os.path.isdir(rootfs):
+        raise SystemExit("build.py: --install-into %s: not a directory (the guest's root "
+                         "filesystem, e.g. a mounted image or an unpacked rootfs)" % rootfs)
+    sbin = os.path.join(rootfs, "sbin")
+    if os.path.islink(sbin):                     # merged-/usr: sbin -> usr/sbin
+        sbin = os.path.join(rootfs, os.readlink(sbin).lstrip("/"))
+    os.makedirs(sbin, exist_ok=True)
+    target = os.path.join(sbin, "arcbox-agent")
+    shutil.copyfile(pyz, target + ".tmp")
+    os.chmod(target + ".tmp", 0o755)
+    os.replace(target + ".tmp", target)
+    done = ["installed %s" % os.path.relpath(target, rootfs)]
+    init = os.path.join(sbin, "init")
+    if os.path.islink(init) and os.readlink(init) == "arcbox-agent":
+        done.append("sbin/init already points at arcbox-agent")
+    elif os.path.lexists(init):
+        done.append("sbin/init exists (%s): left alone; boot with init=/sbin/arcbox-agent"
+                    % (os.readlink(init) if os.path.islink(init) else "a file"))
+    else:
+        os.symlink("arcbox-agent", init)
+        done.append("sbin/init -> arcbox-agent")
+    return done
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Build dist/arcbox-agent.pyz, the single-file guest agent.",
@@ -152,6 +181,9 @@ def main(argv=None):
                         help="deflate the entries (smaller; the guest python then needs zlib)")
     parser.add_argument("--shiv", action="store_true",
                         help="also build dist/arcbox-agent-shiv.pyz with shiv")
+    parser.add_argument("--install-into", metavar="ROOTFS",
+                        help="also install the .pyz into a guest root filesystem directory: "
+                        "sbin/arcbox-agent, and sbin/init -> it unless an init is there")
     parser.add_argument("--demo", nargs="?", const="auto", choices=["auto", "vm", "namespace"],
                         help="after building, power off a demo guest: a QEMU VM when QEMU is "
                         "installed, else (or with 'namespace') a PID namespace (root)")
@@ -167,6 +199,9 @@ def main(argv=None):
                                        contents))
     how, version = check_artifact(args.output, args.python)
     print("checked: %s -> %s" % (how, version))
+    if args.install_into:
+        for step in install_into(args.install_into, args.output):
+            print("%s: %s" % (args.install_into, step))
     if args.shiv:
         out = build_shiv(interpreter=args.python)
         print("built %s (%d bytes) with shiv" % (os.path.relpath(out), os.path.getsize(out)))

@@ -520,6 +520,30 @@ def ready_push_vs_poll(vmtool, guestimage, work, image, kernel, boots):
     return {"push": push, "poll": poll}
 
 
+def arm_figures(vmtool, guestimage, pyz, work, boots):
+    """The agent in an aarch64 guest (QEMU -M virt, TCG): QEMU start -> first Ping, and a
+    Shutdown -> QEMU exit with a process that exits on SIGTERM."""
+    if vmtool.why_vm_unavailable("aarch64"):
+        raise SystemExit("bench: " + vmtool.why_vm_unavailable("aarch64"))
+    image = os.path.join(work, "guest-arm.cpio")
+    guestimage.build_initramfs(pyz, image, arch="aarch64", extra_files={
+        "/bench/workload.sh": b"#!/bin/sh\nsleep 1000 &\n"})
+    kernel = guestimage.kernel_image(guestimage.fetch_packages("aarch64"), "aarch64")
+    ready, stop = [], []
+    for _ in range(boots):
+        machine = vmtool.VM(work, image, kernel, arch="aarch64",
+                            cmdline="arcbox.exec=/bench/workload.sh")
+        with machine:
+            ready.append(machine.wait_ready(180))
+            time.sleep(0.2)
+            started = time.perf_counter()
+            machine.shutdown(grace=5)
+            if machine.wait(60) != 0 or not machine.powered_off():
+                raise SystemExit("aarch64: no clean power-off:\n" + machine.console()[-3000:])
+            stop.append(time.perf_counter() - started)
+    return {"boot_to_ready": ready, "stop_exits": stop}
+
+
 def bench_vm(report, pyz, boots):
     import guestimage
     import vm as vmtool
@@ -573,6 +597,14 @@ def bench_vm(report, pyz, boots):
         report.add("7 VM (TCG)", "QEMU start to first Ping answered",
                    fmt(stats(o["boot_to_ready"]), "s", 1),
                    "seed: " + fmt(stats(s["boot_to_ready"]), "s", 1))
+        arm = arm_figures(vmtool, guestimage, pyz, work, boots)
+        results["aarch64"] = arm
+        report.add("7 VM (TCG)", "aarch64 (-M virt): QEMU start to first Ping answered",
+                   fmt(stats(arm["boot_to_ready"]), "s", 1),
+                   "x86_64 above: " + fmt(stats(o["boot_to_ready"]), "s", 1))
+        report.add("7 VM (TCG)", "aarch64: Shutdown to QEMU exit (a process exits on TERM)",
+                   fmt(stats(arm["stop_exits"]), "s", 1),
+                   "x86_64: " + fmt(stats(o["stop_exits"]), "s", 1))
         for workload, what in (("exits", "a process that exits on TERM"),
                                ("ignores", "+ one ignoring TERM (grace 1 s)")):
             ours = stats(o["stop_" + workload])

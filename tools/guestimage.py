@@ -16,7 +16,8 @@ The guest carries:
 - /dev/console, /dev/null and /dev/urandom nodes, and the .pyz as /init (run through its
   shebang, #!/usr/bin/python3 -S).
 
-    python3 tools/guestimage.py [--pyz dist/arcbox-agent.pyz] [-o initramfs.cpio]
+    python3 tools/guestimage.py [--pyz dist/arcbox-agent.pyz] [--arch aarch64]
+                                [-o initramfs.cpio | --rootfs root.img]
 """
 
 import argparse
@@ -30,6 +31,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -40,9 +42,25 @@ PYTHON_DEBS = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-std
 # Modules the VM tests need, loaded by the agent at boot (arcbox.modules=) in this order.
 GUEST_MODULES = ["virtio_pci", "pvpanic_pci", "virtio_console", "virtio_blk", "crc32c_generic",
                  "ext4", "vsock_loopback"]
+# Debian's arm64 kernel: ext4's crc32c is built in, and there is no pvpanic (a panic is told
+# by the console there).
+GUEST_MODULES_BY_ARCH = {"x86_64": GUEST_MODULES,
+                         "aarch64": ["virtio_pci", "virtio_console", "virtio_blk", "ext4",
+                                     "vsock_loopback"]}
 # In the image too, but not in arcbox.modules: the agent loads these itself for the power
-# button when modules.dep lists them (ACPI button driver and evdev on x86).
-IMAGE_MODULES = GUEST_MODULES + ["button", "evdev"]
+# button when modules.dep lists them (the ACPI button driver on x86, gpio-keys on arm64).
+POWER_MODULES = {"x86_64": ["button", "evdev"], "aarch64": ["gpio_keys", "evdev"]}
+IMAGE_MODULES = GUEST_MODULES + POWER_MODULES["x86_64"]
+# What a boot initramfs needs to mount a virtio disk root with Debian's generic kernels.
+ROOT_MODULES = ["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"]   # ext4 asks crc32c at mount
+
+
+def guest_modules(arch):
+    return GUEST_MODULES_BY_ARCH[arch]
+
+
+def image_modules(arch):
+    return GUEST_MODULES_BY_ARCH[arch] + POWER_MODULES[arch]
 BUSYBOX = "/bin/busybox"
 
 
@@ -60,32 +78,81 @@ def _run(cmd, **kw):
     return result.stdout
 
 
-def kernel_package():
-    """The versioned kernel package behind linux-image-amd64, e.g. linux-image-6.1.0-56-amd64."""
-    for line in _run(["apt-cache", "depends", "linux-image-amd64"]).splitlines():
+# Per guest architecture: Debian's name for it, the kernel meta-package, where libraries
+# live and the dynamic loader. aarch64 packages come through a private apt state (its own
+# lists and cache under CACHE), so the host's dpkg configuration is never touched.
+ARCHES = {
+    "x86_64": {"deb": "amd64", "kernel": "linux-image-amd64", "triplet": "x86_64-linux-gnu",
+               "loader": ("ld-linux-x86-64.so.2", "/lib64/ld-linux-x86-64.so.2")},
+    "aarch64": {"deb": "arm64", "kernel": "linux-image-arm64",
+                "triplet": "aarch64-linux-gnu",
+                "loader": ("ld-linux-aarch64.so.1", "/lib/ld-linux-aarch64.so.1")},
+}
+HOST_ARCH = "x86_64"
+
+
+def _apt_options(arch):
+    """apt-get/apt-cache options: the host's own state for the host's architecture, a
+    private one (lists, cache, an empty dpkg status) for another."""
+    if arch == HOST_ARCH:
+        return []
+    state = os.path.join(CACHE, "apt-" + ARCHES[arch]["deb"])
+    for sub in ("lists/partial", "cache/archives/partial"):
+        os.makedirs(os.path.join(state, sub), exist_ok=True)
+    deb = ARCHES[arch]["deb"]
+    return ["-o", "APT::Architecture=" + deb, "-o", "APT::Architectures=" + deb,
+            "-o", "Dir::State::Lists=" + os.path.join(state, "lists"),
+            "-o", "Dir::Cache=" + os.path.join(state, "cache"),
+            "-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root"]
+
+
+def _apt_update(arch):
+    """Fresh package lists for a foreign architecture (at most daily)."""
+    lists = os.path.join(CACHE, "apt-" + ARCHES[arch]["deb"], "lists")
+    fresh = [n for n in os.listdir(lists) if n.endswith("Packages")] if os.path.isdir(
+        lists) else []
+    if not fresh or time.time() - max(os.path.getmtime(os.path.join(lists, n))
+                                      for n in fresh) > 86400:
+        _run(["apt-get"] + _apt_options(arch) + ["-q", "update"])
+
+
+def kernel_package(arch=HOST_ARCH):
+    """The versioned kernel package behind the meta-package, e.g. linux-image-6.1.0-56-amd64."""
+    meta = ARCHES[arch]["kernel"]
+    if arch != HOST_ARCH:
+        _apt_update(arch)
+    for line in _run(["apt-cache"] + _apt_options(arch) + ["depends", meta]).splitlines():
         word = line.strip().split(":")[-1].strip()
         if line.strip().startswith("Depends:") and word.startswith("linux-image-"):
             return word
-    raise ImageError("apt-cache knows no linux-image-amd64 (run apt-get update)")
+    raise ImageError("apt-cache knows no %s for %s (run apt-get update)" % (meta, arch))
 
 
-def fetch_packages():
-    """Download and unpack the kernel and guest-Python packages once; returns the root."""
-    root = os.path.join(CACHE, "root")
-    stamp = os.path.join(CACHE, "root.json")
-    wanted = [kernel_package()] + PYTHON_DEBS
+def fetch_packages(arch=HOST_ARCH):
+    """Download and unpack the kernel and guest-Python packages (and, for another
+    architecture, its busybox-static) once; returns the root."""
+    if arch not in ARCHES:
+        raise ImageError("no guest architecture %r (known: %s)" % (arch, ", ".join(ARCHES)))
+    suffix = "" if arch == HOST_ARCH else "-" + arch
+    root = os.path.join(CACHE, "root" + suffix)
+    stamp = os.path.join(CACHE, "root%s.json" % suffix)
+    wanted = [kernel_package(arch)] + PYTHON_DEBS + (
+        ["busybox-static"] if arch != HOST_ARCH else [])
     if os.path.exists(stamp):
         with open(stamp) as f:
             if json.load(f).get("packages") == wanted:
                 return root
-    debs = os.path.join(CACHE, "debs")
+    debs = os.path.join(CACHE, "debs" + suffix)
     os.makedirs(debs, exist_ok=True)
     # _apt cannot write into root's home: download as root, into our own folder.
-    _run(["apt-get", "download", "-o", "APT::Sandbox::User=root"] + wanted, cwd=debs)
+    _run(["apt-get"] + _apt_options(arch) + ["download", "-o", "APT::Sandbox::User=root"]
+         + wanted, cwd=debs)
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     for name in sorted(os.listdir(debs)):
         if name.endswith(".deb") and name.split("_")[0] in wanted:
+            if "_%s.deb" % ARCHES[arch]["deb"] not in name and not name.endswith("_all.deb"):
+                raise ImageError("%s is not a %s package" % (name, ARCHES[arch]["deb"]))
             _run(["dpkg-deb", "-x", os.path.join(debs, name), root])
     with open(stamp, "w") as f:
         json.dump({"packages": wanted}, f)
@@ -97,6 +164,26 @@ def kernel_release(root):
     if not releases:
         raise ImageError("no kernel modules under %s/lib/modules" % root)
     return releases[-1]
+
+
+def kernel_image(root, arch=HOST_ARCH):
+    """What QEMU's -kernel boots: the ELF vmlinux on x86 (PVH), the Image on arm64 (Debian's
+    arm64 vmlinuz is an uncompressed Image; a gzipped one is unpacked)."""
+    if arch == "x86_64":
+        return vmlinux(root)
+    release = kernel_release(root)
+    path = os.path.join(root, "boot", "vmlinuz-" + release)
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"\x1f\x8b":
+        return path
+    import gzip
+    out = os.path.join(CACHE, "Image-" + release)
+    if not os.path.exists(out):
+        with gzip.open(path) as f, open(out + ".tmp", "wb") as g:
+            shutil.copyfileobj(f, g)
+        os.replace(out + ".tmp", out)
+    return out
 
 
 def vmlinux(root):
@@ -131,17 +218,24 @@ def _modinfo_depends(path):
     return [d.replace("-", "_") for d in value.split(",") if d]
 
 
-def module_closure(root, names):
-    """{module name: path relative to /lib/modules/REL} for names and what they depend on,
-    read from each .ko's modinfo (the deb ships no modules.dep; depmod is not needed)."""
-    release = kernel_release(root)
-    base = os.path.join(root, "lib", "modules", release)
+def _module_index(root):
+    """{module name: path relative to /lib/modules/REL} for every .ko the kernel ships."""
+    base = os.path.join(root, "lib", "modules", kernel_release(root))
     index = {}
     for dirpath, _, files in os.walk(os.path.join(base, "kernel")):
         for name in files:
             if name.endswith(".ko"):
                 index[name[:-3].replace("-", "_")] = os.path.relpath(os.path.join(dirpath, name),
                                                                      base)
+    return index
+
+
+def module_closure(root, names):
+    """{module name: path relative to /lib/modules/REL} for names and what they depend on,
+    read from each .ko's modinfo (the deb ships no modules.dep; depmod is not needed)."""
+    release = kernel_release(root)
+    base = os.path.join(root, "lib", "modules", release)
+    index = _module_index(root)
     found, deps, todo = {}, {}, list(names)
     while todo:
         name = todo.pop()
@@ -199,8 +293,14 @@ for rel in sys.argv[4:]:
 """
 
 
-def stdlib_files(root, pyz):
-    """The stdlib files the agent's guest path imports, as the guest interpreter reports."""
+def stdlib_files(root, pyz, arch=HOST_ARCH):
+    """The stdlib files the agent's guest path imports, as the guest interpreter reports.
+    Another architecture's interpreter cannot run here; its Python is the same version, so
+    the same files are needed, the extension modules named for its triplet (the VM tests
+    then prove the set in a real guest: a missing file fails the agent's start)."""
+    if arch != HOST_ARCH:
+        host = stdlib_files(fetch_packages(HOST_ARCH), pyz)
+        return [f.replace(ARCHES[HOST_ARCH]["triplet"], ARCHES[arch]["triplet"]) for f in host]
     stdlib = os.path.join(root, "usr", "lib", PY)
     env = {"PYTHONHOME": os.path.join(root, "usr"), "HOME": "/", "TERM": "linux"}
     out = _run([os.path.join(root, "usr", "bin", PY), "-S", "-c", PROBE, pyz, stdlib + "/"],
@@ -236,9 +336,9 @@ def _elf_needed(path):
     return []
 
 
-def shared_libraries(root, binaries):
+def shared_libraries(root, binaries, arch=HOST_ARCH):
     """Guest paths of every library the binaries need, transitively, plus the loader."""
-    dirs = ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"]
+    dirs = ["lib/" + ARCHES[arch]["triplet"], "usr/lib/" + ARCHES[arch]["triplet"]]
     found, todo = {}, list(binaries)
     while todo:
         for soname in _elf_needed(todo.pop()):
@@ -251,7 +351,8 @@ def shared_libraries(root, binaries):
                     break
             else:
                 raise ImageError("library %s not found in the guest packages" % soname)
-    found["ld-linux-x86-64.so.2"] = "/lib64/ld-linux-x86-64.so.2"
+    soname, guest_path = ARCHES[arch]["loader"]
+    found[soname] = guest_path
     return found
 
 
@@ -285,6 +386,21 @@ class Cpio:
     def node(self, path, kind, major, minor, mode=0o600):
         self.dir(os.path.dirname(path.strip("/")))
         self.entries[path.strip("/")] = (kind | mode, b"", (major, minor))
+
+    def write_dir(self, top):
+        """The same tree as files under top (device nodes left out: the agent mounts
+        devtmpfs, and making nodes needs root)."""
+        for name in sorted(n for n in self.entries if n != "."):
+            mode, data, _ = self.entries[name]
+            path = os.path.join(top, name)
+            if stat.S_ISDIR(mode):
+                os.makedirs(path, exist_ok=True)
+            elif stat.S_ISLNK(mode):
+                os.symlink(data.decode(), path)
+            elif stat.S_ISREG(mode):
+                with open(path, "wb") as f:
+                    f.write(data)
+                os.chmod(path, mode & 0o7777)
 
     def write(self, out):
         with open(out, "wb") as f:
@@ -332,62 +448,169 @@ def notify_smbios_args():
             % NOTIFY_RECEIVER_PORT]
 
 
-def build_initramfs(pyz, out, extra_files=None, modules=IMAGE_MODULES, init=None):
-    """Write the initramfs; returns a dict describing what went in. `init` replaces the
-    .pyz as /init (the benchmarks' baseline agent)."""
+def _add_busybox(img, arch):
+    """busybox and its applet links. Another architecture's busybox cannot run here to list
+    its applets: Debian builds busybox-static alike for every architecture, so the host's
+    list is used."""
     if not os.path.exists(BUSYBOX):
         raise ImageError("%s is missing (apt-get install busybox-static)" % BUSYBOX)
-    root = fetch_packages()
-    release = kernel_release(root)
-    img = Cpio()
-    # busybox and its applets
-    img.host_file("/bin/busybox", BUSYBOX, 0o755)
+    binary = BUSYBOX if arch == HOST_ARCH else os.path.join(fetch_packages(arch), "bin",
+                                                              "busybox")
+    img.host_file("/bin/busybox", binary, 0o755)
     for applet in _run([BUSYBOX, "--list-full"]).split():
         if applet.strip("/") != "bin/busybox":
             img.symlink("/" + applet, "/bin/busybox")
-    # python: binary, libraries, the landmark and only the imported stdlib files, compiled
+
+
+def _add_python(img, root, pyz, arch):
+    """The guest Python: binary, libraries, the landmark and only the imported stdlib
+    files, as sourceless unchecked-hash .pyc (bytecode does not depend on the
+    architecture: the host-architecture guest interpreter of the same version compiles)."""
     python_bin = os.path.join(root, "usr", "bin", PY)
     img.host_file("/usr/bin/" + PY, python_bin, 0o755)
     img.symlink("/usr/bin/python3", PY)
     stdlib = os.path.join(root, "usr", "lib", PY)
-    files = stdlib_files(root, pyz)
+    files = stdlib_files(root, pyz, arch)
     dynload = [os.path.join(stdlib, f) for f in files if f.endswith(".so")]
-    for soname, guest_path in sorted(shared_libraries(root, [python_bin] + dynload).items()):
+    for soname, guest_path in sorted(shared_libraries(root, [python_bin] + dynload,
+                                                      arch).items()):
         img.host_file(guest_path, os.path.join(root, guest_path.lstrip("/")), 0o755)
     img.dir("/usr/lib/%s/lib-dynload" % PY)
     sources = [rel for rel in files + ["os.py"] if rel.endswith(".py")]  # os: getpath's landmark
     for rel in files:
         if rel.endswith(".so"):
+            if not os.path.exists(os.path.join(stdlib, rel)):
+                raise ImageError("%s is not in the %s guest Python" % (rel, arch))
             img.host_file("/usr/lib/%s/%s" % (PY, rel), os.path.join(stdlib, rel), 0o755)
+    host_root = root if arch == HOST_ARCH else fetch_packages(HOST_ARCH)
+    compiler = os.path.join(host_root, "usr", "bin", PY)
     with tempfile.TemporaryDirectory() as tmp:
-        # Sourceless, unchecked-hash .pyc compiled by the guest interpreter itself.
-        _run([python_bin, "-S", "-c", COMPILE, stdlib, tmp, "/usr/lib/" + PY] + sources,
-             env={"PYTHONHOME": os.path.join(root, "usr")})
+        _run([compiler, "-S", "-c", COMPILE, stdlib, tmp, "/usr/lib/" + PY] + sources,
+             env={"PYTHONHOME": os.path.join(host_root, "usr")})
         for rel in sources:
             img.host_file("/usr/lib/%s/%s" % (PY, rel[:-3] + ".pyc"),
                           os.path.join(tmp, rel[:-3] + ".pyc"), 0o644)
-    # kernel modules
+    return files
+
+
+def _add_modules(img, root, modules):
+    release = kernel_release(root)
     found, deps = module_closure(root, modules)
     base = "/lib/modules/%s/" % release
     for name, rel in sorted(found.items()):
         img.host_file(base + rel, os.path.join(root, base.lstrip("/"), rel), 0o644)
-    img.file(base + "modules.dep", modules_dep_text(found, deps).encode())
-    # devices, mount points, the agent as /init
+    text = modules_dep_text(found, deps)
+    img.file(base + "modules.dep", text.encode())
+    return found, text
+
+
+def _add_basics(img, extra_files):
     img.node("/dev/console", stat.S_IFCHR, 5, 1, 0o600)
     img.node("/dev/null", stat.S_IFCHR, 1, 3, 0o666)
     img.node("/dev/urandom", stat.S_IFCHR, 1, 9, 0o666)
-    for d in ("/proc", "/sys", "/run", "/tmp", "/mnt", "/root", "/etc"):
+    for d in ("/proc", "/sys", "/dev", "/run", "/tmp", "/mnt", "/root", "/etc"):
         img.dir(d)
+    for path, data in sorted((extra_files or {}).items()):
+        mode = 0o755 if data.startswith(b"#!") else 0o644
+        img.file(path, data, mode)
+
+
+def build_initramfs(pyz, out, extra_files=None, modules=None, init=None, arch=HOST_ARCH):
+    """Write the initramfs; returns a dict describing what went in. `init` replaces the
+    .pyz as /init (the benchmarks' baseline agent)."""
+    root = fetch_packages(arch)
+    img = Cpio()
+    _add_busybox(img, arch)
+    files = _add_python(img, root, pyz, arch)
+    found, _ = _add_modules(img, root, image_modules(arch) if modules is None else modules)
     if init is None:
         img.host_file("/init", pyz, 0o755)
     else:
         img.file("/init", init, 0o755)
-    for path, data in sorted((extra_files or {}).items()):
-        mode = 0o755 if data.startswith(b"#!") else 0o644
-        img.file(path, data, mode)
+    _add_basics(img, extra_files)
     img.write(out)
-    return {"release": release, "stdlib": sorted(files), "modules": sorted(found),
-            "size": os.path.getsize(out), "sha256": _sha256(out)}
+    return {"release": kernel_release(root), "stdlib": sorted(files), "modules": sorted(found),
+            "size": os.path.getsize(out), "sha256": _sha256(out), "arch": arch}
+
+
+# ---- a disk root filesystem, and the tiny initramfs that mounts it ---------------------------
+
+def build_rootfs(pyz, out, extra_files=None, arch=HOST_ARCH, size_mb=160):
+    """An ext4 root filesystem image, made without root privileges (mkfs.ext4 -d): the
+    same busybox, guest Python and modules as the initramfs, and the .pyz installed the way
+    the README says: /sbin/arcbox-agent, and /sbin/init pointing at it."""
+    if shutil.which("mkfs.ext4") is None:
+        raise ImageError("mkfs.ext4 is missing (apt-get install e2fsprogs)")
+    root = fetch_packages(arch)
+    img = Cpio()
+    _add_busybox(img, arch)
+    files = _add_python(img, root, pyz, arch)
+    found, _ = _add_modules(img, root, image_modules(arch))
+    img.host_file("/sbin/arcbox-agent", pyz, 0o755)
+    img.symlink("/sbin/init", "arcbox-agent")
+    _add_basics(img, extra_files)
+    with tempfile.TemporaryDirectory() as tree:
+        img.write_dir(tree)
+        if os.path.exists(out):
+            os.unlink(out)
+        _run(["mkfs.ext4", "-q", "-F", "-L", "arcbox-root", "-d", tree, out, "%dM" % size_mb])
+    return {"release": kernel_release(root), "stdlib": sorted(files), "modules": sorted(found),
+            "size": os.path.getsize(out), "arch": arch}
+
+
+BOOT_INIT = """#!/bin/sh
+# A tiny initramfs, the way distributions boot a disk root: Debian's kernels build the
+# virtio and ext4 drivers as modules, so load them, mount root= (ro unless the cmdline says
+# rw, as the kernel would), and switch_root to its init (/sbin/init unless init= says).
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in %(modules)s; do
+    insmod "$m" 2>/dev/null || grep -q "^$(basename "$m" .ko | tr - _) " /proc/modules \
+        || echo "boot: insmod $m failed"
+done
+root=/dev/vda mode=ro init=/sbin/init
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        root=*) root="${word#root=}" ;;
+        rw) mode=rw ;;
+        ro) mode=ro ;;
+        init=*) init="${word#init=}" ;;
+    esac
+done
+i=0
+while [ ! -b "$root" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+mkdir -p /newroot
+if ! mount -t ext4 -o "$mode" "$root" /newroot; then
+    echo "boot: cannot mount $root ($mode): the kernel lacks a driver, or it is no ext4"
+    poweroff -f
+fi
+umount /sys /proc
+mount --move /dev /newroot/dev
+exec switch_root /newroot "$init"
+"""
+
+
+def build_boot_initramfs(out, arch=HOST_ARCH):
+    """The initramfs that boots a disk root (BOOT_INIT): busybox and the modules to reach
+    a virtio disk with ext4, loaded with insmod in dependency order."""
+    root = fetch_packages(arch)
+    img = Cpio()
+    _add_busybox(img, arch)
+    found, text = _add_modules(img, root, [m for m in ROOT_MODULES
+                                           if m in _module_index(root)])
+    base = "/lib/modules/%s/" % kernel_release(root)
+    order = []
+    for line in text.splitlines():          # "path: deps..." as modules_dep_text writes it
+        path, _, deps = line.partition(":")
+        for rel in list(reversed(deps.split())) + [path]:
+            if base + rel not in order:
+                order.append(base + rel)
+    img.file("/init", (BOOT_INIT % {"modules": " ".join(order)}).encode(), 0o755)
+    _add_basics(img, {})
+    img.dir("/newroot")
+    img.write(out)
+    return {"modules": sorted(found), "size": os.path.getsize(out)}
 
 
 def _sha256(path):
@@ -398,13 +621,31 @@ def _sha256(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Build the busybox+agent guest initramfs.")
+    parser = argparse.ArgumentParser(description="Build a busybox guest with the agent: an "
+                                     "initramfs (the .pyz as /init), or an ext4 root image "
+                                     "(/sbin/init -> /sbin/arcbox-agent) with its boot "
+                                     "initramfs.")
     parser.add_argument("--pyz", default=os.path.join(REPO, "dist", "arcbox-agent.pyz"))
-    parser.add_argument("-o", "--output", default=os.path.join(CACHE, "initramfs.cpio"))
+    parser.add_argument("--arch", default=HOST_ARCH, choices=sorted(ARCHES))
+    parser.add_argument("-o", "--output", default=None,
+                        help="initramfs (default CACHE/initramfs-ARCH.cpio)")
+    parser.add_argument("--rootfs", metavar="IMG",
+                        help="instead: an ext4 root image, and IMG.boot.cpio to boot it")
     args = parser.parse_args()
-    info = build_initramfs(args.pyz, args.output)
-    print("initramfs %s: %d bytes, kernel %s (%s)" % (args.output, info["size"], info["release"],
-                                                      vmlinux(fetch_packages())))
+    try:
+        kernel = kernel_image(fetch_packages(args.arch), args.arch)
+        if args.rootfs:
+            info = build_rootfs(args.pyz, args.rootfs, arch=args.arch)
+            build_boot_initramfs(args.rootfs + ".boot.cpio", arch=args.arch)
+            print("root image %s (%d bytes) and %s.boot.cpio; boot with root=/dev/vda rw"
+                  % (args.rootfs, info["size"], args.rootfs))
+        else:
+            out = args.output or os.path.join(CACHE, "initramfs-%s.cpio" % args.arch)
+            info = build_initramfs(args.pyz, out, arch=args.arch)
+            print("initramfs %s: %d bytes" % (out, info["size"]))
+    except ImageError as exc:
+        raise SystemExit("guestimage: %s" % exc)
+    print("kernel %s (%s), %s" % (info["release"], kernel, args.arch))
     print("stdlib files: %s" % " ".join(info["stdlib"]))
     print("modules: %s" % " ".join(info["modules"]))
 

@@ -8,6 +8,10 @@ Facts this follows (DESIGN.md section 6.3, measured on this machine kind):
 - QEMU exits 0 on power-off *and* after a panic with panic=-1, so a pvpanic-pci device turns
   a panic into a failure exit, and the console must say "reboot: Power down";
 - every run has a hard timeout.
+aarch64 (`arch="aarch64"`): qemu-system-aarch64 `-M virt -cpu max` (pauth-impdef: the
+cheap pointer-authentication algorithm, much faster under TCG), the kernel's Image booted
+directly (QEMU makes the device tree; power-off is PSCI SYSTEM_OFF), console on the PL011
+(ttyAMA0). Debian's arm64 kernel has no pvpanic: a panic is told by the console there.
 """
 
 import os
@@ -17,16 +21,26 @@ from guestctl import GuestProcess
 
 SERIAL_PORT_NAME = "org.arcbox.agent"
 QEMU = "qemu-system-x86_64"
+QEMU_BY_ARCH = {"x86_64": (QEMU, "qemu-system-x86"),
+                "aarch64": ("qemu-system-aarch64", "qemu-system-arm")}
+MACHINE = {
+    "x86_64": ["-M", "pc", "-accel", "tcg", "-cpu", "max", "-bios",
+               "/usr/share/qemu/qboot.rom", "-device", "pvpanic-pci",
+               "-action", "panic=exit-failure"],
+    "aarch64": ["-M", "virt", "-accel", "tcg", "-cpu", "max,pauth-impdef=on"],
+}
+CONSOLE = {"x86_64": "ttyS0", "aarch64": "ttyAMA0"}
 
 
-def why_vm_unavailable():
+def why_vm_unavailable(arch="x86_64"):
     import shutil
-    for tool, package in ((QEMU, "qemu-system-x86"), ("cpio", "cpio")):
+    qemu, package = QEMU_BY_ARCH[arch]
+    for tool, pkg in ((qemu, package), ("cpio", "cpio")):
         if shutil.which(tool) is None:
-            return "%s is missing (apt-get install %s)" % (tool, package)
+            return "%s is missing (apt-get install %s)" % (tool, pkg)
     if not os.path.exists(guestimage.BUSYBOX):
         return "%s is missing (apt-get install busybox-static)" % guestimage.BUSYBOX
-    if not os.path.exists("/usr/share/qemu/qboot.rom"):
+    if arch == "x86_64" and not os.path.exists("/usr/share/qemu/qboot.rom"):
         return "/usr/share/qemu/qboot.rom is missing (apt-get install qemu-system-x86)"
     return None
 
@@ -40,7 +54,7 @@ class VM(GuestProcess):
     request_timeout = 10.0
 
     def __init__(self, workdir, initramfs, kernel, cmdline="", disk=None, memory=256,
-                 log_level="info", qemu_args=()):
+                 log_level="info", qemu_args=(), arch="x86_64"):
         GuestProcess.__init__(self, workdir, os.path.join(workdir, "agent-serial.sock"),
                               os.path.join(workdir, "console.log"),
                               output_path=os.path.join(workdir, "qemu.out"))
@@ -48,9 +62,10 @@ class VM(GuestProcess):
         self.initramfs, self.kernel, self.disk = initramfs, kernel, disk
         self.memory = memory
         self.qemu_args = list(qemu_args)
+        self.arch = arch
         self.cmdline = " ".join([
-            "console=ttyS0", "quiet", "panic=-1", "rdinit=/init",
-            "arcbox.modules=" + ",".join(guestimage.GUEST_MODULES),
+            "console=" + CONSOLE[arch], "quiet", "panic=-1", "rdinit=/init",
+            "arcbox.modules=" + ",".join(guestimage.guest_modules(arch)),
             "arcbox.listen=serial:%s,vsock:any:1024" % SERIAL_PORT_NAME,
             "arcbox.log=" + log_level, cmdline]).strip()
 
@@ -63,13 +78,12 @@ class VM(GuestProcess):
         return self.address
 
     def command(self):
-        cmd = [QEMU, "-M", "pc", "-accel", "tcg", "-cpu", "max", "-m", str(self.memory),
+        cmd = [QEMU_BY_ARCH[self.arch][0]] + MACHINE[self.arch] + [
+               "-m", str(self.memory),
                "-nodefaults", "-display", "none", "-no-reboot", "-no-user-config",
-               "-bios", "/usr/share/qemu/qboot.rom",
                "-kernel", self.kernel, "-initrd", self.initramfs, "-append", self.cmdline,
                "-serial", "file:" + self.log_path,
                "-monitor", "unix:%s,server=on,wait=off" % self.monitor,
-               "-device", "pvpanic-pci", "-action", "panic=exit-failure",
                "-device", "virtio-serial-pci,id=vser",
                "-chardev", "socket,id=agent,path=%s,server=on,wait=off" % self.sock,
                "-device", "virtserialport,bus=vser.0,chardev=agent,name=" + SERIAL_PORT_NAME]

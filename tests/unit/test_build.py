@@ -6,6 +6,8 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 import build
 
 
@@ -50,3 +52,31 @@ def test_build_script_checks_the_artifact_and_rejects_relative_interpreters(tmp_
     out = subprocess.run([sys.executable, build.__file__, "--python", "python3 -S", "-o",
                           str(tmp_path / "y.pyz")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "absolute path" in out.stderr
+
+
+def test_install_into_a_rootfs_directory(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "usr" / "sbin").mkdir(parents=True)
+    (rootfs / "sbin").symlink_to("usr/sbin")                  # a merged-/usr guest
+    pyz = str(tmp_path / "a.pyz")
+    build.build_pyz(pyz)
+    steps = build.install_into(str(rootfs), pyz)
+    agent_file = rootfs / "usr" / "sbin" / "arcbox-agent"
+    assert agent_file.read_bytes() == open(pyz, "rb").read()
+    assert os.access(str(agent_file), os.X_OK)
+    assert os.readlink(str(rootfs / "usr" / "sbin" / "init")) == "arcbox-agent"
+    assert steps[-1] == "sbin/init -> arcbox-agent"
+    assert build.install_into(str(rootfs), pyz)[-1] == "sbin/init already points at arcbox-agent"
+
+
+def test_install_into_leaves_another_init_alone(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "sbin").mkdir(parents=True)
+    (rootfs / "sbin" / "init").symlink_to("../lib/systemd/systemd")
+    pyz = str(tmp_path / "a.pyz")
+    build.build_pyz(pyz)
+    steps = build.install_into(str(rootfs), pyz)
+    assert os.readlink(str(rootfs / "sbin" / "init")) == "../lib/systemd/systemd"
+    assert "init=/sbin/arcbox-agent" in steps[-1]
+    with pytest.raises(SystemExit):
+        build.install_into(str(tmp_path / "missing"), pyz)

@@ -11,37 +11,78 @@ import vm as vmtool
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="session")
-def guest_image(pyz, tmp_path_factory):
-    reason = vmtool.why_vm_unavailable()
-    if reason:
-        pytest.fail("VM tests cannot run here: " + reason, pytrace=False)
-    out = str(tmp_path_factory.mktemp("guest") / "initramfs.cpio")
+def guest_test_files():
     with open(os.path.join(HERE, "guest_vsock_client.py"), "rb") as f:
         client = f.read()
     extra = {"/test/vsock_client.py": client,
              # a process that ignores SIGTERM (the disposition survives exec)
              "/test/ignore_term.sh": b"#!/bin/sh\ntrap '' TERM\necho IGNORING-TERM\nexec sleep 1000\n"}
     extra.update(guestimage.notify_receiver_files())
-    info = guestimage.build_initramfs(pyz, out, extra_files=extra)
-    info["kernel"] = guestimage.vmlinux(guestimage.fetch_packages())
+    return extra
+
+
+def make_image(pyz, tmp_path_factory, arch):
+    reason = vmtool.why_vm_unavailable(arch)
+    if reason:
+        pytest.fail("VM tests (%s) cannot run here: %s" % (arch, reason), pytrace=False)
+    out = str(tmp_path_factory.mktemp("guest-" + arch) / "initramfs.cpio")
+    info = guestimage.build_initramfs(pyz, out, extra_files=guest_test_files(), arch=arch)
+    info["kernel"] = guestimage.kernel_image(guestimage.fetch_packages(arch), arch)
     info["initramfs"] = out
     return info
 
 
+@pytest.fixture(scope="session")
+def guest_image(pyz, tmp_path_factory):
+    return make_image(pyz, tmp_path_factory, "x86_64")
+
+
+@pytest.fixture(scope="session")
+def arm_image(pyz, tmp_path_factory):
+    return make_image(pyz, tmp_path_factory, "aarch64")
+
+
 @pytest.fixture
 def boot(guest_image, tmp_path):
-    """boot(cmdline="", disk=None, log_level, qemu_args) -> a started VM; every VM is killed
-    at the end."""
+    """boot(cmdline="", disk=None, log_level, qemu_args, image=None (the x86_64 one),
+    initramfs=None (the image's)) -> a started VM; every VM is killed at the end."""
     machines = []
 
-    def start(cmdline="", disk=None, log_level="info", qemu_args=()):
-        machine = vmtool.VM(str(tmp_path), guest_image["initramfs"], guest_image["kernel"],
+    def start(cmdline="", disk=None, log_level="info", qemu_args=(), image=None,
+              initramfs=None):
+        image = image or guest_image
+        machine = vmtool.VM(str(tmp_path), initramfs or image["initramfs"], image["kernel"],
                             cmdline=cmdline, disk=disk, log_level=log_level,
-                            qemu_args=qemu_args)
+                            qemu_args=qemu_args, arch=image["arch"])
         machines.append(machine)
         return machine.start()
 
     yield start
     for machine in machines:
         machine.__exit__(None, None, None)
+
+
+def make_rootfs(pyz, tmp_path_factory, arch):
+    """A disk-root guest: an ext4 root image with the .pyz as /sbin/arcbox-agent and
+    /sbin/init -> it, and the tiny busybox initramfs that mounts it and switch_roots."""
+    reason = vmtool.why_vm_unavailable(arch)
+    if reason:
+        pytest.fail("VM tests (%s) cannot run here: %s" % (arch, reason), pytrace=False)
+    work = tmp_path_factory.mktemp("rootfs-" + arch)
+    image = str(work / "root.img")
+    info = guestimage.build_rootfs(pyz, image, extra_files=guest_test_files(), arch=arch)
+    info["boot_initramfs"] = str(work / "boot.cpio")
+    guestimage.build_boot_initramfs(info["boot_initramfs"], arch=arch)
+    info["root_template"] = image
+    info["kernel"] = guestimage.kernel_image(guestimage.fetch_packages(arch), arch)
+    return info
+
+
+@pytest.fixture(scope="session")
+def rootfs_image(pyz, tmp_path_factory):
+    return make_rootfs(pyz, tmp_path_factory, "x86_64")
+
+
+@pytest.fixture(scope="session")
+def arm_rootfs_image(pyz, tmp_path_factory):
+    return make_rootfs(pyz, tmp_path_factory, "aarch64")
