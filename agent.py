@@ -274,6 +274,56 @@ def _parse_allow(text):
     return allow
 
 
+IFNAMSIZ = 16                     # <net/if.h>: interface names are shorter than this
+
+
+def parse_ipv4(text):
+    """Dotted quad -> packed 4 bytes; anything else (inet_aton's '10.1' shorthands too) is a
+    ConfigError: a lease or a flag value, never trusted."""
+    parts = str(text).strip().split(".")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 and len(p) <= 3 for p in parts):
+        raise ConfigError("%r is not an IPv4 address" % (text,))
+    return bytes(int(p) for p in parts)
+
+
+def _prefix(text):
+    try:
+        prefix = int(str(text).strip())
+    except ValueError:
+        raise ConfigError("%r is not a prefix length (0-32)" % (text,))
+    if not 0 <= prefix <= 32:
+        raise ConfigError("prefix %d is out of range (0-32)" % prefix)
+    return prefix
+
+
+def _iface(text):
+    name = str(text).strip()
+    if not 0 < len(name) < IFNAMSIZ or any(c in name for c in "/: \t"):
+        raise ConfigError("%r is not an interface name" % (text,))
+    return name
+
+
+def parse_net(text):
+    """none | dhcp[:IFACE] | IFACE:ADDR/PREFIX[:GATEWAY] -> ("none",), ("dhcp", iface),
+    ("static", iface, addr, prefix, gateway or None)."""
+    value = str(text).strip()
+    if value.lower() in ("", "none", "off"):
+        return ("none",)
+    kind, _, rest = value.partition(":")
+    if kind.lower() == "dhcp":
+        return ("dhcp", _iface(rest or "eth0"))
+    iface, _, rest = value.partition(":")
+    addr, slash, rest = rest.partition("/")
+    prefix, _, gateway = rest.partition(":")
+    if not slash:
+        raise ConfigError("%r: expected none, dhcp[:IFACE] or IFACE:ADDR/PREFIX[:GATEWAY]"
+                          % (text,))
+    parse_ipv4(addr)
+    if gateway:
+        parse_ipv4(gateway)
+    return ("static", _iface(iface), addr, _prefix(prefix), gateway or None)
+
+
 # systemd's notify address forms (systemd(1), vmm.notify_socket): vsock:CID:PORT tries a
 # datagram, then a seqpacket, then a stream socket; vsock-dgram:, vsock-seqpacket: and
 # vsock-stream: force one type. An AF_UNIX address is a path or @abstract (our unix:PATH too).
@@ -347,6 +397,11 @@ SERVE_OPTIONS = (
      "kernel modules to load at start, comma-separated (e.g. vsock_loopback)"),
     ("exec", "CMD...", split_command, "",
      "a program to start after boot (as a flag: the rest of the command line)"),
+    ("net", "MODE", parse_net, "none",
+     "PID 1: lo is always brought up; then none, dhcp[:IFACE] (busybox udhcpc, supervised; "
+     "IFACE default eth0) or a static IFACE:ADDR/PREFIX[:GATEWAY]"),
+    ("dns", "LIST", _parse_words, "",
+     "nameservers for /etc/resolv.conf (or /run/resolv.conf on a read-only root)"),
     ("on_exit", "POLICY", _choice("ignore", "respawn", "poweroff"), "ignore",
      "when the --exec program exits: ignore, respawn (with back-off), poweroff"),
     ("delegate", None, _parse_bool, "0",
@@ -467,6 +522,9 @@ def _describe(name, value):
         return " ".join(value) or "nothing"
     if name == "notify":
         return format_notify_address(value)
+    if name == "net":
+        return value[0] if value[0] != "static" else "%s:%s/%d%s" % (
+            value[1], value[2], value[3], ":" + value[4] if value[4] else "")
     if name == "allow":
         if value["any"]:
             return "any"
@@ -1443,6 +1501,8 @@ def boot_duties(config):
     failed = load_modules(config["modules"], optional=wanted)
     if failed:
         log("warn", "modules not loaded: %s" % ", ".join(failed))
+    if sys.platform.startswith("linux"):
+        configure_network(config["net"], config["dns"])
 
 
 # ---- reaping: every child, and every orphan when PID 1 -------------------------------------
@@ -1552,8 +1612,8 @@ class Workload(Source):
     BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
     STABLE_AFTER = 10.0            # a run this long resets the back-off
 
-    def __init__(self, argv, on_exit, reaper, on_finished):
-        self.argv, self.on_exit = argv, on_exit
+    def __init__(self, argv, on_exit, reaper, on_finished, name="workload"):
+        self.argv, self.on_exit, self.name = argv, on_exit, name
         self.reaper, self.on_finished = reaper, on_finished
         self.pid = None
         self.started = None
@@ -1595,16 +1655,222 @@ class Workload(Source):
         how = describe_status(status) if status is not None else "did not start"
         self.last_status = os.waitstatus_to_exitcode(status) if status is not None else 127
         if self.stopped:
-            log("debug", "workload %s during shutdown" % how)
+            log("debug", "%s %s during shutdown" % (self.name, how))
         elif self.on_exit == "poweroff":
-            self.on_finished(self.last_status, "workload %s after %.1fs" % (how, ran))
+            self.on_finished(self.last_status, "%s %s after %.1fs" % (self.name, how, ran))
         elif self.on_exit == "respawn":
             self.backoff = self.BACKOFF_FIRST if ran >= self.STABLE_AFTER else self.backoff
-            log("info", "workload %s after %.1fs: respawning in %gs" % (how, ran, self.backoff))
+            log("info", "%s %s after %.1fs: respawning in %gs" % (self.name, how, ran,
+                                                                self.backoff))
             self.respawn_at = time.monotonic() + self.backoff
             self.backoff = min(self.backoff * 2, self.BACKOFF_MAX)
         else:
-            log("info", "workload %s after %.1fs" % (how, ran))
+            log("info", "%s %s after %.1fs" % (self.name, how, ran))
+
+
+# ---- network: loopback up, a static address, or DHCP through busybox's udhcpc ---------------
+#
+# Debian's kernels have no ip= autoconfiguration (CONFIG_IP_PNP is off), and a guest whose lo
+# is down cannot even reach 127.0.0.1. Addresses and routes are set with the same ioctls
+# ifconfig and route use (no external command); DHCP is busybox's udhcpc, supervised like the
+# workload, with the .pyz itself as its script (udhcpc runs SCRIPT bound|renew|deconfig|...
+# with the lease in its environment).
+
+SIOCADDRT, SIOCDELRT = 0x890B, 0x890C           # <linux/sockios.h>: routes
+SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914     # interface flags
+SIOCSIFADDR, SIOCSIFNETMASK = 0x8916, 0x891C    # interface address and netmask
+IFF_UP = 0x1                                    # <net/if.h>
+RTF_UP, RTF_GATEWAY = 0x1, 0x2                  # <linux/route.h>
+_IFREQ = Struct("16sH14s")                      # struct ifreq: name, then a sockaddr or flags
+_SOCKADDR_IN = Struct("=H2s4s8s")               # struct sockaddr_in: family, port, addr, zero
+UDHCPC_EVENTS = ("deconfig", "bound", "renew", "leasefail", "nak")
+
+
+def _sockaddr(addr):
+    return _SOCKADDR_IN.pack(socket.AF_INET, b"\0\0", parse_ipv4(addr), b"\0" * 8)
+
+
+def _net_ioctl(request, data):
+    """ioctl(2) on an AF_INET datagram socket with a buffer holding `data`: returns (errno
+    or 0, the buffer's bytes afterwards)."""
+    import ctypes
+    data = data.ljust(40, b"\0")       # at least sizeof(struct ifreq): the kernel copies 40
+    buf = ctypes.create_string_buffer(data, len(data))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        # int ioctl(int fd, unsigned long request, void *argp)
+        err = libc_call("ioctl", sock.fileno(), ctypes.c_ulong(request), buf)
+    return err, buf.raw
+
+
+def interface_up(name):
+    """Set IFF_UP if it is not set. -> "up", "already up", or the reason it failed."""
+    err, raw = _net_ioctl(SIOCGIFFLAGS, _IFREQ.pack(name.encode(), 0, b""))
+    if err:
+        return os.strerror(err)
+    flags = _IFREQ.unpack_from(raw)[1]
+    if flags & IFF_UP:
+        return "already up"
+    err, _ = _net_ioctl(SIOCSIFFLAGS, _IFREQ.pack(name.encode(), flags | IFF_UP, b""))
+    return os.strerror(err) if err else "up"
+
+
+def set_ipv4(name, addr, prefix):
+    """Address and netmask on an interface, then up. -> None, or the reason it failed."""
+    mask = ".".join(str(b) for b in ((0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF)
+                    .to_bytes(4, "big"))
+    for request, value in ((SIOCSIFADDR, addr), (SIOCSIFNETMASK, mask)):
+        err, _ = _net_ioctl(request, name.encode().ljust(IFNAMSIZ, b"\0")[:IFNAMSIZ]
+                            + _sockaddr(value) + b"\0" * 8)
+        if err:
+            return "%s %s: %s" % ("address" if request == SIOCSIFADDR else "netmask", value,
+                                  os.strerror(err))
+    state = interface_up(name)
+    return None if state in ("up", "already up") else "up: " + state
+
+
+def set_default_route(gateway, name):
+    """Replace the default route with one via gateway on name. -> None, or why not."""
+    import ctypes
+
+    sockaddr = ctypes.c_ubyte * 16     # bytes, not c_char: a c_char array stops at a NUL
+
+    class RtEntry(ctypes.Structure):   # struct rtentry, <linux/route.h>
+        _fields_ = [("pad1", ctypes.c_ulong), ("dst", sockaddr),
+                    ("gateway", sockaddr), ("genmask", sockaddr),
+                    ("flags", ctypes.c_ushort), ("pad2", ctypes.c_short),
+                    ("pad3", ctypes.c_ulong), ("pad4", ctypes.c_void_p),
+                    ("metric", ctypes.c_short), ("dev", ctypes.c_void_p),
+                    ("mtu", ctypes.c_ulong), ("window", ctypes.c_ulong),
+                    ("irtt", ctypes.c_ushort)]
+
+    dev = ctypes.create_string_buffer(name.encode())   # alive for both calls below
+
+    def entry(with_gateway):
+        rt = RtEntry()
+        rt.dst = rt.genmask = sockaddr.from_buffer_copy(_sockaddr("0.0.0.0"))
+        rt.flags = RTF_UP | (RTF_GATEWAY if with_gateway else 0)
+        if with_gateway:
+            rt.gateway = sockaddr.from_buffer_copy(_sockaddr(gateway))
+            rt.dev = ctypes.addressof(dev)
+        return bytes(rt)
+
+    _net_ioctl(SIOCDELRT, entry(False))            # an old default route: gone if there was one
+    err, _ = _net_ioctl(SIOCADDRT, entry(True))
+    return "default via %s: %s" % (gateway, os.strerror(err)) if err else None
+
+
+def write_resolv_conf(servers):
+    """nameserver lines in /etc/resolv.conf, or in /run/resolv.conf when the root is
+    read-only (point /etc/resolv.conf there in the image). -> the file written, or None."""
+    text = "".join("nameserver %s\n" % s for s in servers)
+    for path in ("/etc/resolv.conf", "/run/resolv.conf"):
+        try:   # in place: it may be a symlink, or a file bind-mounted over (containers)
+            with open(path, "w") as f:
+                f.write(text)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def configure_network(net, dns):
+    """PID 1 at boot: lo up, always; then the static address, if that is the mode. DHCP
+    starts later, supervised (Agent.start). Failures are log lines."""
+    state = interface_up("lo")
+    log("debug" if state in ("up", "already up") else "warn", "network: lo %s" % state)
+    if net[0] == "static":
+        _, iface, addr, prefix, gateway = net
+        why = set_ipv4(iface, addr, prefix) or (
+            set_default_route(gateway, iface) if gateway else None)
+        if why:
+            log("warn", "network: %s: %s" % (iface, why))
+        else:
+            log("info", "network: %s %s/%d%s" % (iface, addr, prefix,
+                                                 " via " + gateway if gateway else ""))
+    if net[0] == "dhcp":
+        state = interface_up(net[1])           # udhcpc's deconfig does it too; say it early
+        if state not in ("up", "already up"):
+            log("warn", "network: %s: %s (dhcp will keep trying)" % (net[1], state))
+    if dns:
+        where = write_resolv_conf(dns)
+        log("info" if where else "warn", "network: nameservers %s %s" % (
+            " ".join(dns), "in " + where if where else "not written (no writable place)"))
+
+
+def find_udhcpc():
+    """busybox's udhcpc (or a standalone one) as an argv prefix, or None."""
+    for exe, argv in (("/sbin/udhcpc", ["/sbin/udhcpc"]), ("/usr/sbin/udhcpc", ["/usr/sbin/udhcpc"]),
+                      ("/bin/busybox", ["/bin/busybox", "udhcpc"])):
+        if os.access(exe, os.X_OK):
+            return argv
+    return None
+
+
+def dhcp_client_argv(net):
+    """The supervised DHCP client for --net dhcp[:IFACE]: udhcpc in the foreground with this
+    .pyz as its script; [] when not wanted or not possible (said in the log)."""
+    if net[0] != "dhcp":
+        return []
+    udhcpc = find_udhcpc()
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if udhcpc is None:
+        log("warn", "network: dhcp on %s wanted, but there is no udhcpc (busybox's, or "
+            "/sbin/udhcpc); %s stays unconfigured" % (net[1], net[1]))
+        return []
+    if not os.access(script, os.X_OK):
+        log("warn", "network: dhcp: %r is not an executable script for udhcpc (run the .pyz "
+            "through its shebang); %s stays unconfigured" % (script, net[1]))
+        return []
+    return udhcpc + ["-f", "-i", net[1], "-s", script]
+
+
+def udhcpc_script(event, env):
+    """The .pyz run by udhcpc as its script: apply the lease in env to env["interface"].
+    Returns the exit status (udhcpc only logs it)."""
+    iface = env.get("interface", "")
+    try:
+        iface = _iface(iface)
+        if event in ("leasefail", "nak"):
+            log("warn", "dhcp: %s: %s" % (iface, "no lease yet" if event == "leasefail"
+                                          else "the server said no (NAK)"))
+            return 0
+        if event == "deconfig":
+            # udhcpc starts (and ends a lease) with this: the link must be up to ask at all
+            state = interface_up(iface)
+            if state not in ("up", "already up"):
+                log("warn", "dhcp: %s: cannot bring it up: %s" % (iface, state))
+                return 1
+            _net_ioctl(SIOCSIFADDR, iface.encode().ljust(IFNAMSIZ, b"\0")
+                       + _sockaddr("0.0.0.0"))            # no address: none there is fine
+            return 0
+        addr = env.get("ip", "")
+        parse_ipv4(addr)
+        if env.get("mask"):
+            prefix = _prefix(env["mask"])
+        else:
+            mask = int.from_bytes(parse_ipv4(env.get("subnet", "")), "big")
+            prefix = bin(mask).count("1")
+            if mask != (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF:
+                raise ConfigError("subnet %r is not a netmask" % env.get("subnet"))
+        routers = [r for r in env.get("router", "").split() if r]
+        for router in routers:
+            parse_ipv4(router)
+        dns = [d for d in env.get("dns", "").split() if d]
+        for server in dns:
+            parse_ipv4(server)
+    except ConfigError as exc:
+        log("warn", "dhcp: %s: lease refused: %s" % (iface or "?", exc))
+        return 1
+    why = set_ipv4(iface, addr, prefix) or (
+        set_default_route(routers[0], iface) if routers else None)
+    if why:
+        log("warn", "dhcp: %s: %s" % (iface, why))
+        return 1
+    if dns:
+        write_resolv_conf(dns)
+    log("info", "dhcp: %s %s/%d%s" % (iface, addr, prefix,
+                                      " via " + routers[0] if routers else ""))
+    return 0
 
 
 # ---- power-off helpers: flush and remount read-only ---------------------------------------------
@@ -3005,6 +3271,8 @@ class Agent:
         self.server = Server(config, policy, self.on_request_effect)
         self.workload = Workload(config["exec"], config["on_exit"], self.reaper,
                                  self.on_workload_finished)
+        self.dhcp = Workload(dhcp_client_argv(config["net"]) if is_init else [], "respawn",
+                             self.reaper, None, name="udhcpc")
         notify = notify if notify is not None else config["notify"]
         self.notifier = Notifier(notify) if notify else NoNotifier()
         self.buttons = PowerButtons(self.on_power_button) \
@@ -3015,7 +3283,7 @@ class Agent:
             notifier=self.notifier)
         self.loop = EventLoop()
         for source in (self.inbox, self.reaper, self.server, self.buttons, self.notifier,
-                       self.workload, self.shutdown):
+                       self.workload, self.dhcp, self.shutdown):
             if source is not None:
                 self.loop.add(source)
 
@@ -3033,6 +3301,7 @@ class Agent:
         self.server.open()
         if self.buttons is not None:
             self.buttons.start()
+        self.dhcp.start()          # the agent serves while it asks for a lease
         self.workload.start()
         log("info", "ready (pid %d, version %s)" % (os.getpid(), __version__))
         listening = ",".join(l.text for l in self.server.listeners if l.is_open) or "nothing"
@@ -3073,6 +3342,7 @@ class Agent:
             log("error", "shutdown (%s) ignored: not PID 1 and not --delegate" % reason)
             return
         self.workload.stop()
+        self.dhcp.stop()           # udhcpc is just another process to TERM
         self.shutdown.begin(action, grace, reason, ack, exit_status)
 
     def on_signal(self, sig):
@@ -3483,6 +3753,8 @@ def main(argv=None, is_init=False):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in CLIENT_COMMANDS:
         return client_main(argv)
+    if len(argv) == 1 and argv[0] in UDHCPC_EVENTS and "interface" in os.environ:
+        return udhcpc_script(argv[0], os.environ)      # run by udhcpc as its script
     if argv and argv[0] == "--version":
         _write(1, "%s %s\n" % (PROG, __version__))
         return EXIT_OK

@@ -41,7 +41,7 @@ PYTHON_DEBS = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-std
                "libc6", "zlib1g", "libexpat1"]
 # Modules the VM tests need, loaded by the agent at boot (arcbox.modules=) in this order.
 GUEST_MODULES = ["virtio_pci", "pvpanic_pci", "virtio_console", "virtio_blk", "crc32c_generic",
-                 "ext4", "vsock_loopback"]
+                 "ext4", "vsock_loopback", "virtio_net"]
 # Debian's arm64 kernel: ext4's crc32c is built in, and there is no pvpanic (a panic is told
 # by the console there).
 GUEST_MODULES_BY_ARCH = {"x86_64": GUEST_MODULES,

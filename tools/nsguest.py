@@ -44,13 +44,14 @@ class NamespaceGuest(GuestProcess):
     `setup` is shell run by the namespace's first process before it execs the agent, so the
     processes it starts in the background become the agent's children. `init`, if given, is
     shell exec'd instead of the agent (a fake PID 1 for delegate mode); $AGENT holds the
-    agent's command line there. A new UTS namespace keeps hostname changes inside.
+    agent's command line there. A new UTS namespace keeps hostname changes inside; with
+    net=True a new network namespace keeps addresses and routes inside too.
     """
 
     what = "the namespace"
 
     def __init__(self, pyz, workdir, setup="", agent_args=(), python=None, log_level="debug",
-                 init=None, redirect=""):
+                 init=None, redirect="", net=False):
         GuestProcess.__init__(self, workdir, os.path.join(workdir, "agent.sock"),
                               os.path.join(workdir, "agent.log"))
         self.pyz = os.path.abspath(pyz)
@@ -60,6 +61,7 @@ class NamespaceGuest(GuestProcess):
         self.log_level = log_level
         self.init = init
         self.redirect = redirect
+        self.net = net             # a network namespace of its own too (lo down, no links)
 
     def command(self):
         agent_cmd = " ".join(shlex.quote(a) for a in [
@@ -70,8 +72,8 @@ class NamespaceGuest(GuestProcess):
         else:
             script = "%s\nexec %s %s\n" % (self.setup, agent_cmd, self.redirect)
         # --kill-child: if unshare dies (a test aborted), the namespace dies with it.
-        return ["unshare", "--pid", "--fork", "--mount-proc", "--uts", "--kill-child", "sh",
-                "-c", script]
+        return ["unshare", "--pid", "--fork", "--mount-proc", "--uts", "--kill-child"] + (
+            ["--net"] if self.net else []) + ["sh", "-c", script]
 
     def popen_options(self):
         return {"cwd": self.workdir}

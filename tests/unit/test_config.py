@@ -175,3 +175,27 @@ def test_config_from_a_fake_cmdline_file_as_serve_reads_it(tmp_path):
     assert problems == ["kernel cmdline: unknown key arcbox.nope (ignored)"]
     assert sorted(t.split(":")[0] for _, t in value_problems) == ["arcbox.log",
                                                                   "arcbox.max_conns"]
+
+
+@pytest.mark.parametrize("text,parsed", [
+    ("none", ("none",)), ("", ("none",)),
+    ("dhcp", ("dhcp", "eth0")), ("dhcp:ens3", ("dhcp", "ens3")),
+    ("eth0:10.0.0.5/24", ("static", "eth0", "10.0.0.5", 24, None)),
+    ("eth1:192.0.2.9/28:192.0.2.1", ("static", "eth1", "192.0.2.9", 28, "192.0.2.1")),
+])
+def test_net_modes(text, parsed):
+    assert agent.parse_net(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["eth0", "eth0:10.0.0.5", "eth0:10.0.0.256/24",
+                                  "eth0:10.0.0.5/33", "eth0:10.0.0.5/x", "dhcp:a/b",
+                                  "thisnameiswaytoolong:1.2.3.4/8", "eth0:1.2.3.4/8:gw"])
+def test_bad_net_values_say_why(text):
+    with pytest.raises(agent.ConfigError):
+        agent.parse_net(text)
+
+
+def test_a_bad_net_value_on_the_cmdline_keeps_the_default_and_says_so():
+    config, problems = agent.build_config({}, {"net": "eth0:10.0.0.999/24"})
+    assert config["net"] == ("none",)
+    assert problems and "arcbox.net" in problems[0][1] and "keeping none" in problems[0][1]

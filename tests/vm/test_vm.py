@@ -193,6 +193,35 @@ def test_the_host_is_told_ready_and_the_exit_status_through_smbios_and_vsock(boo
     assert "shutdown: poweroff, exit status 3" in vm.messages()
 
 
+def test_dhcp_through_udhcpc_gives_an_address_and_shutdown_stays_orderly(boot):
+    """QEMU's user network, restricted (QEMU answers DHCP itself; nothing leaves the QEMU
+    process): arcbox.net=dhcp runs busybox udhcpc with the .pyz as its script; the address
+    shows in GetSystemInfo; at shutdown udhcpc is TERMed and reaped like anybody else."""
+    vm = boot("arcbox.net=dhcp", log_level="debug",
+              qemu_args=["-netdev", "user,id=n,restrict=on", "-device",
+                         "virtio-net-pci,netdev=n"])
+    ready = vm.wait_ready(BOOT_TIMEOUT)
+    deadline = time.monotonic() + 20
+    while True:
+        info = agent.decode_message(agent.SYSTEM_INFO, vm.request(agent.MSG_GET_SYSTEM_INFO))
+        if "10.0.2.15" in info["ip_addresses"]:
+            break
+        assert time.monotonic() < deadline, (info["ip_addresses"], vm.console()[-3000:])
+        time.sleep(0.1)
+    took = time.monotonic() - vm.started - ready
+    assert took < 10, "the lease came %.1fs after the agent served" % took
+    lines = vm.messages()
+    # (restrict=on: QEMU's DHCP offers no router, so no default route: "via" only if it did)
+    assert any(l.startswith("dhcp: eth0 10.0.2.15/24") for l in lines), lines
+    assert "network: lo up" in lines
+    assert vm.shutdown(grace=5) is True
+    assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
+    lines = vm.messages()
+    assert "udhcpc: received SIGTERM" in vm.console()              # it handles TERM itself
+    assert "udhcpc exited with status 0 during shutdown" in lines, lines
+    assert "shutdown: grace over, SIGKILL sent to the rest" not in lines
+
+
 def test_pid1_survives_a_flood_of_bad_frames_then_powers_off(boot):
     vm = boot()
     vm.wait_ready(BOOT_TIMEOUT)
