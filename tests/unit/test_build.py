@@ -80,3 +80,13 @@ def test_install_into_leaves_another_init_alone(tmp_path):
     assert "init=/sbin/arcbox-agent" in steps[-1]
     with pytest.raises(SystemExit):
         build.install_into(str(tmp_path / "missing"), pyz)
+
+
+def test_the_image_builders_say_exactly_what_is_missing(tmp_path, monkeypatch):
+    import guestimage
+    monkeypatch.setattr(guestimage.shutil, "which", lambda name: None)
+    with pytest.raises(guestimage.ImageError, match="mkfs.ext4 is missing .apt-get install "
+                       "e2fsprogs."):
+        guestimage.build_rootfs(str(tmp_path / "a.pyz"), str(tmp_path / "root.img"))
+    with pytest.raises(guestimage.ImageError, match="no guest architecture 'sparc64'"):
+        guestimage.fetch_packages("sparc64")

@@ -180,3 +180,31 @@ def test_missing_and_stalled_receivers_cost_nothing(tmp_path, capfd):
     r.close()
     err = capfd.readouterr().err
     assert err.count("notify %s" % path) == 1, err          # logged once
+
+
+def test_a_device_that_appears_later_is_picked_up_on_its_uevent(tmp_path):
+    """A module loaded after boot (evdev, button) makes its device later: the kernel's
+    uevent (here through a socketpair standing in for the netlink socket) triggers a scan."""
+    sysfs, devices = tmp_path / "sys", tmp_path / "dev"
+    sysfs.mkdir()
+    devices.mkdir()
+    buttons = agent.PowerButtons(lambda d: None, sysfs=str(sysfs), devices=str(devices))
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    buttons.uevents = ours
+    buttons.scan()
+    assert buttons.open_fds == {} and buttons.deadline() is None    # no polling meanwhile
+    caps = sysfs / "event3" / "device" / "capabilities"
+    caps.mkdir(parents=True)
+    (caps / "key").write_text("10000000000000 0\n")
+    (sysfs / "event3" / "device" / "name").write_text("Power Button\n")
+    (devices / "event3").write_bytes(b"")
+    kernel.send(b"add@/devices/LNXSYSTM:00/LNXPWRBN:00/input/input3/event3\0ACTION=add\0"
+                b"SUBSYSTEM=input\0DEVNAME=input/event3\0")
+    buttons._on_uevent(None, 0)
+    assert [n for n, _ in buttons.open_fds.values()] == ["event3"]
+    kernel.send(b"change@/devices/x\0ACTION=change\0SUBSYSTEM=power_supply\0")
+    buttons._on_uevent(None, 0)                                       # others: ignored
+    assert len(buttons.open_fds) == 1
+    buttons.close()
+    kernel.close()
