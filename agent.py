@@ -8,10 +8,10 @@ file is the client: `ping`, `info`, `shutdown`.
 
 Sections, top-down:
   1. constants and configuration      5. the shutdown sequence (state machine)
-  2. wire codec (frames, proto3)      6. the event loop: signals, the server, the agent
-  3. requests (Ping, Info, Shutdown)  7. host-side client commands
-  4. PID 1 duties (boot, reaping,     8. main(): the PID-1 story, top-down
-     the workload, power-off helpers)
+  2. wire codec (frames, proto3)      6. the event loop: signals, power button, notify,
+  3. requests (Ping, Info, Shutdown)     the server, the agent
+  4. PID 1 duties (boot, reaping,     7. host-side client commands
+     workload, network, power-off)    8. main(): the PID-1 story, top-down
 
 Import discipline: the guest path imports only os, signal, socket, time, ctypes (plus sys and
 C built-ins such as select, errno, _struct, which need no .py files). A minimal guest carries
@@ -838,11 +838,12 @@ def _expect(wire, wanted, name):
 # 3. Requests: Ping, GetSystemInfo, Shutdown
 # =============================================================================================
 
-def _read_text(path, limit=1 << 20):
+def _read_bytes(path, limit=1 << 20):
+    """A small file's bytes (at most about `limit`), or None when it cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
-        return ""
+        return None
     try:
         chunks = []
         while True:
@@ -853,11 +854,16 @@ def _read_text(path, limit=1 << 20):
             limit -= len(chunk)
             if limit <= 0:
                 break
-        return b"".join(chunks).decode("utf-8", "replace")
+        return b"".join(chunks)
     except OSError:
-        return ""
+        return None
     finally:
         os.close(fd)
+
+
+def _read_text(path, limit=1 << 20):
+    data = _read_bytes(path, limit)
+    return "" if data is None else data.decode("utf-8", "replace")
 
 
 def _meminfo():
@@ -1059,7 +1065,7 @@ def set_clock_from_peer(seconds, peer, policy):
 
 
 # =============================================================================================
-# 4. PID 1 duties: logging, libc, boot, modules, reaping, the workload, power-off helpers
+# 4. PID 1 duties: logging, libc, boot, modules, reaping, the workload, network, power-off
 # =============================================================================================
 
 # The event loop (section 6) serves Sources; the reaper, the workload and the shutdown
@@ -1529,22 +1535,11 @@ class Reaper(Source):
     def children():
         """Our direct children, or None when the kernel does not list them (the file needs
         CONFIG_PROC_CHILDREN, which Debian's kernels have, and a mounted /proc)."""
+        data = _read_bytes("/proc/self/task/%d/children" % os.getpid())
         try:
-            fd = os.open("/proc/self/task/%d/children" % os.getpid(), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+            return None if data is None else {int(pid) for pid in data.split()}
+        except ValueError:
             return None
-        try:
-            chunks = []
-            while True:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            return {int(pid) for pid in b"".join(chunks).split()}
-        except (OSError, ValueError):
-            return None
-        finally:
-            os.close(fd)
 
     def tick(self, now):
         self.reap()
@@ -2302,7 +2297,8 @@ class ShutdownSequence(Source):
 
 
 # =============================================================================================
-# 6. The event loop: one thread, one poll(); signals, the server and the timers plug into it
+# 6. The event loop: one thread, one poll(); signals, the power button, the host notify,
+#    the server and the timers plug into it
 # =============================================================================================
 #
 # Signals, the way busybox init explains them before its code: a PID 1 without a handler

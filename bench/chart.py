@@ -72,7 +72,7 @@ def draw(data, out):
     ax.set_ylabel("stop request -> QEMU exit, s")
     ax.set_ylim(bottom=0)
     ax.set_title("Real VM (QEMU TCG), same image and kernel")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="center left")
 
     ax = axes[2]
     startup = data.get("startup", {})

@@ -167,40 +167,6 @@ def test_arbitrary_bytes_never_break_the_loop(chunks):
     assert len(os.listdir("/proc/self/fd")) <= fds_before
 
 
-@FUZZ
-@given(st.binary(max_size=2000), st.lists(st.integers(1, 64), min_size=1, max_size=50))
-def test_a_serial_stream_resynchronises_after_garbage(garbage, sizes):
-    """A persistent (serial) stream: garbage that holds no plausible header, in any chunking,
-    then a good request: the request is answered and no Error frame is sent for garbage."""
-    garbage = bytes(b for b in garbage if b not in (0x00,))   # no zero: no plausible header
-    h = Harness(0)
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.setblocking(False)
-    listener = agent.Listener(("serial", "fuzz"))
-    conn = agent.Connection(None, ("serial", "fuzz"), time.monotonic(),
-                            fd=ours.fileno(), listener=listener)
-    h.server.conns[conn.fd] = conn
-    h.peers.append(theirs)
-    h.received.append(bytearray())
-    try:
-        stream = garbage + agent.encode_frame(agent.MSG_PING, b"", b"good")
-        pos = 0
-        for size in sizes * (len(stream) // max(1, sum(sizes)) + 1):
-            if pos >= len(stream):
-                break
-            h.send(0, stream[pos:pos + size])
-            pos += size
-        h.settle()
-        answers = h.frames(0)
-        assert [(t, tr) for t, tr, _ in answers] == [(0x1001, b"good")]
-    finally:
-        theirs.close()
-        h.server.conns.pop(conn.fd, None)
-        ours.close()
-        h.close()
-
-
 def serial_harness():
     h = Harness(0)
     ours, theirs = socket.socketpair()
@@ -212,6 +178,35 @@ def serial_harness():
     h.peers.append(theirs)
     h.received.append(bytearray())
     return h, conn, ours, theirs
+
+
+def send_chunked(h, stream, sizes):
+    """Feed stream to the agent in the given chunk sizes (cycled), one loop turn each."""
+    pos = 0
+    for size in sizes * (len(stream) // max(1, sum(sizes)) + 1):
+        if pos >= len(stream):
+            break
+        h.send(0, stream[pos:pos + size])
+        pos += size
+
+
+@FUZZ
+@given(st.binary(max_size=2000), st.lists(st.integers(1, 64), min_size=1, max_size=50))
+def test_a_serial_stream_resynchronises_after_garbage(garbage, sizes):
+    """A persistent (serial) stream: garbage that holds no plausible header, in any chunking,
+    then a good request: the request is answered and no Error frame is sent for garbage."""
+    garbage = bytes(b for b in garbage if b not in (0x00,))   # no zero: no plausible header
+    h, conn, ours, theirs = serial_harness()
+    try:
+        send_chunked(h, garbage + agent.encode_frame(agent.MSG_PING, b"", b"good"), sizes)
+        h.settle()
+        answers = h.frames(0)
+        assert [(t, tr) for t, tr, _ in answers] == [(0x1001, b"good")]
+    finally:
+        theirs.close()
+        h.server.conns.pop(conn.fd, None)
+        ours.close()
+        h.close()
 
 
 @FUZZ
@@ -227,13 +222,7 @@ def test_a_plausible_partial_frame_on_a_serial_stream_is_dropped_after_silence(
     header = struct.pack(">II", length, msg_type)
     h, conn, ours, theirs = serial_harness()
     try:
-        stream = garbage + header + partial
-        pos = 0
-        for size in sizes * (len(stream) // max(1, sum(sizes)) + 1):
-            if pos >= len(stream):
-                break
-            h.send(0, stream[pos:pos + size])
-            pos += size
+        send_chunked(h, garbage + header + partial, sizes)
         h.settle()
         assert h.frames(0) == []                          # nothing answered yet
         h.server.tick(time.monotonic() + agent.SERIAL_STALE_FRAME + 0.01)   # silence
