@@ -1972,12 +1972,12 @@ def power_off_failed(why):
 
 class ShutdownSequence(Source):
     """The phases, in order: idle, ack, term (or delegate), kill, flush, sync, final, failed.
-    Each
-    has a _step_<phase> method; step() runs the current one until the phase stops changing.
+    Each has a _step_<phase> method; step() runs the current one until the phase stops
+    changing.
 
     Collaborators: the reaper (who is left, and the helper children's ends), the frozen
-    timeouts, `delegate` (not PID 1: ask PID 1 instead of signalling everyone), the remount
-    mounts to spare from the read-only remount, and what to do if power-off fails."""
+    timeouts, `delegate` (not PID 1: ask PID 1 instead of signalling everyone), the mounts
+    to spare from the read-only remount, what to do if power-off fails, and the notifier."""
 
     def __init__(self, reaper, timeouts, delegate=False, spare_mounts=frozenset(),
                  on_failure=power_off_failed, notifier=None):
