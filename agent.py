@@ -377,7 +377,8 @@ SERVE_OPTIONS = (
      "largest frame accepted; a larger declared length gets an Error and the connection "
      "is closed"),
     ("max_conns", "N", _int_in_range(1, 100000), "128",
-     "concurrent connections; a connection beyond it is closed at once"),
+     "concurrent connections; at the limit a newcomer allowed to shut down (--allow) "
+     "evicts the oldest connection of a peer that is not, any other is closed at once"),
     ("idle_timeout", "SECONDS", parse_seconds, "60",
      "close a connection that sends nothing for this long"),
     ("frame_timeout", "SECONDS", parse_seconds, "10",
