@@ -1682,8 +1682,13 @@ _SOCKADDR_IN = Struct("=H2s4s8s")               # struct sockaddr_in: family, po
 UDHCPC_EVENTS = ("deconfig", "bound", "renew", "leasefail", "nak")
 
 
-def _sockaddr(addr):
+def _sockaddr_in(addr):
     return _SOCKADDR_IN.pack(socket.AF_INET, b"\0\0", parse_ipv4(addr), b"\0" * 8)
+
+
+def _ifreq_addr(name, addr):
+    """struct ifreq with an interface name and an IPv4 address (SIOCSIFADDR/NETMASK)."""
+    return name.encode().ljust(IFNAMSIZ, b"\0")[:IFNAMSIZ] + _sockaddr_in(addr)
 
 
 def _net_ioctl(request, data):
@@ -1715,8 +1720,7 @@ def set_ipv4(name, addr, prefix):
     mask = ".".join(str(b) for b in ((0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF)
                     .to_bytes(4, "big"))
     for request, value in ((SIOCSIFADDR, addr), (SIOCSIFNETMASK, mask)):
-        err, _ = _net_ioctl(request, name.encode().ljust(IFNAMSIZ, b"\0")[:IFNAMSIZ]
-                            + _sockaddr(value) + b"\0" * 8)
+        err, _ = _net_ioctl(request, _ifreq_addr(name, value))
         if err:
             return "%s %s: %s" % ("address" if request == SIOCSIFADDR else "netmask", value,
                                   os.strerror(err))
@@ -1743,10 +1747,10 @@ def set_default_route(gateway, name):
 
     def entry(with_gateway):
         rt = RtEntry()
-        rt.dst = rt.genmask = sockaddr.from_buffer_copy(_sockaddr("0.0.0.0"))
+        rt.dst = rt.genmask = sockaddr.from_buffer_copy(_sockaddr_in("0.0.0.0"))
         rt.flags = RTF_UP | (RTF_GATEWAY if with_gateway else 0)
         if with_gateway:
-            rt.gateway = sockaddr.from_buffer_copy(_sockaddr(gateway))
+            rt.gateway = sockaddr.from_buffer_copy(_sockaddr_in(gateway))
             rt.dev = ctypes.addressof(dev)
         return bytes(rt)
 
@@ -1836,8 +1840,7 @@ def udhcpc_script(event, env):
             if state not in ("up", "already up"):
                 log("warn", "dhcp: %s: cannot bring it up: %s" % (iface, state))
                 return 1
-            _net_ioctl(SIOCSIFADDR, iface.encode().ljust(IFNAMSIZ, b"\0")
-                       + _sockaddr("0.0.0.0"))            # no address: none there is fine
+            _net_ioctl(SIOCSIFADDR, _ifreq_addr(iface, "0.0.0.0"))   # none there is fine
             return 0
         addr = env.get("ip", "")
         parse_ipv4(addr)
@@ -3441,15 +3444,21 @@ class Client:
             target = unix_sockaddr(self.addr[1])
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = sock
-        try:
-            sock.settimeout(self._remaining())
-            sock.connect(target)
-        except socket.timeout:
-            raise ClientError(EXIT_TIMEOUT, "%s: connect timed out after %gs" % (where,
-                                                                                self.timeout))
-        except OSError as exc:
-            raise ClientError(EXIT_UNREACHABLE, "%s: cannot connect: %s"
-                              % (where, exc.strerror or exc))
+        while True:
+            try:
+                sock.settimeout(self._remaining())
+                sock.connect(target)
+                break
+            except socket.timeout:
+                raise ClientError(EXIT_TIMEOUT, "%s: connect timed out after %gs"
+                                  % (where, self.timeout))
+            except BlockingIOError:
+                # A Unix socket whose listen backlog is full answers EAGAIN at once instead
+                # of waiting: the agent is busy accepting. Wait for it, within the timeout.
+                time.sleep(0.005)
+            except OSError as exc:
+                raise ClientError(EXIT_UNREACHABLE, "%s: cannot connect: %s"
+                                  % (where, exc.strerror or exc))
         if kind == "hvsock":
             self._hybrid_handshake()
 
@@ -3768,9 +3777,12 @@ def run_as_init():
     except BaseException as exc:   # noqa: B902 - including SystemExit and KeyboardInterrupt
         log("error", "agent failed: %s" % describe_exception(exc))
     log("error", "serving stopped; falling back to reaping and signal handling only")
+    inbox = None                   # one for every retry: a retry must not leak a pipe
     while True:
         try:
-            Agent(dict(default_config(), listen=[]), is_init=True).run()
+            if inbox is None:
+                inbox = SignalInbox().install()
+            Agent(dict(default_config(), listen=[]), is_init=True, inbox=inbox).run()
         except BaseException as exc:   # noqa: B902
             log("error", "fallback loop failed: %s" % describe_exception(exc))
             time.sleep(1)

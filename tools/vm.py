@@ -70,10 +70,6 @@ class VM(GuestProcess):
             "arcbox.log=" + log_level, cmdline]).strip()
 
     @property
-    def socket(self):
-        return self.sock
-
-    @property
     def agent_address(self):
         return self.address
 

@@ -129,3 +129,38 @@ def test_commands_against_a_real_agent(pyz, tmp_path):
         assert json.loads(out.stdout)["exit_status"] == agent.EXIT_REFUSED
     finally:
         proc.stop()
+
+
+def test_a_full_backlog_is_waited_for_not_unreachable(tmp_path):
+    """A busy agent's Unix listen backlog can be full: connect() then says EAGAIN at once.
+    The client waits for room within its timeout instead of calling the agent unreachable."""
+    import time
+    path = str(tmp_path / "busy.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(0)
+    queued = []
+    while True:                                  # fill the backlog
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+            queued.append(s)
+        except BlockingIOError:
+            s.close()
+            break
+    client = agent.Client(("unix", path), 0.4)
+    started = time.monotonic()
+    with pytest.raises(agent.ClientError) as err:
+        client.connect()                        # nobody accepts: the timeout, not at once
+    client.close()
+    assert err.value.code == agent.EXIT_TIMEOUT
+    assert time.monotonic() - started >= 0.35
+    timer = threading.Timer(0.2, lambda: server.accept())    # room comes after 0.2 s
+    timer.start()
+    client = agent.Client(("unix", path), 5)
+    client.connect()
+    client.close()
+    timer.join()
+    for s in queued + [server]:
+        s.close()

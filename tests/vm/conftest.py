@@ -21,10 +21,15 @@ def guest_test_files():
     return extra
 
 
-def make_image(pyz, tmp_path_factory, arch):
+def require_vm(arch):
+    """Fail (not skip) when this machine cannot boot an `arch` guest, saying why."""
     reason = vmtool.why_vm_unavailable(arch)
     if reason:
         pytest.fail("VM tests (%s) cannot run here: %s" % (arch, reason), pytrace=False)
+
+
+def make_image(pyz, tmp_path_factory, arch):
+    require_vm(arch)
     out = str(tmp_path_factory.mktemp("guest-" + arch) / "initramfs.cpio")
     info = guestimage.build_initramfs(pyz, out, extra_files=guest_test_files(), arch=arch)
     info["kernel"] = guestimage.kernel_image(guestimage.fetch_packages(arch), arch)
@@ -65,9 +70,7 @@ def boot(guest_image, tmp_path):
 def make_rootfs(pyz, tmp_path_factory, arch):
     """A disk-root guest: an ext4 root image with the .pyz as /sbin/arcbox-agent and
     /sbin/init -> it, and the tiny busybox initramfs that mounts it and switch_roots."""
-    reason = vmtool.why_vm_unavailable(arch)
-    if reason:
-        pytest.fail("VM tests (%s) cannot run here: %s" % (arch, reason), pytrace=False)
+    require_vm(arch)
     work = tmp_path_factory.mktemp("rootfs-" + arch)
     image = str(work / "root.img")
     info = guestimage.build_rootfs(pyz, image, extra_files=guest_test_files(), arch=arch)
