@@ -2054,8 +2054,11 @@ class ShutdownSequence(Source):
         if self.delegate:
             self._ask_pid1(now)
             return
-        self._enter("term", now + self.grace)
-        if kill_all(signal.SIGTERM):
+        signalled = kill_all(signal.SIGTERM)
+        # The grace is counted from the moment every process has its SIGTERM, not from the
+        # loop's wake-up before it: signalling can take milliseconds on a slow (TCG) guest.
+        self._enter("term", time.monotonic() + self.grace)
+        if signalled:
             log("info", "shutdown: SIGTERM sent to all processes (grace %gs)" % self.grace)
         else:
             log("info", "shutdown: no processes to signal")

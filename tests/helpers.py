@@ -22,6 +22,20 @@ def wait_for(predicate, timeout=15, what="condition"):
         time.sleep(0.02)
 
 
+# A log line's stamp is taken just after the event it reports (the signal is sent, then
+# the line is formatted and written), so the gap between two stamps can fall short of the
+# gap between the events by the time one write takes. 20 ms is far above that, far below
+# any grace a test uses.
+LOG_STAMP_SLACK = 0.02
+
+
+def assert_grace_kept(events, grace, most=2.0):
+    """SIGKILL came after the whole grace (counted from SIGTERM), and not much later."""
+    term = next(t for t, _, m in events if "SIGTERM sent" in m)
+    kill = next(t for t, _, m in events if "SIGKILL sent" in m)
+    assert grace - LOG_STAMP_SLACK <= kill - term < grace + most, (
+        "SIGKILL %.3fs after SIGTERM, grace %gs" % (kill - term, grace))
+
 
 class RawClient:
     """Frames in, frames out, no help: for testing what the agent does with odd input."""
