@@ -351,7 +351,7 @@ def parse_notify_address(text):
 
 
 def format_notify_address(addr):
-    if addr is None:
+    if not addr:                   # None, or the unset default ""
         return "none"
     if addr[0] == "unix":
         return addr[2]

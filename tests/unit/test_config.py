@@ -1,6 +1,7 @@
 """Configuration: defaults < kernel cmdline (arcbox.*) < flags; bad values fall back."""
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import agent
 
@@ -199,3 +200,33 @@ def test_a_bad_net_value_on_the_cmdline_keeps_the_default_and_says_so():
     config, problems = agent.build_config({}, {"net": "eth0:10.0.0.999/24"})
     assert config["net"] == ("none",)
     assert problems and "arcbox.net" in problems[0][1] and "keeping none" in problems[0][1]
+
+
+# Any kernel cmdline and any argv: as PID 1 a bad value must be a log line and the default,
+# never an exception (one escaping here used to drop PID 1 into its no-listener fallback).
+KEYS = [name for name, _, _, _, _ in agent.SERVE_OPTIONS if name != "kmsg"]   # not the host's
+VALUE = st.one_of(st.text(max_size=24), st.sampled_from(
+    ["", "0", "-1", "none", "dhcp:", "unix:", "vsock:", "vsock:2", "vsock:x:1", "@", "/",
+     "4294967296", "1e999", "nan", "eth0:1.2.3.4/99", "a,b,,c", '"', "'"]))
+CMDLINE_WORD = st.one_of(
+    st.builds("arcbox.{}={}".format, st.sampled_from(KEYS), VALUE),
+    st.builds("systemd.set_credential=vmm.notify_socket:{}".format, VALUE),
+    st.sampled_from(["arcbox.grace", "arcbox.", "arcbox.=1", "quiet", '"']),
+    st.text(max_size=16))
+FLAG_WORD = st.one_of(
+    st.sampled_from([agent.flag_name(k) for k in KEYS]),
+    st.builds("{}={}".format, st.sampled_from([agent.flag_name(k) for k in KEYS]), VALUE),
+    VALUE)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(argv=st.lists(FLAG_WORD, max_size=6), cmdline=st.lists(CMDLINE_WORD, max_size=8))
+def test_any_cmdline_and_argv_give_a_config_as_pid1(argv, cmdline):
+    saved = agent._log_level
+    try:
+        config, status = agent.read_configuration(argv, " ".join(cmdline), is_init=True)
+    finally:
+        agent._log_level = saved
+    assert status is None and set(config) == set(agent.default_config())
+    for name in config:                     # every value can be described in a log line
+        agent._describe(name, config[name])
