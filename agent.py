@@ -1219,9 +1219,11 @@ def libc():
                               ctypes.c_ulong, ctypes.c_char_p]
         # int umount2(const char *target, int flags)
         lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        # int swapoff(const char *path)
+        lib.swapoff.argtypes = [ctypes.c_char_p]
         # long syscall(long number, ...): finit_module has no libc wrapper everywhere.
         lib.syscall.restype = ctypes.c_long
-        for fn in (lib.reboot, lib.mount, lib.umount2):
+        for fn in (lib.reboot, lib.mount, lib.umount2, lib.swapoff):
             fn.restype = ctypes.c_int
         _libc = lib
     return _libc
@@ -1305,23 +1307,35 @@ EARLY_MOUNTS = (
 PSEUDO_FILESYSTEMS = frozenset((
     "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs",
     "tracefs", "configfs", "pstore", "bpf", "mqueue", "hugetlbfs", "fusectl", "binfmt_misc",
-    "efivarfs", "autofs", "rpc_pipefs", "nsfs", "rootfs", "ramfs", "selinuxfs", "overlay"))
+    "efivarfs", "autofs", "rpc_pipefs", "nsfs", "rootfs", "ramfs", "selinuxfs"))
 
 
-def read_mountinfo():
-    """/proc/self/mountinfo -> [(mount id, mount point, fs type, read-only?)], in mount order."""
+def _unescape_mount_path(text):
+    """mountinfo and /proc/swaps write space, tab, newline and backslash as octal escapes."""
+    return (text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            .replace("\\134", "\\"))
+
+
+def parse_mountinfo(text):
+    """/proc/self/mountinfo text -> [(mount id, mount point, fs type, read-only?, source)],
+    in mount order. Read-only means the superblock's: a read-only bind of a writable disk is
+    still writable where it matters (its data is on the disk)."""
     mounts = []
-    for line in _read_text("/proc/self/mountinfo").splitlines():
+    for line in text.splitlines():
         fields = line.split()
         try:
             sep = fields.index("-")
-            mount_id, target, options = int(fields[0]), fields[4], fields[5].split(",")
-            fstype, super_options = fields[sep + 1], fields[sep + 3].split(",")
+            mount_id, target = int(fields[0]), _unescape_mount_path(fields[4])
+            fstype, source = fields[sep + 1], _unescape_mount_path(fields[sep + 2])
+            super_options = fields[sep + 3].split(",")
         except (ValueError, IndexError):
             continue
-        target = target.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
-        mounts.append((mount_id, target, fstype, "ro" in options or "ro" in super_options))
+        mounts.append((mount_id, target, fstype, "ro" in super_options, source))
     return mounts
+
+
+def read_mountinfo():
+    return parse_mountinfo(_read_text("/proc/self/mountinfo"))
 
 
 def mount_early_filesystems():
@@ -1872,38 +1886,287 @@ def udhcpc_script(event, env):
     return 0
 
 
-# ---- power-off helpers: flush and remount read-only ---------------------------------------------
+# ---- power-off: tear down what the guest mounted, the way systemd-shutdown does --------------
+#
+# Once the last process is gone only the kernel holds a filesystem, and it holds some in ways
+# a plain remount cannot undo (remount read-only fails with EBUSY while anything has a file on
+# it open for writing, the kernel included):
+#   - an active swap file keeps its filesystem busy: swapoff(2) it first;
+#   - a loop device keeps its backing file open for writing, so the filesystem holding the
+#     image cannot go read-only while the loop is bound: make the loop's own filesystem
+#     read-only, unmount it, clear the loop (LOOP_CLR_FD), then retry the holder;
+#   - a frozen filesystem (FIFREEZE: a backup agent's) blocks writers and sync(): thaw it
+#     before anything waits on it (at SIGTERM time, and again here).
+# A lazy unmount (MNT_DETACH) would only hide such a mount: its superblock lives on, dirty,
+# while the loop or swap area references it. So, after every process is gone, the teardown
+# runs passes -- swapoff every swap area; remount every writable filesystem read-only,
+# deepest first, unmounting the stacked ones (overlay, a filesystem on a loop device) so that
+# what they sit on lets go; clear every loop device that nothing mounts -- and repeats while a
+# pass changes anything, at most TEARDOWN_PASSES times and within its time limit (a device
+# that hangs a call is bounded by PID 1, which goes on to reboot() without this child). Then
+# sync(), always, so that a filesystem that stayed writable still has its data written; each
+# one is logged with what held it. Device-mapper and md devices are not detached: their
+# filesystems are remounted read-only like any other, and they buffer nothing of their own
+# (dm-cache and dm-writecache aside, which this agent does not handle).
 
-def flush_filesystems(spare_ids=frozenset()):
-    """Runs in a child at power-off: sync, remount every writable real filesystem read-only
-    in reverse mount order (children before parents), sync again. Mounts whose ids are in
-    spare_ids are left alone (see mounts_to_spare). Returns how many stayed writable."""
-    started = time.monotonic()
-    os.sync()
-    # the disks' time, not ours: the benchmarks report it apart from the agent's overhead
-    log("info", "shutdown: sync() took %.2f ms" % ((time.monotonic() - started) * 1000))
-    left = 0
-    for mount_id, target, fstype, readonly in reversed(read_mountinfo()):
-        if readonly or fstype in PSEUDO_FILESYSTEMS or mount_id in spare_ids:
-            continue
-        err = libc_call("mount", None, target.encode(), None, MS_REMOUNT | MS_RDONLY, None)
-        if err == errno.EBUSY and target != "/":
-            # Busy (a file still open for writing): a lazy unmount still flushes it once the
-            # last user is gone, which at power-off is now.
-            err = libc_call("umount2", target.encode(), MNT_DETACH)
-            if not err:
-                log("info", "shutdown: %s busy, unmounted instead" % target)
+LOOP_CLR_FD = 0x4C01          # <linux/loop.h>: unbind a loop device from its backing file
+FIFREEZE = 0xC0045877         # <linux/fs.h> _IOWR('X', 119, int): freeze a filesystem
+FITHAW = 0xC0045878           # <linux/fs.h> _IOWR('X', 120, int): thaw it (EINVAL if not frozen)
+# Filesystems made of other filesystems: unmounted once read-only, so what they sit on lets
+# go. (A filesystem whose source is a loop device is treated the same way.)
+STACKED_FILESYSTEMS = frozenset(("overlay",))
+TEARDOWN_PASSES = 16          # systemd-shutdown also stops early when a pass changes nothing
+
+
+def parse_swaps(text):
+    """/proc/swaps -> the active swap areas' paths (files or block devices)."""
+    return [_unescape_mount_path(line.split()[0])
+            for line in text.splitlines()[1:] if line.strip()]
+
+
+def owning_mount(path, mounts):
+    """The entry of `mounts` (parse_mountinfo's) whose filesystem holds `path`: the deepest
+    mount point above it; of mounts stacked on one point, the last one."""
+    best = None
+    for entry in mounts:
+        top = entry[1].rstrip("/")
+        if (path == entry[1] or path.startswith(top + "/")) and (
+                best is None or len(entry[1]) >= len(best[1])):
+            best = entry
+    return best
+
+
+def _ioctl_on(path, flags, request):
+    """open(path), ioctl(fd, request, 0), close: 0 or the errno."""
+    import ctypes
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK)
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    try:
+        # int ioctl(int fd, unsigned long request, ...): LOOP_CLR_FD and FITHAW ignore the arg
+        return libc_call("ioctl", fd, ctypes.c_ulong(request), ctypes.c_long(0))
+    finally:
+        os.close(fd)
+
+
+class KernelStorage:
+    """What the teardown reads from and asks of the kernel, one method each (a test stands
+    in a fake kernel). Every action returns 0 or an errno; nothing raises."""
+
+    @staticmethod
+    def mounts():
+        return read_mountinfo()
+
+    @staticmethod
+    def swaps():
+        return parse_swaps(_read_text("/proc/swaps"))
+
+    @staticmethod
+    def loops():
+        """{"/dev/loopN": backing file} for every bound loop device."""
+        found = {}
+        try:
+            names = os.listdir("/sys/block")
+        except OSError:
+            return found
+        for name in sorted(names):
+            if name.startswith("loop"):
+                backing = _read_text("/sys/block/%s/loop/backing_file" % name).rstrip("\n")
+                if backing:
+                    found["/dev/" + name] = backing
+        return found
+
+    @staticmethod
+    def remount_read_only(target):
+        return libc_call("mount", None, target.encode(), None, MS_REMOUNT | MS_RDONLY, None)
+
+    @staticmethod
+    def unmount(target):
+        return libc_call("umount2", target.encode(), 0)
+
+    @staticmethod
+    def swapoff(path):
+        return libc_call("swapoff", path.encode())
+
+    @staticmethod
+    def clear_loop(device):
+        return _ioctl_on(device, os.O_RDONLY, LOOP_CLR_FD)
+
+    @staticmethod
+    def thaw(target):
+        return _ioctl_on(target, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0), FITHAW)
+
+    @staticmethod
+    def sync():
+        os.sync()
+
+    @staticmethod
+    def holders(target):
+        """'pid N (name)' for each process with a file open under target."""
+        found = []
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                fds = os.listdir("/proc/%s/fd" % pid)
+            except OSError:
                 continue
-        if err:
-            left += 1
-            log("warn", "shutdown: cannot remount %s (%s) read-only: %s"
-                % (target, fstype, os.strerror(err)))
-        else:
-            log("debug", "shutdown: remounted %s (%s) read-only" % (target, fstype))
-    if left:
-        os.sync()   # a remount read-only syncs its filesystem; only the others need it again
-    return min(left, 255)
+            for fd in fds:
+                try:
+                    path = os.readlink("/proc/%s/fd/%s" % (pid, fd))
+                except OSError:
+                    continue
+                if path == target or path.startswith(target.rstrip("/") + "/"):
+                    name = _read_text("/proc/%s/comm" % pid).strip()
+                    found.append("pid %s (%s)" % (pid, name))
+                    break
+        return found
 
+
+def thaw_filesystems(kernel, spare_ids=frozenset()):
+    """FITHAW every block-device filesystem of ours that is writable: a frozen one would hang
+    its writers (even through SIGKILL) and sync(). Only block devices can be frozen, and
+    opening a network filesystem's mount point could hang on a dead server. Returns the
+    mount points thawed."""
+    thawed = []
+    for mount_id, target, fstype, readonly, source in kernel.mounts():
+        if (readonly or mount_id in spare_ids or fstype in PSEUDO_FILESYSTEMS
+                or not source.startswith("/dev/")):
+            continue
+        if kernel.thaw(target) == 0:       # EINVAL: it was not frozen, the usual case
+            log("warn", "shutdown: %s was frozen; thawed it" % target)
+            thawed.append(target)
+    return thawed
+
+
+class Teardown:
+    """The passes described above, over a KernelStorage (or a fake). `spare_ids` are the
+    mount ids to leave alone: none in a real guest; in a PID namespace (a container, our
+    tests) every mount that was there when the agent started, which are the host's. There,
+    only swap areas and loop devices that live on the guest's own mounts are touched, since
+    /proc/swaps and /sys/block are the host's too."""
+
+    def __init__(self, kernel, spare_ids=frozenset(), time_limit=5.0, passes=TEARDOWN_PASSES,
+                 clock=time.monotonic):
+        self.kernel = kernel
+        self.spare_ids = spare_ids
+        self.contained = bool(spare_ids)
+        self.time_limit = time_limit
+        self.passes = passes
+        self.clock = clock
+        self.failures = {}         # mount point -> the errno its last remount failed with
+        self.our_loops = set()     # loop devices that one of our mounts sat on
+        self.passes_run = 0
+
+    def _ours(self, mounts):
+        """Our real filesystems, in mount order."""
+        return [m for m in mounts
+                if m[0] not in self.spare_ids and m[2] not in PSEUDO_FILESYSTEMS]
+
+    def _on_ours(self, path, mounts):
+        """May the teardown touch a swap area or loop device at `path`? In a real guest any;
+        contained, only one that lives on (or backs) one of our own mounts."""
+        if not self.contained:
+            return True
+        if any(m[4] == path for m in self._ours(mounts)):
+            return True
+        owner = owning_mount(path, mounts)
+        return owner is not None and owner[0] not in self.spare_ids
+
+    def _state(self):
+        mounts = self.kernel.mounts()
+        return (tuple((m[0], m[3]) for m in mounts), tuple(self.kernel.swaps()),
+                tuple(sorted(self.kernel.loops().items())))
+
+    def run(self):
+        """Thaw, sync, the passes, sync. Returns [(mount point, fs type, reason)] for every
+        filesystem of ours that stayed writable."""
+        started = self.clock()
+        thaw_filesystems(self.kernel, self.spare_ids)
+        self._timed_sync("sync()")
+        state = self._state()
+        while self.passes_run < self.passes:
+            self.passes_run += 1
+            self._one_pass()
+            before, state = state, self._state()
+            if not self._left_writable() or state == before:
+                break                      # done, or a pass that changed nothing
+            if self.clock() - started > self.time_limit:
+                log("warn", "shutdown: teardown passes stopped after %.1fs (limit %gs)"
+                    % (self.clock() - started, self.time_limit))
+                break
+        left = [(target, fstype, self.why_writable(target))
+                for _, target, fstype, _, _ in self._left_writable()]
+        for target, fstype, why in left:
+            log("warn", "shutdown: %s (%s) stays writable: %s (its data is synced all the same)"
+                % (target, fstype, why))
+        self._timed_sync("final sync()")   # always: whatever stayed writable gets its data out
+        return left
+
+    def _timed_sync(self, what):
+        began = self.clock()
+        self.kernel.sync()
+        # the disks' time, not ours: the benchmarks report it apart from the agent's overhead
+        log("info", "shutdown: %s took %.2f ms" % (what, (self.clock() - began) * 1000))
+
+    def _left_writable(self):
+        return [m for m in self._ours(self.kernel.mounts()) if not m[3]]
+
+    def _one_pass(self):
+        mounts = self.kernel.mounts()
+        # the loop devices under our own mounts, remembered before those are unmounted
+        self.our_loops.update(m[4] for m in self._ours(mounts) if m[4].startswith("/dev/loop"))
+        for path in self.kernel.swaps():
+            if self._on_ours(path, mounts):
+                self._report(self.kernel.swapoff(path), "swapoff %s" % path)
+        loops = self.kernel.loops()
+        # what sits on another filesystem goes away whole: it and every mount below it
+        stacked = [m[1].rstrip("/") + "/" for m in self._ours(mounts)
+                   if m[1] != "/" and (m[2] in STACKED_FILESYSTEMS or m[4] in loops)]
+        for mount_id, target, fstype, readonly, source in reversed(mounts):
+            if mount_id in self.spare_ids:
+                continue
+            real = fstype not in PSEUDO_FILESYSTEMS
+            if real and not readonly:
+                err = self.kernel.remount_read_only(target)
+                if err:
+                    self.failures[target] = err
+                    continue
+                self.failures.pop(target, None)
+                log("debug", "shutdown: remounted %s (%s) read-only" % (target, fstype))
+            if target != "/" and any((target + "/").startswith(s) for s in stacked):
+                self._report(self.kernel.unmount(target), "unmount %s (%s on %s)"
+                             % (target, fstype, source))
+        mounts, swaps = self.kernel.mounts(), self.kernel.swaps()
+        sources = {m[4] for m in mounts}
+        for device, backing in sorted(self.kernel.loops().items()):
+            if device not in sources and device not in swaps and (
+                    device in self.our_loops or self._on_ours(backing, mounts)):
+                self._report(self.kernel.clear_loop(device), "detach %s from %s"
+                             % (device, backing))
+
+    @staticmethod
+    def _report(err, what):
+        if err:
+            log("debug", "shutdown: %s: %s" % (what, os.strerror(err)))
+        else:
+            log("debug", "shutdown: %s: done" % what)
+
+    def why_writable(self, target):
+        """What kept `target` writable, as precisely as the kernel tells."""
+        mounts = self.kernel.mounts()
+        entry = next((m for m in mounts if m[1] == target), None)
+        held = ["swap area %s is still on" % p for p in self.kernel.swaps()
+                if owning_mount(p, mounts) is entry]
+        held += ["%s still holds %s" % (dev, backing) for dev, backing
+                 in sorted(self.kernel.loops().items()) if owning_mount(backing, mounts) is entry]
+        held += ["%s has a file open on it" % who for who in self.kernel.holders(target)]
+        err = self.failures.get(target)
+        why = os.strerror(err) if err else "not remounted"
+        if held:
+            return "%s: %s" % (why, "; ".join(held))
+        if err == errno.EBUSY:
+            return "%s: no process in this guest holds it (one outside it, or the kernel)" % why
+        return why
 
 
 def mounts_to_spare():
@@ -1921,7 +2184,8 @@ def mounts_to_spare():
 #
 # What happens on Shutdown, in order (each step bounded, none blocks the loop):
 #   ack   - the ShutdownResponse is written and flushed (bounded by HOST_REPLY_BUDGET);
-#   term  - kill(-1, SIGTERM) then kill(-1, SIGCONT), so stopped processes can run their
+#   term  - thaw frozen filesystems (their writers would outlive SIGKILL), then
+#           kill(-1, SIGTERM) and kill(-1, SIGCONT), so stopped processes can run their
 #           TERM handler; tell the host (X_SYSTEMD_SHUTDOWN, EXIT_STATUS) if it listens;
 #           fork the sync/reboot child now, waiting on a pipe, so the fork is off the path;
 #           reap on every SIGCHLD; leave as soon as no process is left (ECHILD, or only
@@ -1930,8 +2194,9 @@ def mounts_to_spare():
 #           kill_wait;
 #   flush - only if a notify connection is still in flight: wait for it, 20 ms at most;
 #   sync  - in that child (or a new one), bounded by sync_timeout (a hung disk must not
-#           hang power-off): sync, remount every writable filesystem read-only in reverse
-#           mount order, sync, report to PID 1 over a pipe, and go straight on to final;
+#           hang power-off): the teardown (thaw, sync, passes of swapoff / remount read-only
+#           deepest first / loop detach while they make progress, sync; see Teardown), report
+#           to PID 1 over a pipe, and go straight on to final;
 #   final - reboot(cmd) in that child, as busybox does: if the kernel cannot power off it
 #           halts and do_exit()s the caller, which then is not PID 1 (if the sync hung, a
 #           second child is forked for reboot alone);
@@ -2054,6 +2319,8 @@ class ShutdownSequence(Source):
         if self.delegate:
             self._ask_pid1(now)
             return
+        # A writer blocked on a frozen filesystem outlives even SIGKILL: thaw first.
+        thaw_filesystems(KernelStorage(), self.spare_mounts)
         signalled = kill_all(signal.SIGTERM)
         # The grace is counted from the moment every process has its SIGTERM, not from the
         # loop's wake-up before it: signalling can take milliseconds on a slow (TCG) guest.
@@ -2136,6 +2403,9 @@ class ShutdownSequence(Source):
         is forked early (see _step_ack) and started when nobody is left. Returns
         (report fd, go fd), -1 where there is none; or None when fork failed."""
         spare, since = self.spare_mounts, self.started
+        # the passes stop starting new work halfway through PID 1's bound on this child, so
+        # the final sync() and the report still fit in it
+        teardown_limit = self.timeouts.sync_timeout / 2
         action, command = self.action, REBOOT_COMMANDS[self.action]
         try:
             report_r, report_w = os.pipe()
@@ -2149,7 +2419,7 @@ class ShutdownSequence(Source):
             if go_r >= 0 and not os.read(go_r, 1):
                 return 0           # PID 1 closed the pipe without a word: not needed
             started = time.monotonic()
-            left = flush_filesystems(spare)
+            left = len(Teardown(KernelStorage(), spare, time_limit=teardown_limit).run())
             took = time.monotonic() - started
             if left:
                 log("warn", "shutdown: filesystems synced in %.3fs; %d stayed writable"

@@ -77,7 +77,7 @@ def test_a_child_ignoring_term_is_killed_when_the_grace_ends(guest, tmp_path):
     assert kill - term >= 1.0
     order = [m for m in g.messages() if m.startswith("shutdown: ")]
     assert [m.split(" ")[1] for m in order] == ["SIGTERM", "poweroff,", "grace", "all", "sync()",
-                                                "filesystems",
+                                                "final", "filesystems",
                                                 "calling"], order
 
 
