@@ -1,6 +1,6 @@
 """Boot the busybox guest (tools/guestimage.py) under QEMU with arcbox-agent.pyz as /init.
 
-Facts this follows (DESIGN.md section 6.3, measured on this machine kind):
+Facts this follows (DESIGN.md, "How we test", measured on this machine kind):
 - TCG only (`/dev/kvm` here does not run stock kernels), `-M pc` (microvm hung in ~7-10 % of
   TCG boots), `-cpu max` (RDRAND: no 1 s entropy stall), qboot, the ELF vmlinux through PVH;
 - no vhost-vsock on this host: the host talks to the agent over a virtio-serial port that
@@ -54,18 +54,20 @@ class VM(GuestProcess):
     request_timeout = 10.0
 
     def __init__(self, workdir, initramfs, kernel, cmdline="", disk=None, memory=256,
-                 log_level="info", qemu_args=(), arch="x86_64"):
+                 log_level="info", qemu_args=(), arch="x86_64", modules=()):
         GuestProcess.__init__(self, workdir, os.path.join(workdir, "agent-serial.sock"),
                               os.path.join(workdir, "console.log"),
                               output_path=os.path.join(workdir, "qemu.out"))
         self.monitor = os.path.join(workdir, "monitor.sock")
-        self.initramfs, self.kernel, self.disk = initramfs, kernel, disk
+        self.initramfs, self.kernel = initramfs, kernel
+        # one disk image or a list of them: /dev/vda, /dev/vdb, ... in that order
+        self.disks = [disk] if isinstance(disk, str) else list(disk or ())
         self.memory = memory
         self.qemu_args = list(qemu_args)
         self.arch = arch
         self.cmdline = " ".join([
             "console=" + CONSOLE[arch], "quiet", "panic=-1", "rdinit=/init",
-            "arcbox.modules=" + ",".join(guestimage.guest_modules(arch)),
+            "arcbox.modules=" + ",".join(guestimage.guest_modules(arch) + list(modules)),
             "arcbox.listen=serial:%s,vsock:any:1024" % SERIAL_PORT_NAME,
             "arcbox.log=" + log_level, cmdline]).strip()
 
@@ -83,8 +85,8 @@ class VM(GuestProcess):
                "-device", "virtio-serial-pci,id=vser",
                "-chardev", "socket,id=agent,path=%s,server=on,wait=off" % self.sock,
                "-device", "virtserialport,bus=vser.0,chardev=agent,name=" + SERIAL_PORT_NAME]
-        if self.disk:
-            cmd += ["-drive", "file=%s,if=virtio,format=raw,cache=writeback" % self.disk]
+        for disk in self.disks:
+            cmd += ["-drive", "file=%s,if=virtio,format=raw,cache=writeback" % disk]
         return cmd + self.qemu_args
 
     def start(self):

@@ -14,7 +14,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def guest_test_files():
     with open(os.path.join(HERE, "guest_vsock_client.py"), "rb") as f:
         client = f.read()
-    extra = {"/test/vsock_client.py": client,
+    with open(os.path.join(HERE, "guest", "mounts.sh"), "rb") as f:
+        mounts = f.read()
+    extra = {"/test/vsock_client.py": client, "/test/mounts.sh": mounts,
              # a process that ignores SIGTERM (the disposition survives exec)
              "/test/ignore_term.sh": b"#!/bin/sh\ntrap '' TERM\necho IGNORING-TERM\nexec sleep 1000\n"}
     extra.update(guestimage.notify_receiver_files())
@@ -49,16 +51,17 @@ def arm_image(pyz, tmp_path_factory):
 
 @pytest.fixture
 def boot(guest_image, tmp_path):
-    """boot(cmdline="", disk=None, log_level, qemu_args, image=None (the x86_64 one),
-    initramfs=None (the image's)) -> a started VM; every VM is killed at the end."""
+    """boot(cmdline="", disk=None (an image or a list: vda, vdb, ...), log_level, qemu_args,
+    image=None (the x86_64 one), initramfs=None (the image's), modules=() (loaded at boot
+    after the usual ones)) -> a started VM; every VM is killed at the end."""
     machines = []
 
     def start(cmdline="", disk=None, log_level="info", qemu_args=(), image=None,
-              initramfs=None):
+              initramfs=None, modules=()):
         image = image or guest_image
         machine = vmtool.VM(str(tmp_path), initramfs or image["initramfs"], image["kernel"],
                             cmdline=cmdline, disk=disk, log_level=log_level,
-                            qemu_args=qemu_args, arch=image["arch"])
+                            qemu_args=qemu_args, arch=image["arch"], modules=modules)
         machines.append(machine)
         return machine.start()
 
