@@ -2,7 +2,8 @@
 in the other, an image file on each disk loop-mounted (one by `mount -o loop`, one on a
 loop device set up by hand), a swap file on the nested disk and another on a loop
 filesystem, a bind mount, an overlay whose upper directory is on a disk; files written
-without sync, and a process that ignores SIGTERM still appending when the power-off comes.
+without sync, the nested disk frozen (FIFREEZE) with a writer waiting on it, and a process
+that ignores SIGTERM still appending when the power-off comes.
 
 Each way the host stops a guest must end with QEMU exiting by itself, and then, on the
 host: every disk and every image inside one clean (e2fsck -fn, no journal to recover), every
@@ -23,6 +24,7 @@ MB = 1000000
 WRITTEN = {("vda", None, "/a"): b"disk-a", ("vdb", None, "/b"): b"disk-b",
            ("vda", "/loop.img", "/c"): b"loop-c", ("vdb", "/loop2.img", "/d"): b"loop2-d",
            ("vdb", None, "/shared/e"): b"bind-e", ("vdb", None, "/upper/f"): b"overlay-f"}
+FROZEN_WRITE = b"written-while-frozen\n"     # waited for the thaw: vdb:/g
 
 
 def mkfs(path, size, tree=None):
@@ -71,6 +73,7 @@ def assert_nothing_lost(disks, tmp_path):
         image = images[(disk, inner)] if inner else images[disk]
         assert debugfs(image, "cat " + path) == (tag + b"\n") * (MB // (len(tag) + 1)) + (
             (tag + b"\n")[:MB % (len(tag) + 1)]), (disk, inner, path)
+    assert debugfs(images["vdb"], "cat /g") == FROZEN_WRITE
     lines = debugfs(images[("vda", "/loop.img")], "cat /appender").decode().splitlines()
     assert lines and lines == [str(i) for i in range(1, len(lines) + 1)], lines[-3:]
 
@@ -88,7 +91,8 @@ def teardown_lines(vm):
 
 def assert_torn_down_in_order(vm):
     lines = teardown_lines(vm)
-    for needed in ("shutdown: swapoff /data/inner/swapfile: done",
+    for needed in ("shutdown: /data/inner was frozen; thawed it",
+                   "shutdown: swapoff /data/inner/swapfile: done",
                    "shutdown: swapoff /mnt/loop/swap2: done",
                    "shutdown: remounted /data (ext4) read-only",
                    "shutdown: remounted /data/inner (ext4) read-only",

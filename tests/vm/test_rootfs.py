@@ -10,18 +10,18 @@ import subprocess
 import pytest
 
 import agent
-from helpers import assert_powered_off
+from helpers import assert_disk_intact, assert_powered_off, disk_writer, fresh_disk
 
 pytestmark = pytest.mark.vm
 BOOT_TIMEOUT = 180
 STOP_TIMEOUT = 60
 
 
-def boot_root(boot, rootfs_image, tmp_path, mode, cmdline=""):
+def boot_root(boot, rootfs_image, tmp_path, mode, cmdline="", data_disks=()):
     disk = str(tmp_path / "root.img")
     shutil.copyfile(rootfs_image["root_template"], disk)
-    vm = boot("root=/dev/vda %s %s" % (mode, cmdline), disk=disk, log_level="debug",
-              image=rootfs_image, initramfs=rootfs_image["boot_initramfs"])
+    vm = boot("root=/dev/vda %s %s" % (mode, cmdline), disk=[disk] + list(data_disks),
+              log_level="debug", image=rootfs_image, initramfs=rootfs_image["boot_initramfs"])
     return vm, disk
 
 
@@ -63,12 +63,17 @@ def test_a_writable_root_is_remounted_read_only_and_nothing_is_lost(boot, reques
 
 def test_a_read_only_root_boots_serves_and_powers_off_without_writing(boot, rootfs_image,
                                                                        tmp_path):
+    """...and a writable data disk under that read-only root (/dev/vdb on /mnt, written
+    without sync) ends clean with its data: the teardown has nothing to do on / and still
+    does its work below it."""
+    data = fresh_disk(tmp_path)
     probe = "touch /written 2>/dev/null && echo ROOT-IS-RW || echo ROOT-IS-R$((0))O; " \
-            "exec sleep 1000"
+            + disk_writer("ro-root", then="exec sleep 1000").replace("/dev/vda", "/dev/vdb")
     vm, disk = boot_root(boot, rootfs_image, tmp_path, "ro",
-                         'arcbox.exec="/bin/sh -c \'%s\'"' % probe)
+                         'arcbox.exec="/bin/sh -c \'%s\'"' % probe, data_disks=[data])
     vm.wait_ready(BOOT_TIMEOUT)
     vm.wait_log("ROOT-IS-R0O", BOOT_TIMEOUT)           # the kernel's default: read-only
+    vm.wait_log("DISK-WRITTEN-42", BOOT_TIMEOUT)
     info = agent.decode_message(agent.SYSTEM_INFO, vm.request(agent.MSG_GET_SYSTEM_INFO))
     assert info["hostname"] == "arcbox"
     assert vm.shutdown(grace=2) is True
@@ -76,5 +81,7 @@ def test_a_read_only_root_boots_serves_and_powers_off_without_writing(boot, root
     lines = vm.messages()
     assert not any(l.startswith(("mount ", "warn")) and "Read-only" in l for l in lines), lines
     assert "shutdown: remounted / (ext4) read-only" not in lines   # it was never writable
+    assert "shutdown: remounted /mnt (ext4) read-only" in lines
     assert_root_clean(disk)
     assert debugfs_cat(disk, "/written") == b""
+    assert_disk_intact(data, "ro-root")

@@ -5,9 +5,10 @@
 #   /mnt/loop2       /data/inner/loop2.img on a loop device set up by hand (losetup)
 #   swap files       /data/inner/swapfile, and /mnt/loop/swap2 (swap on a loop filesystem)
 #   /mnt/bind        bind of /data/inner/shared   /mnt/ovl      overlay, upper on vdb
-# Then it writes a file on each without sync, leaves a process that ignores SIGTERM
-# appending numbered lines to /mnt/loop/appender, and says MOUNTS-READY-42 (computed, so the
-# echoed command line cannot match). With "poweroff" as $1 it then runs busybox poweroff.
+# Then it writes a file on each without sync, leaves a process that ignores SIGTERM (and the
+# SIGHUP of its session's end) appending numbered lines to /mnt/loop/appender, freezes
+# /data/inner with a writer waiting on it, and says MOUNTS-READY-42 (computed, so the echoed
+# command line cannot match). With "poweroff" as $1 it then runs busybox poweroff.
 set -e
 mkdir -p /data /mnt/loop /mnt/loop2 /mnt/bind /mnt/ovl
 mount -t ext4 /dev/vda /data
@@ -32,7 +33,13 @@ yes bind-e | head -c 1000000 > /mnt/bind/e
 yes overlay-f | head -c 1000000 > /mnt/ovl/f
 (trap '' TERM HUP; i=0; while :; do i=$((i+1)); echo $i >> /mnt/loop/appender; done) &
 while [ ! -s /mnt/loop/appender ]; do sleep 0.05; done
+# A backup agent froze the nested disk and went away; a writer now waits on it (in the
+# kernel: not even SIGKILL ends it), and so does loop2's I/O to its backing file.
+fsfreeze --freeze /data/inner
+(trap '' TERM HUP; echo written-while-frozen > /data/inner/g; exec sleep 1000) &
 cat /proc/swaps
 echo MOUNTS-READY-$((40+2))
-if [ "$1" = poweroff ]; then sleep 0.5; exec poweroff; fi
+# busybox poweroff calls sync() before it signals init, and that sync() would wait for the
+# frozen disk forever: -n leaves the syncing to init (the agent thaws first).
+if [ "$1" = poweroff ]; then sleep 0.5; exec poweroff -n; fi
 exec sleep 1000
