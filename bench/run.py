@@ -15,6 +15,8 @@ met or MISSED; benchmarks never fail on speed, only when something does not work
 Baselines (each the strongest simple thing a user could run instead):
 - shutdown: the seed's algorithm (bench/seed_agent.py), with the Rust handler's 100 ms sleep
   and without it; in the VM also busybox init itself, stopped by its own `poweroff`;
+- teardown with every mount kind (tools/guest/mounts.sh): busybox init with its default
+  shutdown lines (`swapoff -a`, `umount -a -r`) in the same image, and our simple guest;
 - serving: a single-thread non-blocking selectors (epoll) server answering the same frames
   (bench/select_server.py); the thread-per-connection server as a second row;
 - start-up and memory: the bare interpreter, `python3 -I -S`;
@@ -42,6 +44,7 @@ import agent  # noqa: E402
 import build  # noqa: E402
 import guestctl  # noqa: E402
 import nsguest  # noqa: E402
+import storagecheck  # noqa: E402
 from startup import vm_rss_kib  # noqa: E402
 
 PY = "/usr/bin/python3"
@@ -469,6 +472,9 @@ LOAD_MODULES = ("import sys; sys.path.insert(0, '/arcbox-agent.pyz'); import age
                 "agent.load_modules(sys.argv[1:])")
 
 
+STORAGE_MODULES = ["loop", "overlay"]
+
+
 def vm_image_files(pyz, modules):
     with open(SEED, "rb") as f:
         seed = f.read()
@@ -485,7 +491,25 @@ def vm_image_files(pyz, modules):
             "mount -t devtmpfs devtmpfs /dev\n/usr/bin/python3 -S -c \"%s\" %s\n"
             "/bench/workload-%s.sh\nexec /sbin/init\n"
             % (LOAD_MODULES, " ".join(modules), name)).encode()
-    files["/etc/inittab"] = b"::once:/bench/poweroff-on-request.sh\n"
+    # The "mounts" workload (figure 8): the same early mounts and modules for both inits,
+    # then tools/guest/mounts.sh (without its freeze: busybox's poweroff would hang on it).
+    prepare = ("#!/bin/sh\nmount -t proc proc /proc\nmount -t sysfs sysfs /sys\n"
+               "mount -t devtmpfs devtmpfs /dev\n/usr/bin/python3 -S -c \"%s\" %s\n"
+               "/test/mounts.sh nofreeze &\n"
+               "while [ ! -e /tmp/mounts-ready ]; do sleep 0.05; done\n"
+               % (LOAD_MODULES, " ".join(modules + STORAGE_MODULES)))
+    files["/bench/ours-mounts"] = (prepare + "exec /init\n").encode()
+    files["/bench/busybox-mounts"] = (prepare + "exec /sbin/init\n").encode()
+    files.update(storagecheck.guest_files())
+    # busybox init's own default shutdown lines (what it runs with no inittab), between two
+    # stamps of the guest's clock; it runs them before it signals the processes
+    files["/etc/inittab"] = (b"::once:/bench/poweroff-on-request.sh\n"
+                             b"::shutdown:/bench/stamp.sh begin\n"
+                             b"::shutdown:/sbin/swapoff -a\n"
+                             b"::shutdown:/bin/umount -a -r\n"
+                             b"::shutdown:/bench/stamp.sh end\n")
+    files["/bench/stamp.sh"] = (b"#!/bin/sh\n[ -e /proc/uptime ] || mount -t proc proc /proc\n"
+                                b"echo \"BUSYBOX-TEARDOWN-$1 $(cut -d' ' -f1 /proc/uptime)\"\n")
     files["/bench/poweroff-on-request.sh"] = (
         "#!/bin/sh\n"
         "for p in /sys/class/virtio-ports/*; do\n"
@@ -544,6 +568,81 @@ def arm_figures(vmtool, guestimage, pyz, work, boots):
     return {"boot_to_ready": ready, "stop_exits": stop}
 
 
+def teardown_seconds(events):
+    """The agent's teardown on the guest's clock: all processes gone -> reboot() entered."""
+    gone = next(t for t, _, m in events if m.startswith("shutdown: all processes gone"))
+    return next(t for t, _, m in events if m.startswith("shutdown: calling reboot")) - gone
+
+
+def teardown_figures(vmtool, work, image, kernel, boots):
+    """Figure 8: tools/guest/mounts.sh's full set of mounts (two disks, nested; a loop image
+    on each, one on a hand-made loop device; two swap files, one on a loop filesystem; a
+    bind mount; an overlay with its upper directory on a disk; a process that ignores
+    SIGTERM still writing), stopped by a request: our agent vs busybox init with its
+    default shutdown lines. Per boot: stop request -> QEMU exit (host clock), the teardown
+    on the guest's clock, and whether every disk came back clean with every byte."""
+    out = {}
+    for _ in range(boots):
+        for init in ("ours", "busybox"):
+            disks = storagecheck.make_disks(tempfile.mkdtemp(dir=work))
+            machine = vmtool.VM(work, image, kernel, cmdline="rdinit=/bench/%s-mounts" % init,
+                                disk=[disks["vda"], disks["vdb"]], modules=STORAGE_MODULES)
+            with machine:
+                if init == "busybox":
+                    machine.wait_log("BUSYBOX-READY", 120)
+                else:
+                    machine.wait_ready(120)
+                time.sleep(0.2)
+                started = time.perf_counter()
+                if init == "busybox":
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    s.connect(machine.sock)
+                    s.sendall(b"x")
+                else:
+                    machine.shutdown(grace=1)
+                status = machine.wait(60)
+                took = time.perf_counter() - started
+                if init == "busybox":
+                    s.close()
+                if status != 0 or not machine.powered_off():
+                    raise SystemExit("%s/mounts: no clean power-off:\n%s"
+                                     % (init, machine.console()[-3000:]))
+                if init == "ours":
+                    teardown = teardown_seconds(machine.events())
+                else:
+                    stamps = {}
+                    for line in machine.console().splitlines():
+                        if "BUSYBOX-TEARDOWN-" in line:
+                            word, value = line.split("BUSYBOX-TEARDOWN-", 1)[1].split()[:2]
+                            stamps[word] = float(value)
+                    teardown = stamps["end"] - stamps["begin"]
+            found = storagecheck.problems(disks, os.path.dirname(disks["vda"]), frozen=False)
+            entry = out.setdefault(init, {"stop": [], "teardown": [], "problems": []})
+            entry["stop"].append(took)
+            entry["teardown"].append(teardown)
+            entry["problems"].append(found)
+    return out
+
+
+def report_teardown(report, results):
+    o, b = results["mounts"]["ours"], results["mounts"]["busybox"]
+    simple = stats(results["ours"]["teardown_exits"])
+    report.add("8 teardown (TCG)", "all processes gone to reboot(), every mount kind "
+               "(guest clock)", fmt(stats(o["teardown"])), "simple guest, no disks: "
+               + fmt(simple), "+%.0f ms" % ((stats(o["teardown"])["median"]
+                                            - simple["median"]) * 1000))
+    report.add("8 teardown (TCG)", "vs busybox init's `swapoff -a; umount -a -r` (guest clock; "
+               "it runs them before it signals the processes)", fmt(stats(o["teardown"])),
+               fmt(stats(b["teardown"])), "")
+    report.add("8 teardown (TCG)", "stop request to QEMU exit, every mount kind (grace 1 s)",
+               fmt(stats(o["stop"]), "s", 1), "busybox init: " + fmt(stats(b["stop"]), "s", 1),
+               "%.1fx faster" % (stats(b["stop"])["median"] / stats(o["stop"])["median"]))
+    clean = lambda e: sum(1 for p in e["problems"] if not p)
+    report.add("8 teardown (TCG)", "boots whose disks came back clean with every byte",
+               "%d/%d" % (clean(o), len(o["problems"])),
+               "busybox init: %d/%d" % (clean(b), len(b["problems"])), "")
+
+
 def bench_vm(report, pyz, boots):
     import guestimage
     import vm as vmtool
@@ -580,6 +679,7 @@ def bench_vm(report, pyz, boots):
                             machine.shutdown(grace=1)
                         status = machine.wait(60)
                         took = time.perf_counter() - started
+                        events = machine.events()
                         if init == "busybox":
                             s.close()
                         if status != 0 or not machine.powered_off():
@@ -587,8 +687,12 @@ def bench_vm(report, pyz, boots):
                                              % (init, workload, machine.console()[-3000:]))
                     entry = results.setdefault(init, {})
                     entry.setdefault("stop_" + workload, []).append(took)
+                    if init == "ours":
+                        entry.setdefault("teardown_" + workload, []).append(
+                            teardown_seconds(events))
                     if ready is not None:
                         entry.setdefault("boot_to_ready", []).append(ready)
+        results["mounts"] = teardown_figures(vmtool, work, image, kernel, boots)
         report.data["vm"] = results
         push, poll = stats(results["ready"]["push"]), stats(results["ready"]["poll"])
         report.add("7 VM (TCG)", "agent ready to the host knowing it: READY=1 received",
@@ -613,6 +717,7 @@ def bench_vm(report, pyz, boots):
                 report.add("7 VM (TCG)", "stop request to QEMU exit, %s; vs %s" % (what, name),
                            fmt(ours, "s", 1), fmt(bs, "s", 1),
                            "%.1fx faster" % (bs["median"] / ours["median"]))
+        report_teardown(report, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

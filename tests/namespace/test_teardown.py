@@ -10,7 +10,6 @@ So the host can see what a guest kernel would have powered off with."""
 import os
 import shlex
 import subprocess
-import time
 
 import pytest
 

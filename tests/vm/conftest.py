@@ -6,6 +6,7 @@ import os
 import pytest
 
 import guestimage
+import storagecheck
 import vm as vmtool
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -14,12 +15,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def guest_test_files():
     with open(os.path.join(HERE, "guest_vsock_client.py"), "rb") as f:
         client = f.read()
-    with open(os.path.join(HERE, "guest", "mounts.sh"), "rb") as f:
-        mounts = f.read()
-    extra = {"/test/vsock_client.py": client, "/test/mounts.sh": mounts,
+    extra = {"/test/vsock_client.py": client,
              # a process that ignores SIGTERM (the disposition survives exec)
              "/test/ignore_term.sh": b"#!/bin/sh\ntrap '' TERM\necho IGNORING-TERM\nexec sleep 1000\n"}
     extra.update(guestimage.notify_receiver_files())
+    extra.update(storagecheck.guest_files())
     return extra
 
 

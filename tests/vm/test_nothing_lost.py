@@ -1,4 +1,4 @@
-"""Nothing lost whatever the guest mounted (tests/vm/guest/mounts.sh): two disks, one nested
+"""Nothing lost whatever the guest mounted (tools/guest/mounts.sh): two disks, one nested
 in the other, an image file on each disk loop-mounted (one by `mount -o loop`, one on a
 loop device set up by hand), a swap file on the nested disk and another on a loop
 filesystem, a bind mount, an overlay whose upper directory is on a disk; files written
@@ -9,73 +9,15 @@ Each way the host stops a guest must end with QEMU exiting by itself, and then, 
 host: every disk and every image inside one clean (e2fsck -fn, no journal to recover), every
 byte written before the request there."""
 
-import subprocess
-
 import pytest
 
 import guestimage
+import storagecheck
 from helpers import assert_powered_off, wait_for
 
 pytestmark = pytest.mark.vm
 BOOT_TIMEOUT = 120
 STOP_TIMEOUT = 60
-MB = 1000000
-# what mounts.sh writes, and where each file lands: (disk, image inside it or None, path)
-WRITTEN = {("vda", None, "/a"): b"disk-a", ("vdb", None, "/b"): b"disk-b",
-           ("vda", "/loop.img", "/c"): b"loop-c", ("vdb", "/loop2.img", "/d"): b"loop2-d",
-           ("vdb", None, "/shared/e"): b"bind-e", ("vdb", None, "/upper/f"): b"overlay-f"}
-FROZEN_WRITE = b"written-while-frozen\n"     # waited for the thaw: vdb:/g
-
-
-def mkfs(path, size, tree=None):
-    with open(path, "wb") as f:
-        f.truncate(size)
-    subprocess.run(["mkfs.ext4", "-q", "-F"] + (["-d", tree] if tree else []) + [path],
-                   check=True, timeout=60)
-
-
-def make_disks(tmp_path):
-    """vda holds loop.img and the overlay's lower directory; vdb holds loop2.img and the
-    directories for the bind mount and the overlay's upper and work directories."""
-    a, b = tmp_path / "tree-a", tmp_path / "tree-b"
-    for d in (a / "lower", a / "inner", b / "shared", b / "upper", b / "work"):
-        d.mkdir(parents=True)
-    (a / "lower" / "base").write_text("from the lower layer\n")
-    mkfs(str(a / "loop.img"), 16 << 20)
-    mkfs(str(b / "loop2.img"), 8 << 20)
-    disks = {"vda": str(tmp_path / "vda.img"), "vdb": str(tmp_path / "vdb.img")}
-    mkfs(disks["vda"], 64 << 20, str(a))
-    mkfs(disks["vdb"], 64 << 20, str(b))
-    return disks
-
-
-def debugfs(image, command):
-    return subprocess.run(["debugfs", "-R", command, image], capture_output=True,
-                          timeout=60).stdout
-
-
-def assert_clean(image, what):
-    header = subprocess.run(["dumpe2fs", "-h", image], capture_output=True, text=True).stdout
-    assert "needs_recovery" not in header, "%s: the journal needs recovery" % what
-    fsck = subprocess.run(["e2fsck", "-fn", image], capture_output=True, text=True)
-    assert fsck.returncode == 0, "%s: %s%s" % (what, fsck.stdout, fsck.stderr)
-
-
-def assert_nothing_lost(disks, tmp_path):
-    images = dict(disks)
-    for disk, inner in {("vda", "/loop.img"), ("vdb", "/loop2.img")}:
-        out = str(tmp_path / ("%s-%s" % (disk, inner.strip("/"))))
-        debugfs(disks[disk], "dump %s %s" % (inner, out))
-        images[(disk, inner)] = out
-    for name, image in sorted(images.items(), key=str):
-        assert_clean(image, str(name))
-    for (disk, inner, path), tag in WRITTEN.items():
-        image = images[(disk, inner)] if inner else images[disk]
-        assert debugfs(image, "cat " + path) == (tag + b"\n") * (MB // (len(tag) + 1)) + (
-            (tag + b"\n")[:MB % (len(tag) + 1)]), (disk, inner, path)
-    assert debugfs(images["vdb"], "cat /g") == FROZEN_WRITE
-    lines = debugfs(images[("vda", "/loop.img")], "cat /appender").decode().splitlines()
-    assert lines and lines == [str(i) for i in range(1, len(lines) + 1)], lines[-3:]
 
 
 def wait_for_mounts(vm):
@@ -108,7 +50,7 @@ def assert_torn_down_in_order(vm):
 @pytest.mark.parametrize("how", ["arcbox-shutdown", "acpi-button", "busybox-poweroff"])
 def test_every_mount_kind_ends_clean_whichever_way_the_host_stops_the_guest(
         boot, tmp_path, how):
-    disks = make_disks(tmp_path)
+    disks = storagecheck.make_disks(str(tmp_path))
     arg = " poweroff" if how == "busybox-poweroff" else ""
     vm = boot('arcbox.exec="/test/mounts.sh%s" arcbox.grace=1' % arg,
               disk=[disks["vda"], disks["vdb"]], log_level="debug",
@@ -124,11 +66,11 @@ def test_every_mount_kind_ends_clean_whichever_way_the_host_stops_the_guest(
     assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
     assert "shutdown: grace over, SIGKILL sent to the rest" in vm.messages()  # the appender
     assert_torn_down_in_order(vm)
-    assert_nothing_lost(disks, tmp_path)
+    assert storagecheck.problems(disks, str(tmp_path)) == []
 
 
 def test_every_mount_kind_ends_clean_on_aarch64(boot, arm_image, tmp_path):
-    disks = make_disks(tmp_path)
+    disks = storagecheck.make_disks(str(tmp_path))
     vm = boot('arcbox.exec="/test/mounts.sh" arcbox.grace=1', disk=[disks["vda"], disks["vdb"]],
               log_level="debug", image=arm_image, modules=guestimage.STORAGE_MODULES)
     wait_for_mounts(vm)
@@ -136,4 +78,4 @@ def test_every_mount_kind_ends_clean_on_aarch64(boot, arm_image, tmp_path):
     assert vm.shutdown(grace=1) is True
     assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
     assert_torn_down_in_order(vm)
-    assert_nothing_lost(disks, tmp_path)
+    assert storagecheck.problems(disks, str(tmp_path)) == []

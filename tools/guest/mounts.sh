@@ -1,5 +1,6 @@
 #!/bin/sh
-# Every kind of mount a real guest makes (run as the workload by test_nothing_lost.py):
+# Every kind of mount a real guest makes (tools/storagecheck.py builds the disks and checks
+# them afterwards; tests/vm/test_nothing_lost.py and bench/run.py run it):
 #   /data            disk vda                     /data/inner   disk vdb, nested
 #   /mnt/loop        /data/loop.img, mount -o loop (busybox picks the device)
 #   /mnt/loop2       /data/inner/loop2.img on a loop device set up by hand (losetup)
@@ -8,7 +9,9 @@
 # Then it writes a file on each without sync, leaves a process that ignores SIGTERM (and the
 # SIGHUP of its session's end) appending numbered lines to /mnt/loop/appender, freezes
 # /data/inner with a writer waiting on it, and says MOUNTS-READY-42 (computed, so the echoed
-# command line cannot match). With "poweroff" as $1 it then runs busybox poweroff.
+# command line cannot match) and touches /tmp/mounts-ready. Words in $@: "poweroff" runs
+# busybox poweroff at the end; "nofreeze" leaves the freeze out (busybox init's own
+# poweroff syncs first, which would wait for a frozen disk forever).
 set -e
 mkdir -p /data /mnt/loop /mnt/loop2 /mnt/bind /mnt/ovl
 mount -t ext4 /dev/vda /data
@@ -35,11 +38,14 @@ yes overlay-f | head -c 1000000 > /mnt/ovl/f
 while [ ! -s /mnt/loop/appender ]; do sleep 0.05; done
 # A backup agent froze the nested disk and went away; a writer now waits on it (in the
 # kernel: not even SIGKILL ends it), and so does loop2's I/O to its backing file.
-fsfreeze --freeze /data/inner
-(trap '' TERM HUP; echo written-while-frozen > /data/inner/g; exec sleep 1000) &
+case " $* " in *" nofreeze "*) ;; *)
+    fsfreeze --freeze /data/inner
+    (trap '' TERM HUP; echo written-while-frozen > /data/inner/g; exec sleep 1000) &
+esac
 cat /proc/swaps
 echo MOUNTS-READY-$((40+2))
+touch /tmp/mounts-ready
 # busybox poweroff calls sync() before it signals init, and that sync() would wait for the
 # frozen disk forever: -n leaves the syncing to init (the agent thaws first).
-if [ "$1" = poweroff ]; then sleep 0.5; exec poweroff -n; fi
+case " $* " in *" poweroff "*) sleep 0.5; exec poweroff -n; esac
 exec sleep 1000
