@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import time
+from collections import namedtuple
 from struct import Struct
 
 __version__ = "0.1.0"
@@ -1268,7 +1269,7 @@ def _close_fds_but(*keep):
                 pass               # the listing's own descriptor, already closed
 
 
-def spawn_helper(body):
+def run_in_child(body):
     """Fork a child that runs body() and _exits with its result. Used for the steps that
     may block (sync) or end this process (reboot): PID 1 survives a failure and keeps its
     loop. Returns the pid, or None when fork failed."""
@@ -1291,7 +1292,6 @@ def spawn_helper(body):
 # mount(2) flags, from <sys/mount.h>.
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT = 32
-MNT_DETACH = 2                     # umount2: lazy unmount
 
 EARLY_MOUNTS = (
     # source, target, type, flags, data
@@ -1495,7 +1495,7 @@ def _modprobe(name):
     for exe, argv in (("/sbin/modprobe", ["modprobe", name]),
                       ("/bin/busybox", ["busybox", "modprobe", name])):
         if os.access(exe, os.X_OK):
-            pid = spawn_helper(lambda: os.execv(exe, argv))
+            pid = run_in_child(lambda: os.execv(exe, argv))
             if pid is None:
                 return False
             status = _wait_bounded(pid, MODPROBE_TIMEOUT)
@@ -1531,20 +1531,24 @@ def boot_duties(config):
 class Reaper(Source):
     """Owns waitpid(). SIGCHLD coalesces, and as PID 1 every orphan is ours, so every wake-up
     loops waitpid(-1, WNOHANG) until nothing more. ECHILD means no process is left besides
-    this one (`no_children`). Callers that care about one pid watch() it; a `helper` (our
-    own power-off child) does not count as a process left: then "nobody left" is "no child
-    but helpers" in /proc/self/task/PID/children (every other process of the guest has an
-    ancestor among PID 1's children)."""
+    this one (`no_children`). Callers that care about one pid watch() it; a child watched as
+    `ours` (the agent's own waiting power-off child) does not count as a process left: then
+    "nobody left" is "no child but ours" in /proc/self/task/PID/children (every other process
+    of the guest has an ancestor among PID 1's children)."""
 
     def __init__(self):
         self.watched = {}          # pid -> callback(pid, wait status)
-        self.helpers = set()
+        self.ours = set()
         self.no_children = False
 
-    def watch(self, pid, callback, helper=False):
+    def watch(self, pid, callback, ours=False):
         self.watched[pid] = callback
-        if helper:
-            self.helpers.add(pid)
+        if ours:
+            self.ours.add(pid)
+
+    def not_ours(self, pid):
+        """pid now counts as a process left, like any other."""
+        self.ours.discard(pid)
 
     @staticmethod
     def children():
@@ -1567,14 +1571,14 @@ class Reaper(Source):
                 self.no_children = True
                 return
             if pid == 0:
-                if self.helpers:
+                if self.ours:
                     children = self.children()
-                    self.no_children = children is not None and children <= self.helpers
+                    self.no_children = children is not None and children <= self.ours
                 else:
                     self.no_children = False
                 return
             log("debug", "reaped pid %d (%s)" % (pid, describe_status(status)))
-            self.helpers.discard(pid)
+            self.ours.discard(pid)
             callback = self.watched.pop(pid, None)
             if callback is not None:
                 callback(pid, status)
@@ -1910,8 +1914,8 @@ def udhcpc_script(event, env):
 # (dm-cache and dm-writecache aside, which this agent does not handle).
 
 LOOP_CLR_FD = 0x4C01          # <linux/loop.h>: unbind a loop device from its backing file
-FIFREEZE = 0xC0045877         # <linux/fs.h> _IOWR('X', 119, int): freeze a filesystem
-FITHAW = 0xC0045878           # <linux/fs.h> _IOWR('X', 120, int): thaw it (EINVAL if not frozen)
+FITHAW = 0xC0045878           # <linux/fs.h> _IOWR('X', 120, int): thaw a frozen filesystem
+                              # (EINVAL if it is not frozen; FIFREEZE is 0xC0045877)
 # Filesystems made of other filesystems: unmounted once read-only, so what they sit on lets
 # go. (A filesystem whose source is a loop device is treated the same way.)
 STACKED_FILESYSTEMS = frozenset(("overlay",))
@@ -2192,11 +2196,11 @@ def mounts_to_spare():
 #           that child) or the grace ends;
 #   kill  - kill(-1, SIGKILL) if anybody is left (the waiting child too), reap for up to
 #           kill_wait;
-#   flush - only if a notify connection is still in flight: wait for it, 20 ms at most;
+#   notify_wait - only if a notify connection is still in flight: wait for it, 20 ms at most;
 #   sync  - in that child (or a new one), bounded by sync_timeout (a hung disk must not
 #           hang power-off): the teardown (thaw, sync, passes of swapoff / remount read-only
 #           deepest first / loop detach while they make progress, sync; see Teardown), report
-#           to PID 1 over a pipe, and go straight on to final;
+#           to PID 1 over a pipe, and go straight on to final (PowerOffChild);
 #   final - reboot(cmd) in that child, as busybox does: if the kernel cannot power off it
 #           halts and do_exit()s the caller, which then is not PID 1 (if the sync hung, a
 #           second child is forked for reboot alone);
@@ -2208,26 +2212,17 @@ def mounts_to_spare():
 # and, if the guest is still up when the grace is over, go on with sync and final ourselves.
 
 
-class ShutdownTimeouts:
-    """The sequence's bounds, read from the configuration once and frozen."""
+# The sequence's bounds, read from the configuration once (a tuple: frozen).
+ShutdownTimeouts = namedtuple("ShutdownTimeouts", "kill_wait sync_timeout power_timeout")
 
-    __slots__ = ("kill_wait", "sync_timeout", "power_timeout")
 
-    def __init__(self, kill_wait, sync_timeout, power_timeout):
-        for name, value in zip(self.__slots__, (kill_wait, sync_timeout, power_timeout)):
-            object.__setattr__(self, name, value)
-
-    def __setattr__(self, name, value):
-        raise AttributeError("ShutdownTimeouts is frozen")
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(config["kill_wait"], config["sync_timeout"], config["power_timeout"])
+def shutdown_timeouts(config):
+    return ShutdownTimeouts(config["kill_wait"], config["sync_timeout"], config["power_timeout"])
 
 
 def reboot_now(action, command, since):
-    """The last call: in the process that makes it (a child of PID 1, see final), so the
-    log line's time is when reboot() was entered."""
+    """The last call: in the process that makes it (a child of PID 1, see PowerOffChild), so
+    the log line's time is when reboot() was entered."""
     log("info", "shutdown: calling reboot(%s) after %.3fs" % (action, time.monotonic() - since))
     return min(call_reboot(command), 255)
 
@@ -2239,23 +2234,176 @@ def power_off_failed(why):
     os._exit(1)
 
 
-class ShutdownSequence(Source):
-    """The phases, in order: idle, ack, term (or delegate), kill, flush, sync, final, failed.
-    Each has a _step_<phase> method; step() runs the current one until the phase stops
-    changing.
+class PowerOffChild(Source):
+    """The child process that ends the guest, as fast as it can: the teardown, one byte to
+    PID 1 on a pipe (how many filesystems stayed writable), then reboot(). One fork for
+    both, and no round trip through PID 1, which only keeps the bounds.
 
-    Collaborators: the reaper (who is left, and the helper children's ends), the frozen
-    timeouts, `delegate` (not PID 1: ask PID 1 instead of signalling everyone), the mounts
-    to spare from the read-only remount, what to do if power-off fails, and the notifier."""
+    prepare() forks it early, waiting for a byte on a second pipe (a fork costs ~1 ms in a
+    Python PID 1, which then is not on the path from "nobody left" to reboot()); start()
+    sends that byte, or forks a new child if the prepared one is gone or there is none;
+    reboot_only() forks a child that only calls reboot() (after a teardown that did not
+    finish). PID 1 learns how it went from `report` (None until the byte comes; -1 if the
+    child died first) and `code` (its exit code once reaped). `fork` runs a body in a child
+    and returns the pid, or None (run_in_child; tests pass a fake)."""
+
+    def __init__(self, reaper, spare_mounts, teardown_limit, fork=None):
+        self.reaper = reaper
+        self.spare_mounts = spare_mounts
+        self.teardown_limit = teardown_limit   # the passes' time limit
+        self.fork = fork or run_in_child
+        self.pid = None            # the child, while it runs
+        self.code = None           # its exit code (or -signal) once reaped; errno if inline
+        self.report = None
+        self._report_fd = -1
+        self._prepared = None      # (pid, go fd) of a child forked early, waiting
+
+    @property
+    def running(self):
+        return self.pid is not None
+
+    def prepare(self, action, since):
+        """Fork the child now, waiting. Only where "nobody left but this child" can be told
+        (/proc/self/task/PID/children): the reaper does not count it as a process left."""
+        if self.reaper.children() is None:
+            return
+        go_fd = self._fork(action, since, wait_for_go=True)
+        if go_fd is not None:
+            self._prepared = (self.pid, go_fd)
+
+    def abandon(self):
+        """The prepared child is dead or dying (SIGKILL reaches it too): from now on it is a
+        process like any other, to be reaped before "nobody left"."""
+        if self._prepared is not None:
+            pid, go_fd = self._prepared
+            self._prepared = None
+            self.reaper.not_ours(pid)
+            os.close(go_fd)
+
+    def start(self, action, since):
+        """Let the prepared child go on, or fork one that goes at once. False when no child
+        could be forked."""
+        self.report = None
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            pid, go_fd = prepared
+            try:
+                if self.pid != pid:
+                    raise OSError(errno.ESRCH, "the prepared child is gone")
+                os.write(go_fd, b"g")
+                return True
+            except OSError as exc:
+                log("debug", "shutdown: the prepared child is not usable (%s); forking anew"
+                    % exc)
+                self._close_report()
+            finally:
+                os.close(go_fd)
+        return self._fork(action, since, wait_for_go=False) is not None
+
+    def reboot_only(self, action, since):
+        """reboot() from a child of its own; without a child, here (success ends this
+        process, which is the goal) with its errno as `code`."""
+        command = REBOOT_COMMANDS[action]
+        self.code = None
+        self.pid = self.fork(lambda: reboot_now(action, command, since))
+        if self.pid is None:
+            self.code = reboot_now(action, command, since)
+        else:
+            self.reaper.watch(self.pid, self._exited)
+
+    def _fork(self, action, since, wait_for_go):
+        """Fork the teardown+reboot child; returns the go fd (-1 without wait_for_go), or
+        None when a pipe or the fork failed."""
+        spare, limit = self.spare_mounts, self.teardown_limit
+        command = REBOOT_COMMANDS[action]
+        try:
+            report_r, report_w = os.pipe()
+            go_r, go_w = os.pipe() if wait_for_go else (-1, -1)
+        except OSError:
+            return None
+
+        def teardown_then_reboot():
+            signal.set_wakeup_fd(-1)                      # PID 1's pipe is not ours to wake
+            _close_fds_but(2, _kmsg_fd, report_w, go_r)   # no dup of a socket outlives PID 1's
+            if go_r >= 0 and not os.read(go_r, 1):
+                return 0           # PID 1 closed the pipe without a word: not needed
+            started = time.monotonic()
+            left = len(Teardown(KernelStorage(), spare, time_limit=limit).run())
+            took = time.monotonic() - started
+            if left:
+                log("warn", "shutdown: filesystems synced in %.3fs; %d stayed writable"
+                    % (took, left))
+            else:
+                log("info", "shutdown: filesystems synced and read-only in %.3fs" % took)
+            os.write(report_w, bytes((min(left, 255),)))
+            return reboot_now(action, command, since)
+
+        self.code = None
+        self.pid = self.fork(teardown_then_reboot)
+        for fd in (report_w, go_r):
+            if fd >= 0:
+                os.close(fd)
+        if self.pid is None:
+            for fd in (report_r, go_w):
+                if fd >= 0:
+                    os.close(fd)
+            return None
+        self.reaper.watch(self.pid, self._exited, ours=wait_for_go)
+        os.set_blocking(report_r, False)
+        self._close_report()
+        self._report_fd = report_r
+        return go_w
+
+    def _exited(self, pid, status):
+        if pid == self.pid:
+            self.pid, self.code = None, os.waitstatus_to_exitcode(status)
+
+    # the event loop's view: the report pipe
+    def wants(self, now):
+        if self._report_fd >= 0:
+            return ((self._report_fd, select.POLLIN, self._on_report, None),)
+        return ()
+
+    def _on_report(self, _, mask):
+        try:
+            data = os.read(self._report_fd, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._close_report()
+        self.report = data[0] if data else -1     # -1: the child died before reporting
+
+    def _close_report(self):
+        if self._report_fd >= 0:
+            os.close(self._report_fd)
+            self._report_fd = -1
+
+
+class ShutdownSequence(Source):
+    """The phases, in order: idle, ack, term (or delegate), kill, notify_wait, sync, final,
+    failed; each is a _step_<phase> method, listed in self.steps. step() runs the current one
+    until the phase stops changing.
+
+    Collaborators: the reaper (who is left), the frozen timeouts, `delegate` (not PID 1: ask
+    PID 1 instead of signalling everyone), the mounts to spare from the teardown, what to do
+    if power-off fails, the notifier, and the power-off child (made here if not given)."""
 
     def __init__(self, reaper, timeouts, delegate=False, spare_mounts=frozenset(),
-                 on_failure=power_off_failed, notifier=None):
+                 on_failure=power_off_failed, notifier=None, child=None):
         self.reaper = reaper
         self.notifier = notifier or NoNotifier()
         self.timeouts = timeouts
         self.delegate = delegate
         self.spare_mounts = spare_mounts
         self.on_failure = on_failure
+        # the teardown's passes stop halfway through PID 1's bound on the child, so the
+        # final sync() and the report still fit in it
+        self.child = child or PowerOffChild(reaper, spare_mounts, timeouts.sync_timeout / 2)
+        self.steps = {"idle": self._step_idle, "ack": self._step_ack, "term": self._step_term,
+                      "delegate": self._step_delegate, "kill": self._step_kill,
+                      "notify_wait": self._step_notify_wait, "sync": self._step_sync,
+                      "final": self._step_final, "failed": self._step_failed}
         self.phase = "idle"
         self.deadline_at = None    # when the current phase ends at the latest
         self.action = None
@@ -2264,14 +2412,9 @@ class ShutdownSequence(Source):
         self.ack = None            # a function: True while the host's reply is unflushed
         self.started = None        # monotonic time of the request
         self.phase_started = None
-        self.helper = None         # pid of the sync/reboot child
-        self.helper_code = None    # its exit code (or -signal), or an errno when run inline
         self.exit_status = 0       # told to the host: the workload's, when it ended the guest
-        self.flushed = False       # the notifier had its chance before the sync child
-        self.prepared = None       # (pid, report fd, go fd) of a sync child forked early
+        self.notify_waited = False  # the notifier had its chance before the teardown
         self.sync_retried = False
-        self.sync_pipe = -1        # the sync child reports on it when filesystems are done
-        self.sync_report = None    # filesystems left writable; -1: the child died first
 
     @property
     def active(self):
@@ -2292,6 +2435,9 @@ class ShutdownSequence(Source):
     def tick(self, now):
         self.step(now)
 
+    def wants(self, now):
+        return self.child.wants(now)
+
     def _enter(self, phase, deadline=None):
         now = time.monotonic()
         if self.phase_started is not None and self.phase != "idle":
@@ -2302,7 +2448,7 @@ class ShutdownSequence(Source):
         """Advance as far as possible without blocking. Called after every loop wake-up."""
         while True:
             before = self.phase
-            getattr(self, "_step_" + self.phase)(now)
+            self.steps[self.phase](now)
             if self.phase == before:
                 return
 
@@ -2331,7 +2477,8 @@ class ShutdownSequence(Source):
             log("info", "shutdown: no processes to signal")
         kill_all(signal.SIGCONT)   # a stopped process cannot run its TERM handler
         self._tell_host()
-        self._prepare_sync_helper()
+        # forked after the signals went out, so that they do not hit it
+        self.child.prepare(self.action, self.started)
         self.reaper.reap()
 
     def _tell_host(self):
@@ -2346,22 +2493,22 @@ class ShutdownSequence(Source):
         if self.reaper.no_children:
             log("info", "shutdown: all processes gone after %.3fs"
                 % max(0.0, now - self.phase_started))
-            self._start_sync(now)
+            self._start_teardown(now)
         elif now >= self.deadline_at:
             self._enter("kill", now + self.timeouts.kill_wait)
             kill_all(signal.SIGKILL)
             log("info", "shutdown: grace over, SIGKILL sent to the rest")
-            self._abandon_prepared()       # SIGKILL reached it too; a new one comes at sync
+            self.child.abandon()          # SIGKILL reached it too; a new one comes at sync
             self.reaper.reap()
 
     def _step_kill(self, now):
         if self.reaper.no_children:
             log("info", "shutdown: all processes gone after SIGKILL")
-            self._start_sync(now)
+            self._start_teardown(now)
         elif now >= self.deadline_at:
             log("warn", "shutdown: processes remain %gs after SIGKILL (stuck in the kernel?); "
                 "going on" % self.timeouts.kill_wait)
-            self._start_sync(now)
+            self._start_teardown(now)
 
     def _ask_pid1(self, now):
         sig = BUSYBOX_INIT_SIGNALS[self.action]
@@ -2380,187 +2527,62 @@ class ShutdownSequence(Source):
         if now >= self.deadline_at:
             log("warn", "shutdown: the guest is still up %gs after asking PID 1; forcing it"
                 % self.grace)
-            self._start_sync(now)
+            self._start_teardown(now)
 
-    def _run_helper(self, body, helper=False):
-        """body() in a child watched by the reaper; False when fork failed."""
-        self.helper_code = None
-        self.helper = spawn_helper(body)
-        if self.helper is None:
-            return False
-        self.reaper.watch(self.helper, self._helper_done, helper)
-        return True
-
-    def _helper_done(self, pid, status):
-        if pid == self.helper:
-            self.helper, self.helper_code = None, os.waitstatus_to_exitcode(status)
-
-    def _fork_sync_helper(self, wait_for_go):
-        """Fork the child that does the rest, as fast as it can: sync, remount read-only,
-        sync, report (one byte on a pipe: how many filesystems stayed writable), then
-        reboot(). One fork for both, and no round trip through the parent, which only keeps
-        the bounds. With wait_for_go the child first waits for a byte on another pipe: it
-        is forked early (see _step_ack) and started when nobody is left. Returns
-        (report fd, go fd), -1 where there is none; or None when fork failed."""
-        spare, since = self.spare_mounts, self.started
-        # the passes stop starting new work halfway through PID 1's bound on this child, so
-        # the final sync() and the report still fit in it
-        teardown_limit = self.timeouts.sync_timeout / 2
-        action, command = self.action, REBOOT_COMMANDS[self.action]
-        try:
-            report_r, report_w = os.pipe()
-            go_r, go_w = os.pipe() if wait_for_go else (-1, -1)
-        except OSError:
-            return None
-
-        def sync_then_reboot():
-            signal.set_wakeup_fd(-1)                      # PID 1's pipe is not ours to wake
-            _close_fds_but(2, _kmsg_fd, report_w, go_r)   # no dup of a socket outlives PID 1's
-            if go_r >= 0 and not os.read(go_r, 1):
-                return 0           # PID 1 closed the pipe without a word: not needed
-            started = time.monotonic()
-            left = len(Teardown(KernelStorage(), spare, time_limit=teardown_limit).run())
-            took = time.monotonic() - started
-            if left:
-                log("warn", "shutdown: filesystems synced in %.3fs; %d stayed writable"
-                    % (took, left))
-            else:
-                log("info", "shutdown: filesystems synced and read-only in %.3fs" % took)
-            os.write(report_w, bytes((min(left, 255),)))
-            return reboot_now(action, command, since)
-
-        forked = self._run_helper(sync_then_reboot, helper=wait_for_go)
-        for fd in (report_w, go_r):
-            if fd >= 0:
-                os.close(fd)
-        if not forked:
-            for fd in (report_r, go_w):
-                if fd >= 0:
-                    os.close(fd)
-            return None
-        os.set_blocking(report_r, False)
-        return report_r, go_w
-
-    def _prepare_sync_helper(self):
-        """Fork the sync/reboot child while the processes handle SIGTERM (after the signals
-        went out, so it is not hit by them): a fork costs ~1 ms in a Python PID 1, which
-        then is not on the path from "nobody left" to reboot(). Only where "nobody left but
-        the helper" can be told (/proc/self/task/PID/children); if the helper dies (SIGKILL
-        at the end of the grace kills it too), a new one is forked at sync time."""
-        if self.delegate or self.reaper.children() is None:
-            return
-        pipes = self._fork_sync_helper(wait_for_go=True)
-        if pipes is not None:
-            self.prepared = (self.helper,) + pipes
-
-    def _abandon_prepared(self):
-        """The prepared helper is dead or dying: it counts as a process to wait for (so that
-        nobody is left only once it is reaped), and its pipes are closed."""
-        if self.prepared is not None:
-            pid, report_r, go_w = self.prepared
-            self.prepared = None
-            self.reaper.helpers.discard(pid)
-            for fd in (report_r, go_w):
-                os.close(fd)
-
-    def _start_sync(self, now):
-        """Start the sync/reboot child: the prepared one if it is still there, else a new
-        one. If its report does not come within sync_timeout (a hung disk), a second child
-        is forked that only calls reboot()."""
-        if self.notifier.busy() and not self.flushed:
+    def _start_teardown(self, now):
+        """Start the power-off child (the prepared one, or a new one). If its report does not
+        come within sync_timeout (a hung disk), a second child only calls reboot()."""
+        if self.notifier.busy() and not self.notify_waited:
             # a notify connection still in progress: give it a moment, bounded
-            self.flushed = True
-            self._enter("flush", now + NOTIFY_FLUSH)
+            self.notify_waited = True
+            self._enter("notify_wait", now + NOTIFY_WAIT)
             return
         self._enter("sync", now + self.timeouts.sync_timeout)
-        self.sync_report = None
-        prepared, self.prepared = self.prepared, None
-        if prepared is not None:
-            pid, report_r, go_w = prepared
-            try:
-                if self.helper != pid:
-                    raise OSError(errno.ESRCH, "the prepared helper is gone")
-                os.write(go_w, b"g")
-                self.sync_pipe = report_r
-                return
-            except OSError as exc:
-                log("debug", "shutdown: prepared helper not usable (%s); forking anew" % exc)
-                os.close(report_r)
-            finally:
-                os.close(go_w)
-        pipes = self._fork_sync_helper(wait_for_go=False)
-        if pipes is not None:
-            self.sync_pipe = pipes[0]
+        if self.child.start(self.action, self.started):
             return
-        os.sync()                  # no fork possible: sync inline, unbounded but still done
+        os.sync()                  # no fork possible: sync here, unbounded but still done
         log("info", "shutdown: filesystems synced (no fork possible: not remounted)")
-        self.sync_report = 0
-        self.helper = None
+        self.child.report = 0
 
-    def _step_flush(self, now):
+    def _step_notify_wait(self, now):
         if not self.notifier.busy() or now >= self.deadline_at:
-            self._start_sync(now)
-
-    def wants(self, now):
-        if self.sync_pipe >= 0:
-            return ((self.sync_pipe, select.POLLIN, self._on_sync_report, None),)
-        return ()
-
-    def _on_sync_report(self, _, mask):
-        try:
-            data = os.read(self.sync_pipe, 1)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        self._close_sync_pipe()
-        self.sync_report = data[0] if data else -1    # -1: the child died before reporting
-
-    def _close_sync_pipe(self):
-        if self.sync_pipe >= 0:
-            os.close(self.sync_pipe)
-            self.sync_pipe = -1
+            self._start_teardown(now)
 
     def _step_sync(self, now):
-        report = self.sync_report
-        if report is None and self.helper is not None and now < self.deadline_at:
+        report, child = self.child.report, self.child
+        if report is None and child.running and now < self.deadline_at:
             return
         if report is not None and report >= 0:  # the child logged it, and goes on to reboot()
-            if self.helper is not None:
+            if child.running:
                 self._enter("final", now + self.timeouts.power_timeout)
                 return
-        elif report is None and self.helper is not None:
-            log("warn", "shutdown: sync/remount did not finish within %gs; going on"
+        elif report is None and child.running:
+            log("warn", "shutdown: the teardown did not finish within %gs; going on"
                 % self.timeouts.sync_timeout)
         elif not self.sync_retried:
             # Killed before it was done (by whom? a process's kill(-1)): nothing may be lost,
-            # so sync again, once, before reboot().
-            log("warn", "shutdown: the sync/remount child ended before it was done (%s); "
-                "once more" % describe_exit_code(self.helper_code))
+            # so tear down again, once, before reboot().
+            log("warn", "shutdown: the power-off child ended before its teardown was done "
+                "(%s); once more" % describe_exit_code(child.code))
             self.sync_retried = True
-            self._close_sync_pipe()
-            self._start_sync(now)
+            self._start_teardown(now)
             return
         else:
-            log("warn", "shutdown: the sync/remount child ended again before it was done (%s); "
-                "going on" % describe_exit_code(self.helper_code))
-        self._close_sync_pipe()
+            log("warn", "shutdown: the power-off child ended again before its teardown was "
+                "done (%s); going on" % describe_exit_code(child.code))
         self._start_final(now)
 
     def _start_final(self, now):
-        """reboot() from a child of its own: after a sync that did not finish, or when the
-        sync child is gone."""
-        action, command, since = self.action, REBOOT_COMMANDS[self.action], self.started
+        """reboot() from a child of its own: after a teardown that did not finish, or when
+        the power-off child is gone."""
         self._enter("final", now + self.timeouts.power_timeout)
-        if not self._run_helper(lambda: reboot_now(action, command, since)):
-            # Without a child, call it here: success ends this process (which is the goal).
-            self.helper_code = reboot_now(action, command, since)
+        self.child.reboot_only(self.action, self.started)
 
     def _step_final(self, now):
-        if self.helper is not None and now < self.deadline_at:
+        if self.child.running and now < self.deadline_at:
             return
-        code = self.helper_code
-        if self.helper is not None:
+        code = self.child.code
+        if self.child.running:
             why = "the guest is still up %gs after reboot()" % self.timeouts.power_timeout
         elif code is not None and code > 0:
             why = "reboot() failed: %s" % os.strerror(code)
@@ -2881,7 +2903,7 @@ class PowerButtons(Source):
 # and bounded; an absent or dead receiver costs nothing and is logged once.
 
 NOTIFY_CONNECT_TIMEOUT = 2.0      # a stream connect still pending then is given up
-NOTIFY_FLUSH = 0.02               # at power-off, wait at most this for one still in flight
+NOTIFY_WAIT = 0.02               # at power-off, wait at most this for one still in flight
 _SOCKET_TYPES = {"dgram": socket.SOCK_DGRAM, "stream": socket.SOCK_STREAM,
                  "seqpacket": getattr(socket, "SOCK_SEQPACKET", -1)}
 _SOCK_NONBLOCK_CLOEXEC = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
@@ -3531,9 +3553,9 @@ class Agent:
     """Wires the parts into one loop: the signal inbox, the reaper, the server, the workload
     and the shutdown sequence, and decides what starts a shutdown. Guest side, one thread."""
 
-    def __init__(self, config, is_init, inbox=None, notify=None):
-        self.config = config
+    def __init__(self, config, is_init, inbox=None):
         self.is_init = is_init
+        self.action, self.grace = config["action"], config["grace"]   # what a stop means
         self.delegate = bool(config["delegate"]) and not is_init
         self.can_power_off = is_init or self.delegate
         self.exit_code = None      # set to leave run() (never when PID 1)
@@ -3546,14 +3568,17 @@ class Agent:
                                  self.on_workload_finished)
         self.dhcp = Workload(dhcp_client_argv(config["net"]) if is_init else [], "respawn",
                              self.reaper, None, name="udhcpc")
-        notify = notify if notify is not None else config["notify"]
-        self.notifier = Notifier(notify) if notify else NoNotifier()
+        self.notifier = Notifier(config["notify"]) if config["notify"] else NoNotifier()
         self.buttons = PowerButtons(self.on_power_button) \
             if config["power_button"] and self.can_power_off else None
         self.shutdown = ShutdownSequence(
-            self.reaper, ShutdownTimeouts.from_config(config), delegate=self.delegate,
+            self.reaper, shutdown_timeouts(config), delegate=self.delegate,
             spare_mounts=mounts_to_spare() if self.can_power_off else frozenset(),
             notifier=self.notifier)
+        # The loop ticks the sources in this order after every wake-up, and the order matters:
+        # the inbox first (a signal may start the shutdown), the reaper before the workloads
+        # and the shutdown sequence (they read what it reaped: "nobody left" must be current
+        # when the sequence steps), the sequence last (it acts on what the others did).
         self.loop = EventLoop()
         for source in (self.inbox, self.reaper, self.server, self.buttons, self.notifier,
                        self.workload, self.dhcp, self.shutdown):
@@ -3601,9 +3626,6 @@ class Agent:
                 part.close()
         return self.exit_code
 
-    def loop_once(self, max_wait=None):
-        self.loop.run_once(max_wait)
-
     # ---- what starts a shutdown ---------------------------------------------------------
     def begin_shutdown(self, action, grace, reason, ack=None, exit_status=0):
         """The one door into the shutdown sequence: it starts once; later starts are logged."""
@@ -3630,24 +3652,23 @@ class Agent:
         if action is None:
             return                  # SIGHUP, SIGQUIT: nothing to do, nothing harmful
         if action == "configured":
-            action = self.config["action"]
-        self.begin_shutdown(action, self.config["grace"], "signal %d" % sig)
+            action = self.action
+        self.begin_shutdown(action, self.grace, "signal %d" % sig)
 
     def on_request_effect(self, effect, conn):
         kind, grace = effect        # ("shutdown", seconds; 0 = the configured grace)
         if kind == "shutdown":
-            self.begin_shutdown(self.config["action"], grace or self.config["grace"],
+            self.begin_shutdown(self.action, grace or self.grace,
                                 "Shutdown from " + conn.peer_text, conn.unflushed)
 
     def on_power_button(self, device):
-        self.begin_shutdown(self.config["action"], self.config["grace"],
-                            "power button %s" % device)
+        self.begin_shutdown(self.action, self.grace, "power button %s" % device)
 
     def on_workload_finished(self, status, what):
         if self.can_power_off:
             log("info", "%s: powering off" % what)
             # the host learns the workload's status (EXIT_STATUS=); killed by a signal: 128+N
-            self.begin_shutdown(self.config["action"], self.config["grace"], "workload exit",
+            self.begin_shutdown(self.action, self.grace, "workload exit",
                                 exit_status=status if status >= 0 else 128 - status)
         else:
             log("info", "%s: stopping the agent (not PID 1: no power-off)" % what)

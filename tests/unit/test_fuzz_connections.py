@@ -41,7 +41,7 @@ class Harness:
 
     def send(self, i, data):
         self.peers[i].sendall(data)
-        self.agent.loop_once(0)
+        self.agent.loop.run_once(0)
         self.collect()
 
     def collect(self):
@@ -57,7 +57,7 @@ class Harness:
 
     def settle(self):
         for _ in range(20):
-            self.agent.loop_once(0)
+            self.agent.loop.run_once(0)
             self.collect()
 
     def frames(self, i):

@@ -280,9 +280,9 @@ def test_out_of_descriptors_does_not_spin_and_service_resumes(pyz, tmp_path):
 
 def test_boot_time_waits_are_bounded():
     """modprobe at boot runs before the event loop: a stuck one is killed at the bound."""
-    pid = agent.spawn_helper(lambda: os.execv("/bin/sleep", ["sleep", "30"]))
+    pid = agent.run_in_child(lambda: os.execv("/bin/sleep", ["sleep", "30"]))
     started = time.monotonic()
     assert agent._wait_bounded(pid, 0.3) is None
     assert time.monotonic() - started < 5
-    pid = agent.spawn_helper(lambda: os.execv("/bin/sh", ["sh", "-c", "exit 3"]))
+    pid = agent.run_in_child(lambda: os.execv("/bin/sh", ["sh", "-c", "exit 3"]))
     assert os.waitstatus_to_exitcode(agent._wait_bounded(pid, 10)) == 3

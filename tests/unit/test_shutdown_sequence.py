@@ -3,7 +3,6 @@ almost never takes, driven here with fakes (nothing is signalled, nothing reboot
 
 import errno
 import os
-import subprocess
 import time
 
 import pytest
@@ -13,39 +12,69 @@ import agent
 TIMEOUTS = agent.ShutdownTimeouts(kill_wait=0.5, sync_timeout=1.0, power_timeout=0.2)
 
 
-def final_phase(monkeypatch, helper_pid, reboot_result=0):
+class FakeFork:
+    """Stands in for run_in_child: records each body, forks nothing, hands out pids (or None:
+    fork failed)."""
+
+    def __init__(self, *pids):
+        self.pids = list(pids)
+        self.bodies = []
+
+    def __call__(self, body):
+        self.bodies.append(body)
+        return self.pids.pop(0) if self.pids else None
+
+
+def sequence(fork, monkeypatch, reboot_result=0):
     failures = []
-    monkeypatch.setattr(agent, "spawn_helper", lambda body: helper_pid)
     monkeypatch.setattr(agent, "call_reboot", lambda command: reboot_result)
-    seq = agent.ShutdownSequence(agent.Reaper(), TIMEOUTS, on_failure=failures.append)
-    seq.action, seq.started = "poweroff", time.monotonic()
+    reaper = agent.Reaper()
+    child = agent.PowerOffChild(reaper, frozenset(), 0.5, fork=fork)
+    seq = agent.ShutdownSequence(reaper, TIMEOUTS, on_failure=failures.append, child=child)
+    seq.begin("poweroff", 1, "test")
+    return seq, reaper, failures
+
+
+def exited(reaper, pid, status):
+    """What the reaper does when waitpid() reports pid."""
+    reaper.watched.pop(pid)(pid, status)
+
+
+def poll_once(source):
+    """What the event loop does when the source's fds are ready (here: the report pipe,
+    whose writer is gone, so it reads EOF: the child died before reporting)."""
+    for fd, mask, handler, data in list(source.wants(time.monotonic())):
+        handler(data, mask)
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def final_phase(fork, monkeypatch, reboot_result=0):
+    seq, reaper, failures = sequence(fork, monkeypatch, reboot_result)
     seq._start_final(time.monotonic())
-    return seq, failures
+    return seq, reaper, failures
 
 
 def test_reboot_still_running_after_the_power_timeout_is_a_failure(monkeypatch):
-    sleeper = subprocess.Popen(["sleep", "30"])
-    try:
-        seq, failures = final_phase(monkeypatch, sleeper.pid)
-        seq.step(time.monotonic())
-        assert seq.phase == "final" and failures == []        # within --power-timeout
-        seq.step(time.monotonic() + 0.3)
-        assert seq.phase == "failed"
-        assert failures == ["the guest is still up 0.2s after reboot()"]
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    seq, _, failures = final_phase(FakeFork(4242), monkeypatch)
+    seq.step(time.monotonic())
+    assert seq.phase == "final" and failures == []        # within --power-timeout
+    seq.step(time.monotonic() + 0.3)
+    assert seq.phase == "failed"
+    assert failures == ["the guest is still up 0.2s after reboot()"]
 
 
 def test_reboot_that_returns_is_a_failure(monkeypatch):
-    seq, failures = final_phase(monkeypatch, 4242)
-    seq._helper_done(4242, 0)                                 # the child exited 0
+    seq, reaper, failures = final_phase(FakeFork(4242), monkeypatch)
+    exited(reaper, 4242, 0)                                  # the child exited 0
     seq.step(time.monotonic())
     assert failures == ["reboot() returned without powering off (exit status 0)"]
 
 
 def test_reboot_that_fails_without_a_child_reports_the_errno(monkeypatch):
-    seq, failures = final_phase(monkeypatch, None, reboot_result=errno.EPERM)
+    seq, _, failures = final_phase(FakeFork(), monkeypatch, reboot_result=errno.EPERM)
     seq.step(time.monotonic())
     assert failures == ["reboot() failed: Operation not permitted"]
 
@@ -54,45 +83,38 @@ def test_the_timeouts_record_is_frozen():
     with pytest.raises(AttributeError):
         TIMEOUTS.kill_wait = 9
     assert TIMEOUTS.kill_wait == 0.5
-    assert agent.ShutdownTimeouts.from_config(agent.default_config()).power_timeout == 10.0
+    assert agent.shutdown_timeouts(agent.default_config()).power_timeout == 10.0
 
 
-def sync_phase(monkeypatch):
-    """A sequence in the sync phase whose helper children are recorded, not forked."""
-    forks = []
+def test_a_prepared_child_that_is_gone_is_replaced_at_sync(monkeypatch):
+    monkeypatch.setattr(agent.Reaper, "children", staticmethod(lambda: set()))
+    fork = FakeFork(4242, 4343)
+    reaper = agent.Reaper()
+    child = agent.PowerOffChild(reaper, frozenset(), 0.5, fork=fork)
+    before = open_fds()
+    child.prepare("poweroff", time.monotonic())
+    assert child.pid == 4242 and 4242 in reaper.ours       # waiting: not a process left
+    child.abandon()                                        # SIGKILL at the end of the grace
+    assert 4242 not in reaper.ours
+    exited(reaper, 4242, 9)                                # killed by it
+    assert child.start("poweroff", time.monotonic()) is True
+    assert child.pid == 4343 and len(fork.bodies) == 2     # a new one, going at once
+    assert open_fds() == before + 1                        # only its report pipe is open
 
-    def fake_fork(self, wait_for_go):
-        forks.append(wait_for_go)
-        self.helper = 5000 + len(forks)
-        return (-1, -1)
 
-    monkeypatch.setattr(agent.ShutdownSequence, "_fork_sync_helper", fake_fork)
+def test_a_teardown_child_killed_before_its_report_is_run_again_once(monkeypatch):
+    fork = FakeFork(5001, 5002)
+    seq, reaper, failures = sequence(fork, monkeypatch)
     finals = []
     monkeypatch.setattr(agent.ShutdownSequence, "_start_final",
                         lambda self, now: finals.append(now))
-    seq = agent.ShutdownSequence(agent.Reaper(), TIMEOUTS, on_failure=lambda why: None)
-    seq.action, seq.started = "poweroff", time.monotonic()
-    return seq, forks, finals
-
-
-def test_a_prepared_helper_that_is_gone_is_replaced_at_sync(monkeypatch):
-    seq, forks, finals = sync_phase(monkeypatch)
-    r, w = os.pipe()
-    seq.prepared = (4242, r, w)              # forked early, then killed: helper is no longer it
-    seq.helper = None
-    seq._start_sync(time.monotonic())
-    assert forks == [False] and seq.phase == "sync" and seq.prepared is None
-    with pytest.raises(OSError):
-        os.fstat(w)                          # its pipes are closed
-
-
-def test_a_sync_child_killed_before_its_report_is_synced_again_once(monkeypatch):
-    seq, forks, finals = sync_phase(monkeypatch)
-    seq._start_sync(time.monotonic())
-    assert forks == [False]
-    seq.sync_report, seq.helper, seq.helper_code = -1, None, -9   # died before reporting
+    seq._start_teardown(time.monotonic())
+    assert len(fork.bodies) == 1 and seq.phase == "sync"
+    exited(reaper, 5001, 9)                                 # killed, no report
+    poll_once(seq)                                          # the report pipe's EOF
     seq.step(time.monotonic())
-    assert forks == [False, False] and finals == [], "nothing may be lost: sync again"
-    seq.sync_report, seq.helper, seq.helper_code = -1, None, -9   # and again
+    assert len(fork.bodies) == 2 and finals == [], "nothing may be lost: tear down again"
+    exited(reaper, 5002, 9)                                 # and again
+    poll_once(seq)
     seq.step(time.monotonic())
-    assert forks == [False, False] and len(finals) == 1            # then reboot() anyway
+    assert len(fork.bodies) == 2 and len(finals) == 1       # then reboot() anyway
