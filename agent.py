@@ -1150,7 +1150,7 @@ def log_limited(kind, who, level, message):
         window[2] += 1
 
 
-def flush_log_windows(now):
+def log_summaries_due(now):
     """Summarise the windows that are over; returns when the next one ends (or None)."""
     soonest = None
     for key, window in list(_log_windows.items()):
@@ -2087,13 +2087,15 @@ class Teardown:
         started = self.clock()
         thaw_filesystems(self.kernel, self.spare_ids)
         self._timed_sync("sync()")
-        state = self._state()
+        state = None
         while self.passes_run < self.passes:
             self.passes_run += 1
             self._one_pass()
+            if not self._left_writable():
+                break                      # done: the usual case, after one pass
             before, state = state, self._state()
-            if not self._left_writable() or state == before:
-                break                      # done, or a pass that changed nothing
+            if state == before:
+                break                      # a pass that changed nothing
             if self.clock() - started > self.time_limit:
                 log("warn", "shutdown: teardown passes stopped after %.1fs (limit %gs)"
                     % (self.clock() - started, self.time_limit))
@@ -2116,13 +2118,12 @@ class Teardown:
         return [m for m in self._ours(self.kernel.mounts()) if not m[3]]
 
     def _one_pass(self):
-        mounts = self.kernel.mounts()
+        mounts, swaps, loops = self.kernel.mounts(), self.kernel.swaps(), self.kernel.loops()
         # the loop devices under our own mounts, remembered before those are unmounted
         self.our_loops.update(m[4] for m in self._ours(mounts) if m[4].startswith("/dev/loop"))
-        for path in self.kernel.swaps():
+        for path in swaps:
             if self._on_ours(path, mounts):
                 self._report(self.kernel.swapoff(path), "swapoff %s" % path)
-        loops = self.kernel.loops()
         # what sits on another filesystem goes away whole: it and every mount below it
         stacked = [m[1].rstrip("/") + "/" for m in self._ours(mounts)
                    if m[1] != "/" and (m[2] in STACKED_FILESYSTEMS or m[4] in loops)]
@@ -2140,9 +2141,11 @@ class Teardown:
             if target != "/" and any((target + "/").startswith(s) for s in stacked):
                 self._report(self.kernel.unmount(target), "unmount %s (%s on %s)"
                              % (target, fstype, source))
+        if not loops:
+            return                         # the usual case: nothing more to read
         mounts, swaps = self.kernel.mounts(), self.kernel.swaps()
         sources = {m[4] for m in mounts}
-        for device, backing in sorted(self.kernel.loops().items()):
+        for device, backing in sorted(loops.items()):
             if device not in sources and device not in swaps and (
                     device in self.our_loops or self._on_ours(backing, mounts)):
                 self._report(self.kernel.clear_loop(device), "detach %s from %s"
@@ -3088,33 +3091,147 @@ class NoNotifier(Source):
 
 # ---- the server: listeners and connections speaking the wire protocol ---------------------
 
-class Listener:
-    """A listening socket (vsock, unix) or, for serial:, the one persistent stream."""
+# ---- the ArcBox wire protocol on one stream ------------------------------------------------
+#
+# A listener speaks a protocol; the Server only moves bytes and keeps the limits. The
+# interface a protocol implements (a second one, QGA, fits the same):
+#   make(policy, max_frame, peer, shared) -> one protocol object per connection; `shared` is
+#       True for a persistent stream many host clients take turns on (a serial port), where
+#       garbage is skipped instead of answered;
+#   protocol.take(inbuf) -> None while inbuf holds no complete request, else one turn:
+#       (bytes consumed, reply bytes, effect or None, close after the reply?).
+# One request per call, so that the server can stop when the peer is not reading.
 
-    def __init__(self, addr):
+class ArcBoxProtocol:
+    """Frames in, frames out: handle_request() under `policy` answers each request."""
+
+    __slots__ = ("policy", "max_frame", "peer", "peer_text", "shared", "dropped")
+
+    def __init__(self, policy, max_frame, peer, shared=False):
+        self.policy = policy
+        self.max_frame = max_frame
+        self.peer = peer
+        self.peer_text = describe_peer(peer)
+        self.shared = shared
+        self.dropped = 0           # shared: garbage bytes skipped while resynchronising
+
+    def take(self, buf):
+        if self.shared:
+            skipped = self._garbage_before(buf)
+            if skipped:
+                return skipped, b"", None, False
+        try:
+            frame = decode_frame(buf, self.max_frame)
+        except ProtocolError as exc:
+            if self.shared:        # resynchronising: drop it, answer nobody (see above)
+                consumed = getattr(exc, "consumed", 1) or 1
+                self.dropped += consumed
+                return consumed, b"", None, False
+            error = encode_frame(MSG_ERROR, encode_error(ERROR_INVALID, "invalid request: %s"
+                                                         % exc))
+            if exc.fatal:          # the frame boundary is lost: nothing after it can be read
+                log_limited("bad frame", peer_group(self.peer), "warn",
+                            "bad frame from %s: %s; closing" % (self.peer_text, exc))
+                return len(buf), error, None, True
+            log("debug", "bad frame from %s: %s" % (self.peer_text, exc))
+            return exc.consumed, error, None, False
+        if frame is None:
+            return None
+        msg_type, trace, payload, consumed = frame
+        if self.dropped:
+            log("info", "%s: back in step after skipping %d bytes"
+                % (self.peer_text, self.dropped))
+            self.dropped = 0
+        rtype, rpayload, effect = self._answer(msg_type, payload)
+        return consumed, encode_frame(rtype, rpayload, trace), effect, False
+
+    def _garbage_before(self, buf):
+        """Resynchronise a serial stream, which cannot be closed and reopened like a socket:
+        skip bytes while the front does not look like a request header (a request type, a
+        length that fits). No Error frame is sent for garbage: on a shared stream it would
+        be read as the answer to somebody's next request. Returns how many to skip."""
+        skipped, size, max_frame = 0, _FRAME_PREFIX.size, self.max_frame
+        while len(buf) - skipped >= size:
+            length, msg_type = _FRAME_PREFIX.unpack_from(buf, skipped)
+            if 6 <= length <= max_frame and 1 <= msg_type <= REQUEST_MAX:
+                break
+            skipped += 1
+        if skipped and not self.dropped:
+            log_limited("garbage", peer_group(self.peer), "warn",
+                        "%s: garbage in the stream; resynchronising" % self.peer_text)
+        self.dropped += skipped
+        return skipped
+
+    def _answer(self, msg_type, payload):
+        if _log_level >= LOG_DEBUG:   # the per-frame path: do not even format the line
+            log("debug", "%s from %s" % (request_name(msg_type), self.peer_text))
+        try:
+            return handle_request(msg_type, payload, self.peer, self.policy)
+        except ProtocolError as exc:
+            log("debug", "invalid %s from %s: %s" % (request_name(msg_type), self.peer_text,
+                                                       exc))
+            return MSG_ERROR, encode_error(ERROR_INVALID, "invalid request: %s" % exc), None
+        except Refused as exc:
+            return MSG_ERROR, encode_error(exc.code, str(exc)), None
+        except Exception as exc:   # a bug in one handler: answer it, keep the connection
+            log("error", "internal error answering %s: %s" % (request_name(msg_type),
+                                                              describe_exception(exc)))
+            return MSG_ERROR, encode_error(ERROR_INTERNAL, "internal error: %s: %s"
+                                           % (type(exc).__name__, exc)), None
+
+
+# ---- listeners and connections: two kinds of each ------------------------------------------
+
+ServerLimits = namedtuple("ServerLimits",
+                          "max_frame max_conns max_output idle_timeout frame_timeout")
+
+
+def server_limits(config):
+    return ServerLimits(config["max_frame"], config["max_conns"], config["max_output"],
+                        config["idle_timeout"], config["frame_timeout"])
+
+
+class Listener:
+    """Where connections come from, retried with back-off until it opens. `protocol` makes
+    each connection's protocol: protocol(peer, shared)."""
+
+    def __init__(self, addr, protocol):
         self.addr = addr
-        self.sock = None
-        self.stream_fd = None      # serial: the opened port; the Server wraps it in a Connection
-        self.retry_at = 0.0        # monotonic time of the next bind attempt
+        self.protocol = protocol
+        self.retry_at = 0.0        # monotonic time of the next open attempt
         self.backoff = BIND_RETRY_FIRST
         self.failures = 0
-        self.paused_until = 0.0
-        self.starved = False       # accept() is failing for lack of descriptors
 
     @property
     def text(self):
         return format_address(self.addr)
 
+    def opened(self):
+        self.failures = 0
+        self.backoff = BIND_RETRY_FIRST
+
+    def failed(self, now):
+        self.failures += 1
+        self.retry_at = now + self.backoff
+        self.backoff = min(self.backoff * 2, BIND_RETRY_MAX)
+
+
+class SocketListener(Listener):
+    """A listening vsock or Unix socket: accept() gives SocketConnections."""
+
+    def __init__(self, addr, protocol):
+        Listener.__init__(self, addr, protocol)
+        self.sock = None
+        self.paused_until = 0.0
+        self.starved = False       # accept() is failing for lack of descriptors
+
     @property
     def is_open(self):
-        return self.sock is not None or self.stream_fd is not None
+        return self.sock is not None
 
-    def open(self):
+    def open(self, now):
+        """Bind and listen; returns None (nothing to adopt: connections come by accept)."""
         kind = self.addr[0]
-        if kind == "serial":
-            path = resolve_serial_port(self.addr[1])
-            self.stream_fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-            return
         if kind == "vsock":
             sock = socket.socket(vsock_family(), socket.SOCK_STREAM)
             bind_to = (self.addr[1], self.addr[2])
@@ -3135,15 +3252,43 @@ class Listener:
             sock.close()
             raise
         self.sock = sock
+        return None
 
     def close(self):
-        self.stream_fd = None      # closed with its Connection
         if self.sock is None:
             return
         self.sock.close()
         self.sock = None
         if self.addr[0] == "unix" and not is_abstract(self.addr[1]):
             _remove_stale_socket(self.addr[1])
+
+
+class SerialListener(Listener):
+    """A virtio-serial port: opening it gives the one SerialStream, reopened (by the retry
+    timer) after it is closed."""
+
+    def __init__(self, addr, protocol):
+        Listener.__init__(self, addr, protocol)
+        self.stream = None
+
+    @property
+    def is_open(self):
+        return self.stream is not None
+
+    def open(self, now):
+        """Open the port; returns the SerialStream for the server to adopt."""
+        fd = os.open(resolve_serial_port(self.addr[1]),
+                     os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        peer = ("serial", self.addr[1])
+        self.stream = SerialStream(fd, peer, now, self.protocol(peer, True), self._stream_closed)
+        return self.stream
+
+    def _stream_closed(self):
+        self.stream = None
+        self.retry_at = time.monotonic() + SERIAL_RECHECK
+
+    def close(self):
+        pass                       # the stream is closed with the server's connections
 
 
 def resolve_serial_port(name):
@@ -3173,28 +3318,22 @@ def _remove_stale_socket(path):
 
 
 class Connection:
-    """One byte stream of frames. A socket connection ends at EOF; a persistent one (a serial
-    port) outlives its peers: EOF there means the host side is not connected right now."""
+    """One byte stream: what came in and is not answered yet, what goes out and is not
+    written yet. Two kinds, below; each owns its deadlines and what EOF, an error and close
+    mean for it."""
 
-    __slots__ = ("sock", "fd", "peer", "peer_text", "inbuf", "outbuf", "last_active",
-                 "closing", "closed", "eof", "listener", "persistent", "paused_until",
-                 "partial_since", "dropped")
-    # partial_since: when the incomplete frame at the front of inbuf started waiting; a
-    # socket connection past --frame-timeout is closed, a serial stream drops the bytes.
+    persistent = False
 
-    def __init__(self, sock, peer, now, fd=None, listener=None):
-        self.sock = sock
-        self.fd = sock.fileno() if sock is not None else fd
-        self.listener = listener   # set for a persistent stream
-        self.persistent = listener is not None
-        self.paused_until = 0.0    # persistent: not polled until then (host disconnected)
-        self.partial_since = None  # when an incomplete frame started waiting
-        self.dropped = 0           # persistent: garbage bytes skipped while resynchronising
+    def __init__(self, fd, peer, now, protocol):
+        self.fd = fd
         self.peer = peer           # ("vsock", cid, port), ("unix", pid, uid, gid), ("serial", n)
         self.peer_text = describe_peer(peer)
+        self.protocol = protocol
         self.inbuf = bytearray()
         self.outbuf = bytearray()
         self.last_active = now
+        self.partial_since = None  # when the incomplete request at the front began waiting
+        self.paused_until = 0.0    # not polled until then
         self.closing = False       # close once outbuf is flushed
         self.closed = False
         self.eof = False
@@ -3202,6 +3341,84 @@ class Connection:
     def unflushed(self):
         """True while something queued for the peer has not been written yet."""
         return not self.closed and bool(self.outbuf)
+
+
+class SocketConnection(Connection):
+    """An accepted socket: over at EOF (after answering what came), at an I/O error, when
+    idle for --idle-timeout, or when a request stays incomplete for --frame-timeout."""
+
+    def __init__(self, sock, peer, now, protocol):
+        Connection.__init__(self, sock.fileno(), peer, now, protocol)
+        self.sock = sock
+
+    def deadline(self, limits):
+        when = self.last_active + limits.idle_timeout
+        if self.partial_since is not None:
+            when = min(when, self.partial_since + limits.frame_timeout)
+        return when
+
+    def expired(self, now, limits):
+        """True when the connection is to be closed now (logged why)."""
+        if now - self.last_active >= limits.idle_timeout:
+            log("debug", "closing idle connection from %s" % self.peer_text)
+            return True
+        if self.partial_since is not None and now - self.partial_since >= limits.frame_timeout:
+            log("debug", "closing %s: a frame still incomplete after %gs"
+                % (self.peer_text, limits.frame_timeout))
+            return True
+        return False
+
+    def at_eof(self):
+        self.eof = True            # answer what was sent, flush, then close
+        return True
+
+    def lost(self):
+        return True                # an I/O error: over
+
+    def close(self):
+        self.sock.close()
+
+
+class SerialStream(Connection):
+    """The persistent stream of a virtio-serial port: it outlives its peers. EOF means the
+    host side is not connected right now (look again soon); an error drops what the peer was
+    owed (a host retries with a new trace id); a partial request left by a client that went
+    away is dropped after SERIAL_STALE_FRAME of silence. `on_closed` tells its listener."""
+
+    persistent = True
+
+    def __init__(self, fd, peer, now, protocol, on_closed):
+        Connection.__init__(self, fd, peer, now, protocol)
+        self.on_closed = on_closed
+
+    def deadline(self, limits):
+        deadlines = [t for t in (self.paused_until, self.partial_since and
+                                 self.partial_since + SERIAL_STALE_FRAME) if t]
+        return min(deadlines) if deadlines else None
+
+    def expired(self, now, limits):
+        if self.paused_until and now >= self.paused_until:
+            self.paused_until = 0.0
+        if self.partial_since is not None and now - self.partial_since >= SERIAL_STALE_FRAME:
+            log("debug", "%s: dropping a partial frame of %d bytes after %gs of silence"
+                % (self.peer_text, len(self.inbuf), SERIAL_STALE_FRAME))
+            self.protocol.dropped += len(self.inbuf)
+            self.inbuf = bytearray()
+            self.partial_since = None
+        return False               # never closed for time
+
+    def at_eof(self):
+        self.paused_until = time.monotonic() + SERIAL_RECHECK
+        return False
+
+    def lost(self):
+        self.outbuf = bytearray()
+        self.paused_until = time.monotonic() + SERIAL_RECHECK
+        return False
+
+    def close(self):
+        os.close(self.fd)
+        self.on_closed()
 
 
 def _peer_of(sock):
@@ -3220,20 +3437,18 @@ def _peer_of(sock):
 
 
 class Server(Source):
-    """Owns the listeners and the connections: binds (with retries), accepts, reads frames,
-    answers them with handle_request() under `policy`, flushes, closes, and enforces the
-    limits. What a request wants done to the machine goes to `on_effect(effect, conn)`."""
+    """Owns the listeners and the connections: opens listeners (with retries), accepts,
+    reads, hands the bytes to each connection's protocol, writes the replies, closes, and
+    keeps the limits. What a request wants done to the machine goes to
+    `on_effect(effect, conn)`. `listen` is [(address, protocol maker)]; `policy` decides who
+    may take the host's place when the connections run out."""
 
-    def __init__(self, config, policy, on_effect):
-        self.listen = config["listen"]
-        self.max_frame = config["max_frame"]
-        self.max_conns = config["max_conns"]
-        self.max_output = config["max_output"]
-        self.idle_timeout = config["idle_timeout"]
-        self.frame_timeout = config["frame_timeout"]
+    def __init__(self, listen, limits, policy, on_effect):
+        self.limits = limits
         self.policy = policy
         self.on_effect = on_effect
-        self.listeners = [Listener(addr) for addr in self.listen]
+        self.listeners = [(SerialListener if addr[0] == "serial" else SocketListener)(addr, make)
+                          for addr, make in listen]
         self.conns = {}            # fd -> Connection, in accept order
         self.summary_at = None     # when suppressed log lines are next summarised
 
@@ -3242,12 +3457,15 @@ class Server(Source):
         for listener in self.listeners:
             self._try_open(listener, now)
 
+    def add_connection(self, conn):
+        self.conns[conn.fd] = conn
+
     # ---- the event loop's view ------------------------------------------------------------
     def wants(self, now):
         for listener in self.listeners:
-            if listener.sock is not None and listener.paused_until <= now:
+            if getattr(listener, "sock", None) is not None and listener.paused_until <= now:
                 yield listener.sock.fileno(), select.POLLIN, self._accept, listener
-        out_limit = self.max_output
+        out_limit = self.limits.max_output
         for fd, conn in self.conns.items():
             if conn.paused_until > now:
                 continue            # poll() reports POLLHUP even for an empty mask
@@ -3259,74 +3477,43 @@ class Server(Source):
             yield fd, mask, self._serve, conn
 
     def deadline(self):
-        deadlines = []
+        deadlines = [self.summary_at] if self.summary_at is not None else []
         for listener in self.listeners:
             if not listener.is_open:
                 deadlines.append(listener.retry_at)
-            elif listener.paused_until:
+            elif getattr(listener, "paused_until", 0):
                 deadlines.append(listener.paused_until)
-        idle, frame_timeout = self.idle_timeout, self.frame_timeout
         for conn in self.conns.values():
-            if not conn.persistent:
-                deadlines.append(conn.last_active + idle)
-                if conn.partial_since is not None:
-                    deadlines.append(conn.partial_since + frame_timeout)
-            else:
-                if conn.paused_until:
-                    deadlines.append(conn.paused_until)
-                if conn.partial_since is not None:
-                    deadlines.append(conn.partial_since + SERIAL_STALE_FRAME)
-        if self.summary_at is not None:
-            deadlines.append(self.summary_at)
+            when = conn.deadline(self.limits)
+            if when is not None:
+                deadlines.append(when)
         return min(deadlines) if deadlines else None
 
     def tick(self, now):
-        self.summary_at = flush_log_windows(now)
+        self.summary_at = log_summaries_due(now)
         for listener in self.listeners:
             if not listener.is_open and now >= listener.retry_at:
                 self._try_open(listener, now)
-            if listener.paused_until and now >= listener.paused_until:
+            if getattr(listener, "paused_until", 0) and now >= listener.paused_until:
                 listener.paused_until = 0.0
-        idle, frame_timeout = self.idle_timeout, self.frame_timeout
         for conn in list(self.conns.values()):
-            if not conn.persistent:
-                if now - conn.last_active >= idle:
-                    log("debug", "closing idle connection from %s" % conn.peer_text)
-                    self.close_conn(conn)
-                elif (conn.partial_since is not None
-                      and now - conn.partial_since >= frame_timeout):
-                    log("debug", "closing %s: a frame still incomplete after %gs"
-                        % (conn.peer_text, frame_timeout))
-                    self.close_conn(conn)
-                continue
-            if conn.paused_until and now >= conn.paused_until:
-                conn.paused_until = 0.0
-            if conn.partial_since is not None and now - conn.partial_since >= SERIAL_STALE_FRAME:
-                log("debug", "%s: dropping a partial frame of %d bytes after %gs of silence"
-                    % (conn.peer_text, len(conn.inbuf), SERIAL_STALE_FRAME))
-                conn.dropped += len(conn.inbuf)
-                conn.inbuf = bytearray()
-                conn.partial_since = None
+            if conn.expired(now, self.limits):
+                self.close_conn(conn)
 
     # ---- listeners --------------------------------------------------------------------------
     def _try_open(self, listener, now):
         try:
-            listener.open()
+            conn = listener.open(now)
         except OSError as exc:
-            listener.failures += 1
-            listener.retry_at = now + listener.backoff
+            listener.failed(now)
             level = "warn" if listener.failures == 1 else "debug"
             log(level, "cannot listen on %s: %s; retrying in %gs"
-                % (listener.text, exc.strerror or exc, listener.backoff))
-            listener.backoff = min(listener.backoff * 2, BIND_RETRY_MAX)
+                % (listener.text, exc.strerror or exc, listener.retry_at - now))
             return
         log("info", "listening on %s" % listener.text)
-        listener.failures = 0
-        listener.backoff = BIND_RETRY_FIRST
-        if listener.stream_fd is not None:
-            conn = Connection(None, ("serial", listener.addr[1]), now, fd=listener.stream_fd,
-                              listener=listener)
-            self.conns[conn.fd] = conn
+        listener.opened()
+        if conn is not None:
+            self.add_connection(conn)
 
     def _accept(self, listener, mask):
         for _ in range(ACCEPT_BATCH):
@@ -3349,12 +3536,12 @@ class Server(Source):
                 log("info", "accept on %s works again" % listener.text)
                 listener.starved = False
             peer = _peer_of(sock)
-            if len(self.conns) >= self.max_conns and not self._make_room(peer):
+            if len(self.conns) >= self.limits.max_conns and not self._make_room(peer):
                 sock.close()
                 continue
             sock.setblocking(False)
-            conn = Connection(sock, peer, time.monotonic())
-            self.conns[conn.fd] = conn
+            conn = SocketConnection(sock, peer, time.monotonic(), listener.protocol(peer, False))
+            self.add_connection(conn)
             log("debug", "connection from %s on %s" % (conn.peer_text, listener.text))
 
     def _make_room(self, peer):
@@ -3362,17 +3549,17 @@ class Server(Source):
         (any local user can reach the Unix socket, any guest process vsock loopback): a
         newcomer allowed to shut the guest down evicts the oldest connection of a peer that
         is not; a newcomer that is not allowed is refused. True when there is room now."""
-        group = peer_group(peer)
+        group, limit = peer_group(peer), self.limits.max_conns
         if peer_allowed(self.policy.allow, peer):
             for conn in self.conns.values():           # in accept order: oldest first
                 if not conn.persistent and not peer_allowed(self.policy.allow, conn.peer):
                     log_limited("limit", group, "warn", "connection limit (%d) reached: "
                                 "closed the oldest connection of %s for %s"
-                                % (self.max_conns, conn.peer_text, describe_peer(peer)))
+                                % (limit, conn.peer_text, describe_peer(peer)))
                     self.close_conn(conn)
                     return True
         log_limited("limit", group, "warn", "connection limit (%d) reached: closing a new "
-                    "connection from %s" % (self.max_conns, describe_peer(peer)))
+                    "connection from %s" % (limit, describe_peer(peer)))
         return False
 
     # ---- connections ------------------------------------------------------------------------
@@ -3382,7 +3569,7 @@ class Server(Source):
         if mask & (_POLLIN | _POLLFAIL) and not conn.eof:
             self._read(conn)
         if not conn.closed and conn.outbuf and mask & (_POLLOUT | _POLLFAIL):
-            self._flush(conn)
+            self._write_out(conn)
         if not conn.closed and mask & select.POLLERR and not conn.outbuf:
             self.close_conn(conn)
 
@@ -3395,52 +3582,31 @@ class Server(Source):
             log("debug", "read from %s: %s" % (conn.peer_text, exc))
             self._lost(conn)
             return
-        if not data and conn.persistent:
-            self._pause(conn)       # the host side is not connected: look again soon
-            return
         if not data:
-            conn.eof = True         # answer what was sent, flush, then close
+            if not conn.at_eof():
+                return              # a serial port's host side is away: look again soon
         else:
             conn.inbuf += data
             conn.last_active = time.monotonic()
-        self._process_frames(conn)
-        self._flush(conn)
+        self._take_requests(conn)
+        self._write_out(conn)
 
-    def _process_frames(self, conn):
-        max_frame = self.max_frame
-        while not conn.closing and conn.inbuf:
-            if len(conn.outbuf) >= self.max_output:
-                return              # back-pressure: go on when the peer has read
-            if conn.persistent and self._skip_garbage(conn, max_frame):
-                continue
-            try:
-                frame = decode_frame(conn.inbuf, max_frame)
-            except ProtocolError as exc:
-                if conn.persistent:     # resynchronising: drop it, answer nobody (see above)
-                    consumed = getattr(exc, "consumed", 1)
-                    del conn.inbuf[:consumed]
-                    conn.dropped += consumed
-                    continue
-                self._send(conn, MSG_ERROR, encode_error(ERROR_INVALID, "invalid request: %s"
-                                                         % exc))
-                if exc.fatal:       # the frame boundary is lost: nothing after it can be read
-                    log_limited("bad frame", peer_group(conn.peer), "warn",
-                                "bad frame from %s: %s; closing" % (conn.peer_text, exc))
-                    conn.closing = True
-                    conn.inbuf = bytearray()
-                else:
-                    log("debug", "bad frame from %s: %s" % (conn.peer_text, exc))
-                    del conn.inbuf[:exc.consumed]
-                continue
-            if frame is None:
+    def _take_requests(self, conn):
+        """Hand the bytes to the protocol, one request at a time, until none is complete or
+        the peer is not reading (back-pressure: go on when it has read)."""
+        out_limit, take = self.limits.max_output, conn.protocol.take
+        while not conn.closing and conn.inbuf and len(conn.outbuf) < out_limit:
+            turn = take(conn.inbuf)
+            if turn is None:
                 break
-            msg_type, trace, payload, consumed = frame
+            consumed, reply, effect, close = turn
             del conn.inbuf[:consumed]
-            if conn.dropped:
-                log("info", "%s: back in step after skipping %d bytes"
-                    % (conn.peer_text, conn.dropped))
-                conn.dropped = 0
-            self._answer(conn, msg_type, trace, payload)
+            conn.outbuf += reply
+            if close:
+                conn.closing = True
+                conn.inbuf = bytearray()
+            if effect is not None:  # after the answer is queued: the ack goes out first
+                self.on_effect(effect, conn)
         conn.partial_since = (conn.partial_since or time.monotonic()) if conn.inbuf else None
         if conn.eof and not conn.closing:
             if conn.inbuf:
@@ -3448,49 +3614,7 @@ class Server(Source):
                     % (conn.peer_text, len(conn.inbuf)))
             conn.closing = True     # answer what came, flush, then close
 
-    @staticmethod
-    def _skip_garbage(conn, max_frame):
-        """Resynchronise a serial stream, which cannot be closed and reopened like a socket:
-        drop one byte while the front does not look like a request header (a request type,
-        a length that fits). No Error frame is sent for garbage: on a shared stream it would
-        be read as the answer to somebody's next request."""
-        buf = conn.inbuf
-        if len(buf) < _FRAME_PREFIX.size:
-            return False
-        length, msg_type = _FRAME_PREFIX.unpack_from(buf)
-        if 6 <= length <= max_frame and 1 <= msg_type <= REQUEST_MAX:
-            return False
-        if not conn.dropped:
-            log_limited("garbage", peer_group(conn.peer), "warn",
-                        "%s: garbage in the stream; resynchronising" % conn.peer_text)
-        del buf[:1]
-        conn.dropped += 1
-        return True
-
-    def _answer(self, conn, msg_type, trace, payload):
-        if _log_level >= LOG_DEBUG:   # the per-frame path: do not even format the line
-            log("debug", "%s from %s" % (request_name(msg_type), conn.peer_text))
-        effect = None
-        try:
-            rtype, rpayload, effect = handle_request(msg_type, payload, conn.peer, self.policy)
-        except ProtocolError as exc:
-            rtype, rpayload = MSG_ERROR, encode_error(ERROR_INVALID, "invalid request: %s" % exc)
-            log("debug", "invalid %s from %s: %s" % (request_name(msg_type), conn.peer_text, exc))
-        except Refused as exc:
-            rtype, rpayload = MSG_ERROR, encode_error(exc.code, str(exc))
-        except Exception as exc:   # a bug in one handler: answer it, keep the connection
-            log("error", "internal error answering %s: %s" % (request_name(msg_type),
-                                                              describe_exception(exc)))
-            rtype, rpayload = MSG_ERROR, encode_error(ERROR_INTERNAL, "internal error: %s: %s"
-                                                      % (type(exc).__name__, exc))
-        self._send(conn, rtype, rpayload, trace)
-        if effect is not None:      # after the answer is queued: the ack goes out first
-            self.on_effect(effect, conn)
-
-    def _send(self, conn, msg_type, payload, trace=b""):
-        conn.outbuf += encode_frame(msg_type, payload, trace)
-
-    def _flush(self, conn):
+    def _write_out(self, conn):
         while True:
             while conn.outbuf:
                 try:
@@ -3508,21 +3632,13 @@ class Server(Source):
                 return
             if not conn.inbuf and not conn.eof:
                 return
-            self._process_frames(conn)   # back-pressure lifted: answer what is waiting
+            self._take_requests(conn)   # back-pressure lifted: answer what is waiting
             if not conn.outbuf and not conn.closing:
                 return
 
-    def _pause(self, conn):
-        conn.paused_until = time.monotonic() + SERIAL_RECHECK
-
     def _lost(self, conn):
-        """An I/O error: a socket connection is over; a serial port's host side went away,
-        and what it was owed is dropped (a host retries with a new trace id)."""
-        if not conn.persistent:
+        if conn.lost():
             self.close_conn(conn)
-            return
-        conn.outbuf = bytearray()
-        self._pause(conn)
 
     def close_conn(self, conn):
         if conn.closed:
@@ -3530,15 +3646,9 @@ class Server(Source):
         conn.closed = True
         self.conns.pop(conn.fd, None)
         try:
-            if conn.sock is not None:
-                conn.sock.close()
-            else:
-                os.close(conn.fd)
+            conn.close()
         except OSError:
             pass
-        if conn.listener is not None:
-            conn.listener.stream_fd = None     # reopened by the retry timer
-            conn.listener.retry_at = time.monotonic() + SERIAL_RECHECK
 
     def close(self):
         for conn in list(self.conns.values()):
@@ -3563,7 +3673,10 @@ class Agent:
         self.inbox.route = self.on_signal
         self.reaper = Reaper()
         policy = RequestPolicy(config["allow"], self.can_power_off, owns_clock=is_init)
-        self.server = Server(config, policy, self.on_request_effect)
+        max_frame = config["max_frame"]
+        arcbox = lambda peer, shared: ArcBoxProtocol(policy, max_frame, peer, shared)
+        self.server = Server([(addr, arcbox) for addr in config["listen"]],
+                             server_limits(config), policy, self.on_request_effect)
         self.workload = Workload(config["exec"], config["on_exit"], self.reaper,
                                  self.on_workload_finished)
         self.dhcp = Workload(dhcp_client_argv(config["net"]) if is_init else [], "respawn",

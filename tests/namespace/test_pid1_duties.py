@@ -90,16 +90,27 @@ def test_a_burst_of_200_orphans_leaves_no_zombie(guest):
 
 
 def test_the_workload_starts_with_a_clean_signal_state_in_its_own_session(guest, tmp_path):
-    out = tmp_path / "status"
-    script = ("grep -E '^Sig(Blk|Ign)' /proc/$$/status > {0}.tmp; "
-              "echo session=$(cut -d' ' -f6 /proc/$$/stat) pid=$$ >> {0}.tmp; "
+    # Read from outside, once the workload has exec'd sleep: a shell reading its own
+    # /proc/$$/status through a child it forks can catch itself mid-fork, when dash blocks
+    # every signal for a moment.
+    out = tmp_path / "session"
+    script = ("echo session=$(cut -d' ' -f6 /proc/$$/stat) pid=$$ > {0}.tmp; "
               "mv {0}.tmp {0}; exec sleep 1000").format(shlex.quote(str(out)))
     g = guest(agent_args=["--exec", "sh", "-c", script])
     wait_for(out.exists, what="the workload's report")
-    lines = out.read_text().split()
-    assert "SigBlk:\t0000000000000000" in out.read_text(), lines
-    assert "SigIgn:\t0000000000000000" in out.read_text(), lines   # not Python's SIGPIPE/XFSZ
-    session, pid = (w.split("=")[1] for w in lines if "=" in w)
+
+    def workload_status():
+        for pid in g.processes():
+            with open("/proc/%d/comm" % pid) as f:
+                if f.read().strip() == "sleep":
+                    with open("/proc/%d/status" % pid) as f:
+                        return f.read()
+        return None
+    wait_for(lambda: workload_status() is not None, what="the workload's exec of sleep")
+    status = workload_status()
+    assert "SigBlk:\t0000000000000000" in status, status
+    assert "SigIgn:\t0000000000000000" in status, status   # not Python's SIGPIPE/XFSZ
+    session, pid = (w.split("=")[1] for w in out.read_text().split() if "=" in w)
     assert session == pid, "the workload is not a session leader"
     assert any(m.startswith("started sh -c") for m in g.messages())
 

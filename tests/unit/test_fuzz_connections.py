@@ -33,11 +33,16 @@ class Harness:
             ours, theirs = socket.socketpair()
             ours.setblocking(False)
             theirs.setblocking(False)
-            conn = agent.Connection(ours, ("unix", 1, 0, 0), time.monotonic())
-            self.server.conns[conn.fd] = conn
+            peer = ("unix", 1, 0, 0)
+            conn = agent.SocketConnection(ours, peer, time.monotonic(), self.protocol(peer))
+            self.server.add_connection(conn)
             self.peers.append(theirs)
             self.conn_fds.append(conn.fd)
         self.received = [bytearray() for _ in range(peers)]
+
+    def protocol(self, peer, shared=False):
+        return agent.ArcBoxProtocol(self.server.policy, self.server.limits.max_frame, peer,
+                                    shared)
 
     def send(self, i, data):
         self.peers[i].sendall(data)
@@ -172,9 +177,10 @@ def serial_harness():
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.setblocking(False)
-    conn = agent.Connection(None, ("serial", "fuzz"), time.monotonic(), fd=ours.fileno(),
-                            listener=agent.Listener(("serial", "fuzz")))
-    h.server.conns[conn.fd] = conn
+    peer = ("serial", "fuzz")
+    conn = agent.SerialStream(ours.fileno(), peer, time.monotonic(), h.protocol(peer, True),
+                              on_closed=lambda: None)
+    h.server.add_connection(conn)
     h.peers.append(theirs)
     h.received.append(bytearray())
     return h, conn, ours, theirs

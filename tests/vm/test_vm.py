@@ -207,6 +207,7 @@ def test_dhcp_through_udhcpc_gives_an_address_and_shutdown_stays_orderly(boot):
         time.sleep(0.1)
     took = time.monotonic() - vm.started - ready
     assert took < 10, "the lease came %.1fs after the agent served" % took
+    vm.wait_log("dhcp: eth0 10.0.2.15/24", 10)   # the script logs it after setting it
     lines = vm.messages()
     # (restrict=on: QEMU's DHCP offers no router, so no default route: "via" only if it did)
     assert any(l.startswith("dhcp: eth0 10.0.2.15/24") for l in lines), lines
