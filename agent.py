@@ -3,19 +3,54 @@
 One flat, stdlib-only module. In the guest it runs as init (PID 1), speaks the ArcBox
 host<->guest wire protocol (format V2) on AF_VSOCK port 1024 and, when the host asks, tears
 the guest down in order: ack, SIGTERM+SIGCONT to everyone, reap until nobody is left or the
-grace ends, SIGKILL, reap, sync, reboot(LINUX_REBOOT_CMD_POWER_OFF). On the host the same
-file is the client: `ping`, `info`, `shutdown`.
+grace ends, SIGKILL, reap, the teardown of what the guest mounted, sync,
+reboot(LINUX_REBOOT_CMD_POWER_OFF). On the host the same file is the client: `ping`, `info`,
+`shutdown`.
 
-Sections, top-down:
-  1. constants and configuration      5. the shutdown sequence (state machine)
-  2. wire codec (frames, proto3)      6. the event loop: signals, power button, notify,
-  3. requests (Ping, Info, Shutdown)     the server, the agent
-  4. PID 1 duties (boot, reaping,     7. host-side client commands
-     workload, network, power-off)    8. main(): the PID-1 story, top-down
+It reads in the order of its story, top-down; no name is used above the section that
+defines it (tests/unit/test_structure.py checks both that and this table):
+  1. Primitives: logging, files, the C library, child processes
+      - what this is, and its exit codes
+      - logging: one line per event, time since boot, to the console (and /dev/kmsg)
+      - small files, the C library, reboot(2), kill(-1), child processes
+  2. Configuration: flags, the kernel cmdline, defaults
+      - values: durations, numbers, words, hostnames, IPv4, the network mode
+      - addresses: vsock, unix, serial, hvsock; who may ask; where to notify
+      - the serve options, from flags and from arcbox.* words on the kernel cmdline
+  3. Boot: early mounts, console, hostname, kernel modules, network
+      - early boot: mounts, console, hostname
+      - kernel modules: finit_module(2) in modules.dep order, modprobe as the fallback
+      - network: loopback up, a static address, or DHCP through busybox's udhcpc
+      - boot duties: what needs the configuration
+  4. The event loop: one thread, one poll(); signals; reaping
+      - the loop and its sources
+      - signals
+      - reaping: every child, and every orphan when PID 1
+  5. The sources: programs, the power button, the host notify, the server
+      - supervised programs: the workload (--exec), udhcpc
+      - the power button: evdev devices that can report KEY_POWER
+      - telling the host: systemd's VM notify protocol
+      - the ArcBox wire protocol: message types, frames, Error payloads (pure functions)
+      - proto3: a tiny encoder/decoder and the messages' schemas
+      - requests: Ping, GetSystemInfo, Shutdown, and who may ask (pure but for the clock)
+      - the ArcBox protocol on one stream: bytes in, replies and effects out
+      - the server: listeners and connections, two kinds of each
+  6. The power-off: what happens on Shutdown
+      - the sequence: a state machine stepped by the event loop
+      - tearing down what the guest mounted, the way systemd-shutdown does
+      - the power-off child: teardown, then reboot()
+  7. The agent: the parts wired into one loop, and the PID-1 story
+      - the agent: what a signal, a request or the workload's end starts
+      - serve_main(): the PID-1 story, top-down
+  8. The host client: ping, info, shutdown
+      - talking to an agent
+  9. main() and the entry point
+      - which command; PID 1's entry, which never returns
 
 Import discipline: the guest path imports only os, signal, socket, time, ctypes (plus sys and
-C built-ins such as select, errno, _struct, which need no .py files). A minimal guest carries
-only the stdlib files those pull in. Host-side commands import argparse/json lazily.
+C built-ins such as select, errno, _struct, which need no .py files; collections is loaded by
+those already). A minimal guest carries only the stdlib files those pull in. Host-side
+commands import argparse/json lazily.
 """
 
 import errno
@@ -28,20 +63,201 @@ import time
 from collections import namedtuple
 from struct import Struct
 
+
+# =============================================================================================
+# 1. Primitives: logging, files, the C library, child processes
+# =============================================================================================
+
+# ---- what this is, and its exit codes -------------------------------------------------------
 __version__ = "0.1.0"
 PROG = "arcbox-agent"
+EXIT_OK = 0
+EXIT_REFUSED = 1       # the agent answered with an Error frame
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3   # cannot connect: refused, no such socket, not listening (hvsock)
+EXIT_TIMEOUT = 4
+EXIT_PROTOCOL = 5      # the peer's answer does not follow the protocol
+
+# ---- logging: one line per event, time since boot, to the console (and /dev/kmsg) -----------
+LOG_LEVELS = {"error": 0, "warn": 1, "info": 2, "debug": 3}
+LOG_DEBUG = LOG_LEVELS["debug"]
+_log_level = LOG_LEVELS["info"]
+_log_fd = 2
+_kmsg_fd = -1
+_KMSG_PRIORITY = {"error": 3, "warn": 4, "info": 6, "debug": 7}   # syslog levels
 
 
-# =============================================================================================
-# 1. Constants and configuration
-# =============================================================================================
+def set_log_level(name):
+    global _log_level
+    _log_level = LOG_LEVELS[name]
 
-AGENT_PORT = 1024                 # ArcBox: the guest agent listens on vsock port 1024
-VMADDR_CID_ANY = 0xFFFFFFFF       # -1U: bind on every CID (Python 3.11 lacks some constants)
-VMADDR_CID_LOCAL = 1              # vsock_loopback: a guest talking to itself
-VMADDR_CID_HOST = 2               # the hypervisor/host side of vsock
 
-HOST_REPLY_BUDGET = 2.0           # ArcBox host waits 2 s for the ShutdownResponse
+def log(level, message):
+    """One line per event: seconds since boot, level, message. Never raises: the console
+    may be missing (fds 0-2 closed) or full."""
+    if LOG_LEVELS[level] > _log_level:
+        return
+    try:
+        line = "[%11.6f] %s %s: %s\n" % (_since_boot(), PROG, level, message)
+        os.write(_log_fd, line.encode("utf-8", "replace"))
+    except (OSError, ValueError):
+        pass
+    if _kmsg_fd >= 0:
+        try:
+            os.write(_kmsg_fd, ("<%d>%s: %s\n" % (_KMSG_PRIORITY[level], PROG, message))
+                     .encode("utf-8", "replace")[:1000])
+        except OSError:
+            pass
+
+
+def enable_kmsg():
+    global _kmsg_fd
+    try:
+        _kmsg_fd = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        log("warn", "cannot log to /dev/kmsg: %s" % exc.strerror)
+
+# Repeated warnings caused by peers are rate-limited per (kind, who): on a serial console
+# (Firecracker's 8250, a TCG guest) a flood of bad frames would otherwise become a console
+# flood that stalls PID 1. The first LOG_BURST of a key in a LOG_WINDOW are written; the rest
+# are counted and summarised in one line when the window is over.
+LOG_BURST, LOG_WINDOW, LOG_MAX_KEYS = 3, 10.0, 256
+_log_windows = {}                  # (kind, who) -> [window start, written, suppressed]
+
+
+def log_limited(kind, who, level, message):
+    now = time.monotonic()
+    key = (kind, who)
+    window = _log_windows.get(key)
+    if window is not None and now - window[0] >= LOG_WINDOW:
+        _summarise(key, window)
+        window = None
+    if window is None:
+        if len(_log_windows) >= LOG_MAX_KEYS:   # many distinct peers: forget the oldest
+            oldest = next(iter(_log_windows))
+            _summarise(oldest, _log_windows.pop(oldest))
+        window = _log_windows[key] = [now, 0, 0]
+    if window[1] < LOG_BURST:
+        window[1] += 1
+        log(level, message)
+    else:
+        window[2] += 1
+
+
+def log_summaries_due(now):
+    """Summarise the windows that are over; returns when the next one ends (or None)."""
+    soonest = None
+    for key, window in list(_log_windows.items()):
+        if now - window[0] >= LOG_WINDOW:
+            _summarise(key, _log_windows.pop(key))
+        elif window[2] and (soonest is None or window[0] + LOG_WINDOW < soonest):
+            soonest = window[0] + LOG_WINDOW
+    return soonest
+
+
+def _summarise(key, window):
+    if window[2]:
+        log("warn", "suppressed %d similar messages (%s, %s) in %gs"
+            % (window[2], key[0], key[1], LOG_WINDOW))
+
+
+def _since_boot():
+    clock = getattr(time, "CLOCK_BOOTTIME", None)
+    if clock is not None:
+        try:
+            return time.clock_gettime(clock)
+        except OSError:
+            pass
+    return time.monotonic()
+
+
+def describe_exception(exc):
+    """Type, message and innermost frames without importing traceback (and linecache...)."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append("%s:%d" % (tb.tb_frame.f_code.co_name, tb.tb_lineno))
+        tb = tb.tb_next
+    return "%s: %s [at %s]" % (type(exc).__name__, exc, " < ".join(reversed(frames[-6:])))
+
+
+def describe_exit_code(code):
+    """An exit code as os.waitstatus_to_exitcode gives it (negative: a signal)."""
+    if code is None:
+        return "still running"
+    return "killed by signal %d" % -code if code < 0 else "exit status %d" % code
+
+
+def describe_status(status):
+    if os.WIFSIGNALED(status):
+        return "killed by signal %d" % os.WTERMSIG(status)
+    if os.WIFEXITED(status):
+        return "exited with status %d" % os.WEXITSTATUS(status)
+    return "status 0x%x" % status
+
+# ---- small files, the C library, reboot(2), kill(-1), child processes -----------------------
+
+
+def _read_bytes(path, limit=1 << 20):
+    """A small file's bytes (at most about `limit`), or None when it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            limit -= len(chunk)
+            if limit <= 0:
+                break
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_text(path, limit=1 << 20):
+    data = _read_bytes(path, limit)
+    return "" if data is None else data.decode("utf-8", "replace")
+_libc = None
+
+
+def libc():
+    """The C library, loaded without ctypes.util (which would drag in subprocess, tempfile,
+    bz2, lzma). CDLL(None) is the already-loaded libc of this process."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        lib = ctypes.CDLL(None, use_errno=True)
+        # int reboot(int cmd): glibc and musl wrap reboot(2) and add the two magic numbers.
+        lib.reboot.argtypes = [ctypes.c_int]
+        # int mount(const char *src, const char *target, const char *fstype,
+        #           unsigned long flags, const void *data)
+        lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                              ctypes.c_ulong, ctypes.c_char_p]
+        # int umount2(const char *target, int flags)
+        lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        # int swapoff(const char *path)
+        lib.swapoff.argtypes = [ctypes.c_char_p]
+        # long syscall(long number, ...): finit_module has no libc wrapper everywhere.
+        lib.syscall.restype = ctypes.c_long
+        for fn in (lib.reboot, lib.mount, lib.umount2, lib.swapoff):
+            fn.restype = ctypes.c_int
+        _libc = lib
+    return _libc
+
+
+def libc_call(name, *args):
+    """Call a libc function; returns 0, or the errno it failed with."""
+    import ctypes
+    if getattr(libc(), name)(*args) == -1:
+        return ctypes.get_errno() or errno.EIO
+    return 0
 
 # reboot(2) commands, from <linux/reboot.h>. The libc wrapper adds the two magic numbers
 # (0xFEE1DEAD, 672274793) the raw syscall also wants.
@@ -49,50 +265,84 @@ LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 LINUX_REBOOT_CMD_RESTART = 0x01234567
 LINUX_REBOOT_CMD_HALT = 0xCDEF0123
 LINUX_REBOOT_CMD_CAD_OFF = 0x00000000   # Ctrl-Alt-Del becomes SIGINT to PID 1
-
 REBOOT_COMMANDS = {
     "poweroff": LINUX_REBOOT_CMD_POWER_OFF,
     "reboot": LINUX_REBOOT_CMD_RESTART,
     "halt": LINUX_REBOOT_CMD_HALT,
 }
 
-# What busybox's poweroff, halt and reboot send to PID 1 (busybox init/init.c). As PID 1 we
-# receive them; in delegate mode we send them to the real PID 1.
-BUSYBOX_INIT_SIGNALS = {"poweroff": signal.SIGUSR2, "halt": signal.SIGUSR1,
-                        "reboot": signal.SIGTERM}
-# The signals PID 1 acts on, and the action: busybox's three; SIGPWR (a power failure, sent
-# by UPS daemons and some VMMs) powers off; SIGINT is Ctrl-Alt-Del once reboot(CAD_OFF) is
-# set (Firecracker's SendCtrlAltDel) and runs the configured action.
-INIT_SIGNAL_ACTIONS = {sig: action for action, sig in BUSYBOX_INIT_SIGNALS.items()}
-INIT_SIGNAL_ACTIONS[signal.SIGINT] = "configured"
-if hasattr(signal, "SIGPWR"):
-    INIT_SIGNAL_ACTIONS[signal.SIGPWR] = "poweroff"
-# Handled so that they are not lost or fatal: SIGCHLD wakes the reaper; SIGHUP and SIGQUIT
-# do nothing (a PID 1 without a handler ignores them anyway; a plain process would die).
-HANDLED_SIGNALS = [signal.SIGCHLD, signal.SIGHUP, signal.SIGQUIT] + list(INIT_SIGNAL_ACTIONS)
 
-# AF_VSOCK: Linux only, and some Python builds lack the constant.
-AF_VSOCK = getattr(socket, "AF_VSOCK", None)
+def call_reboot(command):
+    """reboot(2) with a LINUX_REBOOT_CMD_*. Returns 0, or the errno on failure."""
+    # cmd is an unsigned magic number; the C prototype takes int, so pass its bit pattern.
+    return libc_call("reboot", command - (1 << 32) if command >= 1 << 31 else command)
 
 
-def vsock_family():
-    if AF_VSOCK is None:
-        raise OSError(errno.EAFNOSUPPORT, "this Python/OS has no AF_VSOCK")
-    return AF_VSOCK
+def kill_all(sig):
+    """kill(-1, sig): every process but PID 1 and the caller (in a PID namespace, only that
+    namespace). os.P_ALL is 0, which is not this. Returns False when nobody was there."""
+    try:
+        os.kill(-1, sig)
+        return True
+    except ProcessLookupError:
+        return False
 
 
-def is_abstract(path):
-    """unix:@NAME is a name in Linux's abstract socket namespace, not a file."""
-    return path.startswith("@")
+def _close_fds_but(*keep):
+    """In a helper child: close every descriptor except stdin/stdout and `keep` (negative
+    ones ignored), listed from /proc/self/fd so the cost follows what is open."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd > 1 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass               # the listing's own descriptor, already closed
 
 
-def unix_sockaddr(path):
-    """The address for bind()/connect(): @NAME becomes NUL + NAME."""
-    return "\0" + path[1:] if is_abstract(path) else path
+def run_in_child(body):
+    """Fork a child that runs body() and _exits with its result. Used for the steps that
+    may block (sync) or end this process (reboot): PID 1 survives a failure and keeps its
+    loop. Returns the pid, or None when fork failed."""
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        log("error", "fork failed: %s" % exc)
+        return None
+    if pid == 0:
+        code = 1
+        try:
+            code = body()
+        finally:
+            os._exit(code if isinstance(code, int) and 0 <= code < 256 else 1)
+    return pid
 
 
-LOG_LEVELS = {"error": 0, "warn": 1, "info": 2, "debug": 3}
-LOG_DEBUG = LOG_LEVELS["debug"]
+def _wait_bounded(pid, timeout):
+    """waitpid with a bound, at boot before the event loop exists: the child's status, or
+    None after SIGKILLing it at the timeout."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+# =============================================================================================
+# 2. Configuration: flags, the kernel cmdline, defaults
+# =============================================================================================
+
+# ---- values: durations, numbers, words, hostnames, IPv4, the network mode -------------------
 
 
 class ConfigError(ValueError):
@@ -135,64 +385,6 @@ def _choice(*names):
             raise ConfigError("%r is not one of %s" % (text, ", ".join(names)))
         return value
     return parse
-
-
-def _parse_cid(text):
-    named = {"any": VMADDR_CID_ANY, "-1": VMADDR_CID_ANY, "local": VMADDR_CID_LOCAL,
-             "host": VMADDR_CID_HOST}
-    if text.lower() in named:
-        return named[text.lower()]
-    cid = _int_in_range(0, 0xFFFFFFFF)(text)
-    return cid
-
-
-def parse_address(text, default_port=AGENT_PORT):
-    """Parse a listen/connect address into a tuple.
-
-    vsock:CID[:PORT]          ("vsock", cid, port); CID is a number, any, local or host
-    unix:PATH  / unix:@NAME   ("unix", path); @NAME is the Linux abstract namespace
-    hvsock:UDS_PATH[:PORT]    ("hvsock", uds_path, port): Firecracker/Cloud Hypervisor
-    serial:NAME / serial:PATH ("serial", name or /dev path): a virtio-serial port (guest side)
-    """
-    kind, sep, rest = str(text).partition(":")
-    kind = kind.strip().lower()
-    if not sep or not rest:
-        raise ConfigError("%r is not an address (vsock:CID[:PORT], unix:PATH, "
-                          "hvsock:UDS_PATH[:PORT])" % (text,))
-    if kind == "vsock":
-        cid_text, _, port_text = rest.partition(":")
-        port = _int_in_range(0, 0xFFFFFFFF)(port_text) if port_text else default_port
-        return ("vsock", _parse_cid(cid_text), port)
-    if kind == "unix":
-        return ("unix", rest)
-    if kind == "serial":
-        return ("serial", rest)
-    if kind == "hvsock":
-        path, _, port_text = rest.rpartition(":")
-        if path and port_text.isdigit():
-            return ("hvsock", path, _int_in_range(0, 0xFFFFFFFF)(port_text))
-        return ("hvsock", rest, default_port)
-    raise ConfigError("%r: unknown address kind %r (vsock, unix, hvsock, serial)"
-                      % (text, kind))
-
-
-def format_address(addr):
-    if addr[0] == "vsock":
-        cid = "any" if addr[1] == VMADDR_CID_ANY else str(addr[1])
-        return "vsock:%s:%d" % (cid, addr[2])
-    if addr[0] == "hvsock":
-        return "hvsock:%s:%d" % (addr[1], addr[2])
-    return "%s:%s" % addr[:2]
-
-
-def _parse_listen(text):
-    addrs = [parse_address(part) for part in str(text).split(",") if part.strip()]
-    for addr in addrs:
-        if addr[0] == "hvsock":
-            raise ConfigError("hvsock: is a host-side address; a guest listens on vsock:")
-    if not addrs:
-        raise ConfigError("no address given")
-    return addrs
 
 
 def _parse_bool(text):
@@ -255,26 +447,6 @@ def _parse_hostname(text):
     if not (0 < len(name) <= 64) or any(c.isspace() or c == "/" for c in name):
         raise ConfigError("%r is not a hostname (1-64 characters, no spaces)" % (text,))
     return name
-
-
-def _parse_allow(text):
-    """'cid:2,cid:3,uid:0,serial' -> {"cid": {2, 3}, "uid": {0}, "serial": True, ...};
-    'serial' trusts virtio-serial ports (only the VMM reaches them); 'any' every peer."""
-    allow = {"cid": set(), "uid": set(), "any": False, "serial": False}
-    for item in str(text).split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        if item in ("any", "serial"):
-            allow[item] = True
-            continue
-        kind, _, value = item.partition(":")
-        if kind not in ("cid", "uid") or not value:
-            raise ConfigError("%r: expected cid:N, uid:N, serial or any" % (item,))
-        allow[kind].add(_parse_cid(value) if kind == "cid" else _int_in_range(0, 2**32 - 1)(value))
-    return allow
-
-
 IFNAMSIZ = 16                     # <net/if.h>: interface names are shorter than this
 
 
@@ -324,6 +496,106 @@ def parse_net(text):
         parse_ipv4(gateway)
     return ("static", _iface(iface), addr, _prefix(prefix), gateway or None)
 
+# ---- addresses: vsock, unix, serial, hvsock; who may ask; where to notify -------------------
+AGENT_PORT = 1024                 # ArcBox: the guest agent listens on vsock port 1024
+VMADDR_CID_ANY = 0xFFFFFFFF       # -1U: bind on every CID (Python 3.11 lacks some constants)
+VMADDR_CID_LOCAL = 1              # vsock_loopback: a guest talking to itself
+VMADDR_CID_HOST = 2               # the hypervisor/host side of vsock
+
+# AF_VSOCK: Linux only, and some Python builds lack the constant.
+AF_VSOCK = getattr(socket, "AF_VSOCK", None)
+
+
+def vsock_family():
+    if AF_VSOCK is None:
+        raise OSError(errno.EAFNOSUPPORT, "this Python/OS has no AF_VSOCK")
+    return AF_VSOCK
+
+
+def is_abstract(path):
+    """unix:@NAME is a name in Linux's abstract socket namespace, not a file."""
+    return path.startswith("@")
+
+
+def unix_sockaddr(path):
+    """The address for bind()/connect(): @NAME becomes NUL + NAME."""
+    return "\0" + path[1:] if is_abstract(path) else path
+
+
+def _parse_cid(text):
+    named = {"any": VMADDR_CID_ANY, "-1": VMADDR_CID_ANY, "local": VMADDR_CID_LOCAL,
+             "host": VMADDR_CID_HOST}
+    if text.lower() in named:
+        return named[text.lower()]
+    cid = _int_in_range(0, 0xFFFFFFFF)(text)
+    return cid
+
+
+def parse_address(text, default_port=AGENT_PORT):
+    """Parse a listen/connect address into a tuple.
+
+    vsock:CID[:PORT]          ("vsock", cid, port); CID is a number, any, local or host
+    unix:PATH  / unix:@NAME   ("unix", path); @NAME is the Linux abstract namespace
+    hvsock:UDS_PATH[:PORT]    ("hvsock", uds_path, port): Firecracker/Cloud Hypervisor
+    serial:NAME / serial:PATH ("serial", name or /dev path): a virtio-serial port (guest side)
+    """
+    kind, sep, rest = str(text).partition(":")
+    kind = kind.strip().lower()
+    if not sep or not rest:
+        raise ConfigError("%r is not an address (vsock:CID[:PORT], unix:PATH, "
+                          "hvsock:UDS_PATH[:PORT])" % (text,))
+    if kind == "vsock":
+        cid_text, _, port_text = rest.partition(":")
+        port = _int_in_range(0, 0xFFFFFFFF)(port_text) if port_text else default_port
+        return ("vsock", _parse_cid(cid_text), port)
+    if kind == "unix":
+        return ("unix", rest)
+    if kind == "serial":
+        return ("serial", rest)
+    if kind == "hvsock":
+        path, _, port_text = rest.rpartition(":")
+        if path and port_text.isdigit():
+            return ("hvsock", path, _int_in_range(0, 0xFFFFFFFF)(port_text))
+        return ("hvsock", rest, default_port)
+    raise ConfigError("%r: unknown address kind %r (vsock, unix, hvsock, serial)"
+                      % (text, kind))
+
+
+def format_address(addr):
+    if addr[0] == "vsock":
+        cid = "any" if addr[1] == VMADDR_CID_ANY else str(addr[1])
+        return "vsock:%s:%d" % (cid, addr[2])
+    if addr[0] == "hvsock":
+        return "hvsock:%s:%d" % (addr[1], addr[2])
+    return "%s:%s" % addr[:2]
+
+
+def _parse_listen(text):
+    addrs = [parse_address(part) for part in str(text).split(",") if part.strip()]
+    for addr in addrs:
+        if addr[0] == "hvsock":
+            raise ConfigError("hvsock: is a host-side address; a guest listens on vsock:")
+    if not addrs:
+        raise ConfigError("no address given")
+    return addrs
+
+
+def _parse_allow(text):
+    """'cid:2,cid:3,uid:0,serial' -> {"cid": {2, 3}, "uid": {0}, "serial": True, ...};
+    'serial' trusts virtio-serial ports (only the VMM reaches them); 'any' every peer."""
+    allow = {"cid": set(), "uid": set(), "any": False, "serial": False}
+    for item in str(text).split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        if item in ("any", "serial"):
+            allow[item] = True
+            continue
+        kind, _, value = item.partition(":")
+        if kind not in ("cid", "uid") or not value:
+            raise ConfigError("%r: expected cid:N, uid:N, serial or any" % (item,))
+        allow[kind].add(_parse_cid(value) if kind == "cid" else _int_in_range(0, 2**32 - 1)(value))
+    return allow
 
 # systemd's notify address forms (systemd(1), vmm.notify_socket): vsock:CID:PORT tries a
 # datagram, then a seqpacket, then a stream socket; vsock-dgram:, vsock-seqpacket: and
@@ -358,8 +630,13 @@ def format_notify_address(addr):
         return addr[2]
     kind = "vsock" if len(addr[1]) > 1 else "vsock-" + addr[1][0]
     return "%s:%d:%d" % (kind, addr[2], addr[3])
+ADDRESS_HELP = """addresses:
+  vsock:CID[:PORT]        AF_VSOCK to a guest (CID 3 and up; 1 is local loopback), port 1024
+  unix:PATH               a Unix stream socket (unix:@NAME for the abstract namespace)
+  hvsock:UDS_PATH[:PORT]  Firecracker / Cloud Hypervisor hybrid vsock: the VMM's Unix socket;
+                          sends "CONNECT PORT\\n" and expects "OK ...\\n", port default 1024"""
 
-
+# ---- the serve options, from flags and from arcbox.* words on the kernel cmdline ------------
 # The serve options: (name, metavar, parser, default, help). The flag is --name (with dashes),
 # the kernel cmdline key is arcbox.name; flags win over the cmdline, which wins over defaults.
 SERVE_OPTIONS = (
@@ -534,765 +811,51 @@ def _describe(name, value):
                         ["uid:%d" % u for u in sorted(value["uid"])] +
                         (["serial"] if value["serial"] else []))
     return "%g" % value if isinstance(value, float) else str(value)
+USAGE = """usage: %(prog)s [serve] [OPTIONS]    run the guest agent (the default; PID 1 in a VM)
+       %(prog)s ping|info|shutdown --to ADDR [--timeout S] [--json]   talk to an agent
+       %(prog)s --version | --help
+
+arcbox-agent is a tiny init for Linux VM guests. As PID 1 it reaps orphans, listens for the
+ArcBox host protocol and, on Shutdown, stops the guest in order: ack, SIGTERM+SIGCONT to all,
+wait up to the grace while reaping, SIGKILL the rest, sync, reboot(POWER_OFF).
+Not PID 1, it serves Ping/GetSystemInfo and refuses Shutdown.
+
+serve options (flag --name VALUE, or kernel cmdline arcbox.name=VALUE; flags win):
+%(options)s
+
+signals to PID 1: SIGUSR2 power-off, SIGUSR1 halt, SIGTERM reboot (busybox poweroff/halt/
+reboot), SIGPWR power-off, SIGINT (Ctrl-Alt-Del) the configured action. The ACPI/GPIO power
+button (QEMU system_powerdown, virsh shutdown) runs the configured action too.
+
+%(addresses)s
+
+client commands: ping, info, shutdown [--grace S]; '%(prog)s ping --help' for their options.
+"""
 
 
-# =============================================================================================
-# 2. Wire codec: frames, a tiny proto3 encoder/decoder, Error payloads (pure functions)
-# =============================================================================================
-
-MSG_EMPTY = 0x0000
-MSG_PING = 0x0001
-MSG_GET_SYSTEM_INFO = 0x0002
-MSG_SHUTDOWN = 0x000A
-MSG_ERROR = 0xFFFF
-RESPONSE_BIT = 0x1000             # a response is request | 0x1000
-REQUEST_MAX = 0x0FFF              # requests are 0x0001..0x0FFF
-
-MESSAGE_NAMES = {
-    0x0001: "Ping", 0x0002: "GetSystemInfo", 0x0003: "EnsureRuntime", 0x0004: "RuntimeStatus",
-    0x0005: "Kubernetes", 0x0006: "Kubernetes", 0x0007: "Kubernetes", 0x0008: "Kubernetes",
-    0x0009: "Kubernetes", 0x000A: "Shutdown",
-}
-
-ERROR_INVALID = 400               # the Rust agent's code for "invalid request: ..."
-ERROR_FORBIDDEN = 403             # peer not allowed to ask for this
-ERROR_INTERNAL = 500              # a bug in the agent, reported instead of a silent close
-ERROR_UNSUPPORTED = 501           # a known ArcBox request this agent does not implement
-ERROR_UNAVAILABLE = 503           # cannot do it here (not PID 1, not Linux)
-
-_FRAME_HEAD = Struct(">IIH")      # u32 length, u32 type, u16 trace_len (big-endian)
-_FRAME_PREFIX = Struct(">II")
-_TRACE_LEN = Struct(">H")
-_ERROR_HEAD = Struct(">iI")       # i32 code, u32 msg_len
-_DOUBLE_LE = Struct("<d")         # proto3 doubles are little-endian
-_FIXED64_LE = Struct("<Q")
-_FIXED32_LE = Struct("<I")
+def usage_text():
+    rows = []
+    for name, metavar, _, default, text in SERVE_OPTIONS:
+        flag = flag_name(name) + (" " + metavar if metavar else "")
+        rows.append("  %-24s %s (default %s)" % (flag, text, default or "none"))
+    return USAGE % {"prog": PROG, "options": "\n".join(rows), "addresses": ADDRESS_HELP}
 
 
-class ProtocolError(ValueError):
-    """Bytes that do not follow the wire protocol. `fatal` means the frame boundary is lost
-    and the connection can no longer be trusted."""
-
-    def __init__(self, message, fatal=False):
-        ValueError.__init__(self, message)
-        self.fatal = fatal
-
-
-def encode_frame(msg_type, payload=b"", trace=b""):
-    return _FRAME_HEAD.pack(6 + len(trace) + len(payload), msg_type, len(trace)) + trace + payload
-
-
-def decode_frame(buf, max_frame):
-    """Take one frame off the front of buf (bytes/bytearray).
-
-    Returns (msg_type, trace, payload, consumed), or None when more bytes are needed.
-    Raises ProtocolError(fatal=True) when the length field cannot be honoured (too short to
-    hold the type, or over max_frame: never allocated), and a non-fatal ProtocolError with
-    `consumed` set when one complete frame is malformed but the stream is still in step.
-    """
-    if len(buf) < _FRAME_PREFIX.size:
-        if len(buf) >= 4:          # judge the length as soon as it is known
-            _check_length(int.from_bytes(bytes(buf[:4]), "big"), max_frame)
-        return None
-    length, msg_type = _FRAME_PREFIX.unpack_from(buf)
-    _check_length(length, max_frame)
-    end = 4 + length
-    if len(buf) < end:
-        return None
-    body = bytes(buf[8:end])
-    if length < 6:
-        # Too short for the trace field: like the Rust agent, the 0-1 bytes left are payload.
-        return msg_type, b"", body, end
-    (trace_len,) = _TRACE_LEN.unpack_from(body)
-    if 2 + trace_len > len(body):
-        err = ProtocolError("trace length %d overruns the frame (%d bytes left)"
-                            % (trace_len, len(body) - 2))
-        err.consumed = end
-        raise err
-    return msg_type, body[2:2 + trace_len], body[2 + trace_len:], end
-
-
-def _check_length(length, max_frame):
-    if length < 4:
-        raise ProtocolError("frame length %d is too short to hold a message type" % length,
-                            fatal=True)
-    if length > max_frame:
-        raise ProtocolError("frame length %d exceeds the limit of %d bytes" % (length, max_frame),
-                            fatal=True)
-
-
-def encode_error(code, message):
-    data = message.encode("utf-8", "replace")
-    return _ERROR_HEAD.pack(code, len(data)) + data
-
-
-def decode_error(payload):
-    """Error payload -> (code, message). Lenient: a short message is returned as found."""
-    if len(payload) < _ERROR_HEAD.size:
-        raise ProtocolError("error payload of %d bytes is too short" % len(payload))
-    code, length = _ERROR_HEAD.unpack_from(payload)
-    text = payload[_ERROR_HEAD.size:_ERROR_HEAD.size + length]
-    return code, text.decode("utf-8", "replace")
-
-
-# ---- proto3 -------------------------------------------------------------------------------
-
-WT_VARINT, WT_I64, WT_LEN, WT_SGROUP, WT_EGROUP, WT_I32 = 0, 1, 2, 3, 4, 5
-_U64 = (1 << 64) - 1
-_MAX_GROUP_DEPTH = 32             # bound recursion on (deprecated) group fields
-
-
-_ONE_BYTE_VARINTS = [bytes((i,)) for i in range(0x80)]   # the common case, precomputed
-
-
-def encode_varint(value):
-    if 0 <= value < 0x80:
-        return _ONE_BYTE_VARINTS[value]
-    value &= _U64                 # negative int64 -> two's complement, 10 bytes
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def decode_varint(data, pos):
-    """-> (value, new_pos). At most 10 bytes, as protobuf allows."""
-    result = shift = 0
-    for i in range(pos, min(pos + 10, len(data))):
-        byte = data[i]
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result & _U64, i + 1
-        shift += 7
-    if len(data) - pos >= 10:
-        raise ProtocolError("varint longer than 10 bytes")
-    raise ProtocolError("truncated varint")
-
-
-def iter_fields(data, _depth=0):
-    """Yield (field_number, wire_type, value) for each field; value is an int for varint,
-    fixed32 and fixed64, bytes for length-delimited. Groups are skipped whole."""
-    pos, end = 0, len(data)
-    while pos < end:
-        key, pos = decode_varint(data, pos)
-        field, wire = key >> 3, key & 7
-        if field == 0 or field > 0x1FFFFFFF:
-            raise ProtocolError("invalid field number %d" % field)
-        if wire == WT_VARINT:
-            value, pos = decode_varint(data, pos)
-        elif wire == WT_I64:
-            if pos + 8 > end:
-                raise ProtocolError("truncated fixed64 field %d" % field)
-            (value,) = _FIXED64_LE.unpack_from(data, pos)
-            pos += 8
-        elif wire == WT_I32:
-            if pos + 4 > end:
-                raise ProtocolError("truncated fixed32 field %d" % field)
-            (value,) = _FIXED32_LE.unpack_from(data, pos)
-            pos += 4
-        elif wire == WT_LEN:
-            length, pos = decode_varint(data, pos)
-            if length > end - pos:
-                raise ProtocolError("field %d: length %d overruns the message" % (field, length))
-            value = bytes(data[pos:pos + length])
-            pos += length
-        elif wire == WT_SGROUP:
-            pos = _skip_group(data, pos, field, _depth + 1)
-            continue
-        else:
-            raise ProtocolError("field %d: unexpected wire type %d" % (field, wire))
-        yield field, wire, value
-
-
-def _skip_group(data, pos, group_field, depth):
-    if depth > _MAX_GROUP_DEPTH:
-        raise ProtocolError("groups nested too deeply")
-    end = len(data)
-    while pos < end:
-        key, pos = decode_varint(data, pos)
-        field, wire = key >> 3, key & 7
-        if wire == WT_EGROUP:
-            if field != group_field:
-                raise ProtocolError("group %d closed by end-group %d" % (group_field, field))
-            return pos
-        if wire == WT_VARINT:
-            _, pos = decode_varint(data, pos)
-        elif wire == WT_I64:
-            pos += 8
-        elif wire == WT_I32:
-            pos += 4
-        elif wire == WT_LEN:
-            length, pos = decode_varint(data, pos)
-            pos += length
-        elif wire == WT_SGROUP:
-            pos = _skip_group(data, pos, field, depth + 1)
-        else:
-            raise ProtocolError("field %d: unexpected wire type %d" % (field, wire))
-        if pos > end:
-            raise ProtocolError("truncated field %d inside group %d" % (field, group_field))
-    raise ProtocolError("group %d is not closed" % group_field)
-
-
-# A schema maps field number -> (name, kind). Kinds: string, int64, uint64, uint32, bool,
-# doubles (repeated double, packed), strings (repeated string).
-PING_REQUEST = {1: ("message", "string"), 2: ("timestamp_secs", "int64")}
-PING_RESPONSE = {1: ("message", "string"), 2: ("version", "string")}
-SYSTEM_INFO = {
-    1: ("kernel_version", "string"), 2: ("os_name", "string"), 3: ("os_version", "string"),
-    4: ("arch", "string"), 5: ("total_memory", "uint64"), 6: ("available_memory", "uint64"),
-    7: ("cpu_count", "uint32"), 8: ("load_average", "doubles"), 9: ("hostname", "string"),
-    10: ("uptime", "uint64"), 11: ("ip_addresses", "strings"),
-}
-SHUTDOWN_REQUEST = {1: ("timeout_seconds", "uint32")}
-SHUTDOWN_RESPONSE = {1: ("accepted", "bool")}
-
-_KIND_DEFAULTS = {"string": "", "int64": 0, "uint64": 0, "uint32": 0, "bool": False}
-
-
-_ENCODE_PLANS = {}                # id(schema) -> [(name, kind, field key bytes)] in order
-
-
-def _encode_plan(schema):
-    plan = _ENCODE_PLANS.get(id(schema))
-    if plan is None:
-        plan = _ENCODE_PLANS[id(schema)] = [
-            (name, kind, encode_varint(number << 3 | (
-                WT_LEN if kind in ("doubles", "strings", "string") else WT_VARINT)))
-            for number, (name, kind) in sorted(schema.items())]
-    return plan
-
-
-def encode_message(schema, values):
-    """Encode fields in field-number order, omitting proto3 defaults. (The schemas are
-    module constants: each one's field order and keys are worked out once.)"""
-    out = bytearray()
-    for name, kind, key in _encode_plan(schema):
-        value = values.get(name)
-        if not value:
-            continue              # proto3: defaults (0, "", False, empty) are not sent
-        if kind == "string":
-            data = value.encode("utf-8")
-            out += key + encode_varint(len(data)) + data
-        elif kind == "strings":
-            for item in value:
-                data = item.encode("utf-8")
-                out += key + encode_varint(len(data)) + data
-        elif kind == "doubles":
-            packed = b"".join(_DOUBLE_LE.pack(float(v)) for v in value)
-            out += key + encode_varint(len(packed)) + packed
-        else:                     # int64, uint64, uint32, bool
-            out += key + encode_varint(int(value))
-    return bytes(out)
-
-
-def decode_message(schema, data):
-    """Decode into {name: value}, defaults filled in, unknown fields skipped. Raises only
-    ProtocolError (bad UTF-8 in a string, wrong wire type for a known field, truncation)."""
-    result = {}
-    for name, kind in schema.values():
-        result[name] = [] if kind in ("doubles", "strings") else _KIND_DEFAULTS[kind]
-    for number, wire, value in iter_fields(data):
-        spec = schema.get(number)
-        if spec is None:
-            continue
-        name, kind = spec
-        if kind in ("string", "strings"):
-            _expect(wire, WT_LEN, name)
-            try:
-                text = value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ProtocolError("field %s is not valid UTF-8" % name)
-            if kind == "string":
-                result[name] = text
-            else:
-                result[name].append(text)
-        elif kind == "doubles":
-            # Parsers must accept both packed and unpacked encodings of repeated scalars.
-            if wire == WT_LEN:
-                if len(value) % 8:
-                    raise ProtocolError("packed doubles in %s: %d bytes is not a multiple of 8"
-                                        % (name, len(value)))
-                result[name].extend(_DOUBLE_LE.unpack_from(value, i)[0]
-                                    for i in range(0, len(value), 8))
-            else:
-                _expect(wire, WT_I64, name)
-                result[name].append(_DOUBLE_LE.unpack(_FIXED64_LE.pack(value))[0])
-        else:
-            _expect(wire, WT_VARINT, name)
-            if kind == "int64":
-                value = value - (1 << 64) if value >> 63 else value
-            elif kind == "uint32":
-                value &= 0xFFFFFFFF   # protobuf truncates an over-long uint32
-            elif kind == "bool":
-                value = value != 0
-            result[name] = value
-    return result
-
-
-def _expect(wire, wanted, name):
-    if wire != wanted:
-        raise ProtocolError("field %s has wire type %d, expected %d" % (name, wire, wanted))
-
-
-# =============================================================================================
-# 3. Requests: Ping, GetSystemInfo, Shutdown
-# =============================================================================================
-
-def _read_bytes(path, limit=1 << 20):
-    """A small file's bytes (at most about `limit`), or None when it cannot be read."""
+def _write(fd, text):
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        os.write(fd, text.encode("utf-8", "replace"))
     except OSError:
-        return None
-    try:
-        chunks = []
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            limit -= len(chunk)
-            if limit <= 0:
-                break
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _read_text(path, limit=1 << 20):
-    data = _read_bytes(path, limit)
-    return "" if data is None else data.decode("utf-8", "replace")
-
-
-def _meminfo():
-    values = {}
-    for line in _read_text("/proc/meminfo").splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            values[key] = int(parts[0]) * 1024   # /proc/meminfo counts kB
-    return values
-
-
-def _ipv4_addresses(fib_trie):
-    """Local IPv4 addresses from /proc/net/fib_trie: an address line followed by
-    '/32 host LOCAL'. Loopback is left out. No external command, no ioctl."""
-    found, last = [], None
-    for line in fib_trie.splitlines():
-        text = line.strip()
-        if text.startswith("|--"):
-            last = text[3:].strip()
-        elif "/32 host LOCAL" in text and last:
-            if not last.startswith("127.") and last not in found:
-                found.append(last)
-            last = None
-    return found
-
-
-def _ipv6_addresses(if_inet6):
-    """Global IPv6 addresses from /proc/net/if_inet6 (scope 00), loopback/link-local left out."""
-    found = []
-    for line in if_inet6.splitlines():
-        parts = line.split()
-        if len(parts) < 6 or len(parts[0]) != 32 or parts[3] != "00":
-            continue
-        groups = [parts[0][i:i + 4] for i in range(0, 32, 4)]
-        addr = socket.inet_ntop(socket.AF_INET6, bytes.fromhex("".join(groups)))
-        if addr not in found:
-            found.append(addr)
-    return found
-
-
-def ip_addresses(fib_trie, if_inet6):
-    """The guest's addresses as GetSystemInfo reports them: IPv4 first, then global IPv6;
-    loopback and link-local left out. Read per request, so they follow DHCP."""
-    return _ipv4_addresses(fib_trie) + _ipv6_addresses(if_inet6)
-
-
-def gather_system_info():
-    uname = os.uname()
-    mem = _meminfo()
-    load = []
-    for word in _read_text("/proc/loadavg").split()[:3]:
-        try:
-            load.append(float(word))
-        except ValueError:
-            pass
-    try:
-        uptime = int(float(_read_text("/proc/uptime").split()[0]))
-    except (ValueError, IndexError):
-        uptime = 0
-    return {
-        "kernel_version": uname.release, "os_name": uname.sysname, "os_version": uname.version,
-        "arch": uname.machine, "total_memory": mem.get("MemTotal", 0),
-        "available_memory": mem.get("MemAvailable", 0), "cpu_count": os.cpu_count() or 0,
-        "load_average": load, "hostname": socket.gethostname(), "uptime": uptime,
-        "ip_addresses": ip_addresses(_read_text("/proc/net/fib_trie"),
-                                     _read_text("/proc/net/if_inet6")),
-    }
-
-
-def request_name(msg_type):
-    return "%s (0x%04X)" % (MESSAGE_NAMES.get(msg_type, "unknown"), msg_type)
-
-
-def describe_peer(peer):
-    """("vsock", cid, port) / ("unix", pid, uid, gid) / ("serial", name) -> log text."""
-    if peer[0] == "vsock":
-        return "vsock peer cid %d port %d" % (peer[1], peer[2])
-    if peer[0] == "unix":
-        return "unix peer pid %d uid %d" % (peer[1], peer[2])
-    return "serial port %s" % peer[1]
-
-
-def peer_group(peer):
-    """Who, for rate-limiting log lines: a vsock CID, a Unix uid, a serial port (not the
-    port or pid, which change with every connection)."""
-    if peer[0] == "vsock":
-        return "cid %d" % peer[1]
-    if peer[0] == "unix":
-        return "uid %d" % peer[2]
-    return "serial %s" % peer[1]
-
-
-def peer_allowed(allow, peer):
-    """Who may change the machine (Shutdown, the clock): a pure rule of the allow list
-    (--allow, parsed) and the peer. The default, cid:2,uid:0,serial, is the host over vsock,
-    root over a Unix socket, and the VMM's virtio-serial port (only the VMM reaches it)."""
-    if allow["any"]:
-        return True
-    if peer[0] == "serial":
-        return allow["serial"]
-    if peer[0] == "vsock":
-        return peer[1] in allow["cid"]
-    if peer[0] == "unix":
-        return peer[2] in allow["uid"]
-    return False
-
-
-class RequestPolicy:
-    """What requests may do here, fixed at start: who is allowed (the parsed --allow), whether
-    this agent may power the guest off (PID 1, or --delegate) and whether it owns the clock
-    (PID 1 only: an agent in a container or a test must not move the machine's time)."""
-
-    __slots__ = ("allow", "can_power_off", "owns_clock")
-
-    def __init__(self, allow, can_power_off, owns_clock):
-        self.allow, self.can_power_off, self.owns_clock = allow, can_power_off, owns_clock
-
-
-class Refused(Exception):
-    """A request the agent understood but will not do; becomes an Error frame."""
-
-    def __init__(self, code, message):
-        Exception.__init__(self, message)
-        self.code = code
-
-
-_PLAIN_PONG = encode_message(PING_RESPONSE, {"message": "pong", "version": __version__})
-
-
-def handle_request(msg_type, payload, peer, policy):
-    """One request -> (response type, response payload, effect). The effect is what the
-    caller should make happen once the answer is queued: None, or ("shutdown", seconds)
-    with 0 meaning the configured grace. Raises ProtocolError for bytes that do not decode
-    and Refused for requests that are not allowed or not possible here."""
-    if msg_type == MSG_PING:
-        if not payload:           # the health check hosts send in a loop: answered as is
-            return MSG_PING | RESPONSE_BIT, _PLAIN_PONG, None
-        request = decode_message(PING_REQUEST, payload)
-        if request["timestamp_secs"] > 0:
-            set_clock_from_peer(request["timestamp_secs"], peer, policy)
-        message = "pong: " + request["message"] if request["message"] else "pong"
-        return msg_type | RESPONSE_BIT, encode_message(
-            PING_RESPONSE, {"message": message, "version": __version__}), None
-    if msg_type == MSG_GET_SYSTEM_INFO:
-        return msg_type | RESPONSE_BIT, encode_message(SYSTEM_INFO, gather_system_info()), None
-    if msg_type == MSG_SHUTDOWN:
-        request = decode_message(SHUTDOWN_REQUEST, payload)
-        check_shutdown_allowed(peer, policy)
-        return msg_type | RESPONSE_BIT, encode_message(SHUTDOWN_RESPONSE, {"accepted": True}), \
-            ("shutdown", request["timeout_seconds"])
-    if msg_type in MESSAGE_NAMES:
-        raise Refused(ERROR_UNSUPPORTED, "unsupported request: %s is not implemented by this "
-                      "agent" % request_name(msg_type))
-    if msg_type == MSG_EMPTY or msg_type > REQUEST_MAX:
-        raise ProtocolError("message type 0x%04X is not a request" % msg_type)
-    raise ProtocolError("unknown message type 0x%04X" % msg_type)
-
-
-def check_shutdown_allowed(peer, policy):
-    """Raise Refused (403 or 503) unless this peer may power this guest off."""
-    who = describe_peer(peer)
-    if not peer_allowed(policy.allow, peer):
-        log_limited("refused", peer_group(peer), "warn",
-                    "refused Shutdown from %s: not an allowed peer" % who)
-        raise Refused(ERROR_FORBIDDEN, "shutdown refused: %s is not allowed to request it "
-                      "(see --allow)" % who)
-    if not sys.platform.startswith("linux"):
-        log("warn", "Shutdown requested, but power-off is only supported on Linux")
-        raise Refused(ERROR_UNAVAILABLE, "shutdown refused: power-off is only supported on "
-                      "Linux guests")
-    if not policy.can_power_off:
-        log_limited("refused", peer_group(peer), "warn",
-                    "refused Shutdown from %s: not PID 1" % who)
-        raise Refused(ERROR_UNAVAILABLE, "shutdown refused: this agent is not PID 1 (pid %d), "
-                      "so it will not signal every process on this machine (see --delegate)"
-                      % os.getpid())
-
-
-def set_clock_from_peer(seconds, peer, policy):
-    """A Ping's timestamp sets the clock only in PID 1, only from the VMM's side (a vsock or
-    virtio-serial peer: the VMM owns the serial port) and only from an allowed peer. A
-    Unix-socket peer is ignored, never refused: tests run as root on real machines."""
-    who = describe_peer(peer)
-    if not (policy.owns_clock and peer[0] in ("vsock", "serial")):
-        log("debug", "Ping timestamp from %s ignored (clock set only by the host as PID 1)"
-            % who)
-        return
-    if not peer_allowed(policy.allow, peer):
-        log_limited("refused", peer_group(peer), "warn",
-                    "refused clock change from %s: not an allowed peer" % who)
-        raise Refused(ERROR_FORBIDDEN, "clock change refused: %s is not allowed to set the "
-                      "time (see --allow)" % who)
-    try:
-        time.clock_settime(time.CLOCK_REALTIME, float(seconds))
-        log("debug", "clock set to %d from the host" % seconds)
-    except (OSError, OverflowError, ValueError) as exc:
-        log("warn", "cannot set the clock to %d: %s" % (seconds, exc))
-
-
-# =============================================================================================
-# 4. PID 1 duties: logging, libc, boot, modules, reaping, the workload, network, power-off
-# =============================================================================================
-
-# The event loop (section 6) serves Sources; the reaper, the workload and the shutdown
-# sequence below are three of them.
-class Source:
-    """Something the event loop serves (section 6): fds to poll with their handlers, a
-    deadline, and a tick after every wake-up. The defaults: nothing, never, nothing."""
-
-    def wants(self, now):
-        return ()
-
-    def deadline(self):
-        return None
-
-    def tick(self, now):
         pass
 
 
-_log_level = LOG_LEVELS["info"]
-_log_fd = 2
-_kmsg_fd = -1
-_KMSG_PRIORITY = {"error": 3, "warn": 4, "info": 6, "debug": 7}   # syslog levels
+# =============================================================================================
+# 3. Boot: early mounts, console, hostname, kernel modules, network
+# =============================================================================================
 
-
-def set_log_level(name):
-    global _log_level
-    _log_level = LOG_LEVELS[name]
-
-
-def log(level, message):
-    """One line per event: seconds since boot, level, message. Never raises: the console
-    may be missing (fds 0-2 closed) or full."""
-    if LOG_LEVELS[level] > _log_level:
-        return
-    try:
-        line = "[%11.6f] %s %s: %s\n" % (_since_boot(), PROG, level, message)
-        os.write(_log_fd, line.encode("utf-8", "replace"))
-    except (OSError, ValueError):
-        pass
-    if _kmsg_fd >= 0:
-        try:
-            os.write(_kmsg_fd, ("<%d>%s: %s\n" % (_KMSG_PRIORITY[level], PROG, message))
-                     .encode("utf-8", "replace")[:1000])
-        except OSError:
-            pass
-
-
-def enable_kmsg():
-    global _kmsg_fd
-    try:
-        _kmsg_fd = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        log("warn", "cannot log to /dev/kmsg: %s" % exc.strerror)
-
-
-# Repeated warnings caused by peers are rate-limited per (kind, who): on a serial console
-# (Firecracker's 8250, a TCG guest) a flood of bad frames would otherwise become a console
-# flood that stalls PID 1. The first LOG_BURST of a key in a LOG_WINDOW are written; the rest
-# are counted and summarised in one line when the window is over.
-LOG_BURST, LOG_WINDOW, LOG_MAX_KEYS = 3, 10.0, 256
-_log_windows = {}                  # (kind, who) -> [window start, written, suppressed]
-
-
-def log_limited(kind, who, level, message):
-    now = time.monotonic()
-    key = (kind, who)
-    window = _log_windows.get(key)
-    if window is not None and now - window[0] >= LOG_WINDOW:
-        _summarise(key, window)
-        window = None
-    if window is None:
-        if len(_log_windows) >= LOG_MAX_KEYS:   # many distinct peers: forget the oldest
-            oldest = next(iter(_log_windows))
-            _summarise(oldest, _log_windows.pop(oldest))
-        window = _log_windows[key] = [now, 0, 0]
-    if window[1] < LOG_BURST:
-        window[1] += 1
-        log(level, message)
-    else:
-        window[2] += 1
-
-
-def log_summaries_due(now):
-    """Summarise the windows that are over; returns when the next one ends (or None)."""
-    soonest = None
-    for key, window in list(_log_windows.items()):
-        if now - window[0] >= LOG_WINDOW:
-            _summarise(key, _log_windows.pop(key))
-        elif window[2] and (soonest is None or window[0] + LOG_WINDOW < soonest):
-            soonest = window[0] + LOG_WINDOW
-    return soonest
-
-
-def _summarise(key, window):
-    if window[2]:
-        log("warn", "suppressed %d similar messages (%s, %s) in %gs"
-            % (window[2], key[0], key[1], LOG_WINDOW))
-
-
-def _since_boot():
-    clock = getattr(time, "CLOCK_BOOTTIME", None)
-    if clock is not None:
-        try:
-            return time.clock_gettime(clock)
-        except OSError:
-            pass
-    return time.monotonic()
-
-
-def describe_exception(exc):
-    """Type, message and innermost frames without importing traceback (and linecache...)."""
-    frames = []
-    tb = exc.__traceback__
-    while tb is not None:
-        frames.append("%s:%d" % (tb.tb_frame.f_code.co_name, tb.tb_lineno))
-        tb = tb.tb_next
-    return "%s: %s [at %s]" % (type(exc).__name__, exc, " < ".join(reversed(frames[-6:])))
-
-
-def describe_exit_code(code):
-    """An exit code as os.waitstatus_to_exitcode gives it (negative: a signal)."""
-    if code is None:
-        return "still running"
-    return "killed by signal %d" % -code if code < 0 else "exit status %d" % code
-
-
-def describe_status(status):
-    if os.WIFSIGNALED(status):
-        return "killed by signal %d" % os.WTERMSIG(status)
-    if os.WIFEXITED(status):
-        return "exited with status %d" % os.WEXITSTATUS(status)
-    return "status 0x%x" % status
-
-
-_libc = None
-
-
-def libc():
-    """The C library, loaded without ctypes.util (which would drag in subprocess, tempfile,
-    bz2, lzma). CDLL(None) is the already-loaded libc of this process."""
-    global _libc
-    if _libc is None:
-        import ctypes
-        lib = ctypes.CDLL(None, use_errno=True)
-        # int reboot(int cmd): glibc and musl wrap reboot(2) and add the two magic numbers.
-        lib.reboot.argtypes = [ctypes.c_int]
-        # int mount(const char *src, const char *target, const char *fstype,
-        #           unsigned long flags, const void *data)
-        lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                              ctypes.c_ulong, ctypes.c_char_p]
-        # int umount2(const char *target, int flags)
-        lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        # int swapoff(const char *path)
-        lib.swapoff.argtypes = [ctypes.c_char_p]
-        # long syscall(long number, ...): finit_module has no libc wrapper everywhere.
-        lib.syscall.restype = ctypes.c_long
-        for fn in (lib.reboot, lib.mount, lib.umount2, lib.swapoff):
-            fn.restype = ctypes.c_int
-        _libc = lib
-    return _libc
-
-
-def libc_call(name, *args):
-    """Call a libc function; returns 0, or the errno it failed with."""
-    import ctypes
-    if getattr(libc(), name)(*args) == -1:
-        return ctypes.get_errno() or errno.EIO
-    return 0
-
-
-def call_reboot(command):
-    """reboot(2) with a LINUX_REBOOT_CMD_*. Returns 0, or the errno on failure."""
-    # cmd is an unsigned magic number; the C prototype takes int, so pass its bit pattern.
-    return libc_call("reboot", command - (1 << 32) if command >= 1 << 31 else command)
-
-
-def kill_all(sig):
-    """kill(-1, sig): every process but PID 1 and the caller (in a PID namespace, only that
-    namespace). os.P_ALL is 0, which is not this. Returns False when nobody was there."""
-    try:
-        os.kill(-1, sig)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def _close_fds_but(*keep):
-    """In a helper child: close every descriptor except stdin/stdout and `keep` (negative
-    ones ignored), listed from /proc/self/fd so the cost follows what is open."""
-    try:
-        fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:
-        return
-    for fd in fds:
-        if fd > 1 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass               # the listing's own descriptor, already closed
-
-
-def run_in_child(body):
-    """Fork a child that runs body() and _exits with its result. Used for the steps that
-    may block (sync) or end this process (reboot): PID 1 survives a failure and keeps its
-    loop. Returns the pid, or None when fork failed."""
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        log("error", "fork failed: %s" % exc)
-        return None
-    if pid == 0:
-        code = 1
-        try:
-            code = body()
-        finally:
-            os._exit(code if isinstance(code, int) and 0 <= code < 256 else 1)
-    return pid
-
-
-# ---- early boot: mounts, console, hostname ------------------------------------------------
-
+# ---- early boot: mounts, console, hostname --------------------------------------------------
 # mount(2) flags, from <sys/mount.h>.
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT = 32
-
 EARLY_MOUNTS = (
     # source, target, type, flags, data
     ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
@@ -1409,14 +972,15 @@ def is_initial_pid_namespace():
     except IndexError:
         return False
 
-
-# ---- kernel modules ---------------------------------------------------------------------------
-
-# finit_module(2) syscall numbers; glibc has no wrapper before 2.x on every arch.
+# ---- kernel modules: finit_module(2) in modules.dep order, modprobe as the fallback ---------
+# finit_module(2) syscall numbers: glibc has no finit_module() wrapper (kmod calls syscall()).
 FINIT_MODULE_SYSCALL = {"x86_64": 313, "aarch64": 273, "riscv64": 273, "i686": 350,
                         "i386": 350, "armv7l": 379, "armv6l": 379, "ppc64le": 353,
                         "s390x": 344, "loongarch64": 273}
 MODULE_INIT_COMPRESSED_FILE = 4   # finit_module flag: the kernel decompresses .ko.xz/.zst
+POWER_BUTTON_MODULES = {"x86_64": ["button", "evdev"], "i686": ["button", "evdev"],
+                        "i386": ["button", "evdev"], "aarch64": ["gpio_keys", "evdev"],
+                        "armv7l": ["gpio_keys", "evdev"]}
 
 
 def modules_dep(base):
@@ -1469,26 +1033,7 @@ def load_modules(names, optional=()):
         else:
             log("debug", "module %s loaded" % name)
     return failed
-
-
 MODPROBE_TIMEOUT = 10.0           # boot must not hang on a stuck modprobe
-
-
-def _wait_bounded(pid, timeout):
-    """waitpid with a bound, at boot before the event loop exists: the child's status, or
-    None after SIGKILLing it at the timeout."""
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() >= deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return None
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
 
 
 def _modprobe(name):
@@ -1511,185 +1056,14 @@ def _modprobe(name):
     log("warn", "module %s: not in modules.dep and no modprobe to ask" % name)
     return False
 
-
-def boot_duties(config):
-    """PID 1's duties that need the configuration (early_boot() ran before it was read),
-    each best-effort: a failure is logged and boot goes on."""
-    if sys.platform.startswith("linux"):
-        set_hostname(config["hostname"])
-    wanted = POWER_BUTTON_MODULES.get(os.uname().machine, ["evdev"]) \
-        if config["power_button"] else []
-    failed = load_modules(config["modules"], optional=wanted)
-    if failed:
-        log("warn", "modules not loaded: %s" % ", ".join(failed))
-    if sys.platform.startswith("linux"):
-        configure_network(config["net"], config["dns"])
-
-
-# ---- reaping: every child, and every orphan when PID 1 -------------------------------------
-
-class Reaper(Source):
-    """Owns waitpid(). SIGCHLD coalesces, and as PID 1 every orphan is ours, so every wake-up
-    loops waitpid(-1, WNOHANG) until nothing more. ECHILD means no process is left besides
-    this one (`no_children`). Callers that care about one pid watch() it; a child watched as
-    `ours` (the agent's own waiting power-off child) does not count as a process left: then
-    "nobody left" is "no child but ours" in /proc/self/task/PID/children (every other process
-    of the guest has an ancestor among PID 1's children)."""
-
-    def __init__(self):
-        self.watched = {}          # pid -> callback(pid, wait status)
-        self.ours = set()
-        self.no_children = False
-
-    def watch(self, pid, callback, ours=False):
-        self.watched[pid] = callback
-        if ours:
-            self.ours.add(pid)
-
-    def not_ours(self, pid):
-        """pid now counts as a process left, like any other."""
-        self.ours.discard(pid)
-
-    @staticmethod
-    def children():
-        """Our direct children, or None when the kernel does not list them (the file needs
-        CONFIG_PROC_CHILDREN, which Debian's kernels have, and a mounted /proc)."""
-        data = _read_bytes("/proc/self/task/%d/children" % os.getpid())
-        try:
-            return None if data is None else {int(pid) for pid in data.split()}
-        except ValueError:
-            return None
-
-    def tick(self, now):
-        self.reap()
-
-    def reap(self):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.no_children = True
-                return
-            if pid == 0:
-                if self.ours:
-                    children = self.children()
-                    self.no_children = children is not None and children <= self.ours
-                else:
-                    self.no_children = False
-                return
-            log("debug", "reaped pid %d (%s)" % (pid, describe_status(status)))
-            self.ours.discard(pid)
-            callback = self.watched.pop(pid, None)
-            if callback is not None:
-                callback(pid, status)
-
-# ---- the workload: one program started after boot ----------------------------------------------
-
-TIOCSCTTY = {"mips": 0x5480, "mips64": 0x5480}.get(os.uname().machine if hasattr(os, "uname")
-                                                   else "", 0x540E)   # <asm/ioctls.h>
-
-
-def spawn_clean(argv):
-    """fork + exec argv with a clean slate: default dispositions for every signal (Python
-    ignores SIGPIPE and SIGXFSZ, and our handlers must not leak), an empty signal mask, its
-    own session, and the console as controlling terminal when stdin is a tty. Returns the
-    pid; raises OSError when fork fails."""
-    pid = os.fork()
-    if pid != 0:
-        return pid
-    try:
-        signal.set_wakeup_fd(-1)
-        for sig in range(1, signal.NSIG):
-            if sig in (signal.SIGKILL, signal.SIGSTOP):
-                continue
-            try:
-                signal.signal(sig, signal.SIG_DFL)
-            except (OSError, ValueError):
-                pass               # 32/33 belong to the C library's threads
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        os.setsid()
-        if os.isatty(0):
-            libc().ioctl(0, TIOCSCTTY, 1)     # ioctl(TIOCSCTTY): take the console as ctty
-        os.execvp(argv[0], argv)
-    except BaseException as exc:   # noqa: B902 - nothing may return into the parent's loop
-        log("error", "cannot start %s: %s" % (" ".join(argv), exc))
-    os._exit(127)
-
-
-
-class Workload(Source):
-    """The optional program started after boot (--exec / arcbox.exec=) and what happens when
-    it exits: ignore, respawn with a doubling back-off, or hand over to
-    `on_finished(status, what happened)` (the agent powers off, or stops when not PID 1). stop() ends the supervision when
-    the guest is going down: exits are then expected and nothing is respawned."""
-
-    BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
-    STABLE_AFTER = 10.0            # a run this long resets the back-off
-
-    def __init__(self, argv, on_exit, reaper, on_finished, name="workload"):
-        self.argv, self.on_exit, self.name = argv, on_exit, name
-        self.reaper, self.on_finished = reaper, on_finished
-        self.pid = None
-        self.started = None
-        self.backoff = self.BACKOFF_FIRST
-        self.respawn_at = None
-        self.runs = 0
-        self.stopped = False
-        self.last_status = None    # exit code (or -signal) of the last run that ended
-
-    def stop(self):
-        self.stopped = True
-        self.respawn_at = None
-
-    def deadline(self):
-        return self.respawn_at
-
-    def tick(self, now):
-        if self.respawn_at is not None and now >= self.respawn_at:
-            self.start()
-
-    def start(self):
-        self.respawn_at = None
-        if not self.argv or self.stopped:
-            return
-        try:
-            self.pid = spawn_clean(self.argv)
-        except OSError as exc:
-            log("error", "cannot start %s: %s" % (" ".join(self.argv), exc))
-            self._exited(None, None)
-            return
-        self.started = time.monotonic()
-        self.runs += 1
-        self.reaper.watch(self.pid, self._exited)
-        log("info", "started %s (pid %d)" % (" ".join(self.argv), self.pid))
-
-    def _exited(self, pid, status):
-        self.pid = None
-        ran = time.monotonic() - self.started if self.started else 0.0
-        how = describe_status(status) if status is not None else "did not start"
-        self.last_status = os.waitstatus_to_exitcode(status) if status is not None else 127
-        if self.stopped:
-            log("debug", "%s %s during shutdown" % (self.name, how))
-        elif self.on_exit == "poweroff":
-            self.on_finished(self.last_status, "%s %s after %.1fs" % (self.name, how, ran))
-        elif self.on_exit == "respawn":
-            self.backoff = self.BACKOFF_FIRST if ran >= self.STABLE_AFTER else self.backoff
-            log("info", "%s %s after %.1fs: respawning in %gs" % (self.name, how, ran,
-                                                                self.backoff))
-            self.respawn_at = time.monotonic() + self.backoff
-            self.backoff = min(self.backoff * 2, self.BACKOFF_MAX)
-        else:
-            log("info", "%s %s after %.1fs" % (self.name, how, ran))
-
-
 # ---- network: loopback up, a static address, or DHCP through busybox's udhcpc ---------------
-#
+
+
 # Debian's kernels have no ip= autoconfiguration (CONFIG_IP_PNP is off), and a guest whose lo
 # is down cannot even reach 127.0.0.1. Addresses and routes are set with the same ioctls
 # ifconfig and route use (no external command); DHCP is busybox's udhcpc, supervised like the
 # workload, with the .pyz itself as its script (udhcpc runs SCRIPT bound|renew|deconfig|...
 # with the lease in its environment).
-
 SIOCADDRT, SIOCDELRT = 0x890B, 0x890C           # <linux/sockios.h>: routes
 SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914     # interface flags
 SIOCSIFADDR, SIOCSIFNETMASK = 0x8916, 0x891C    # interface address and netmask
@@ -1817,7 +1191,8 @@ def configure_network(net, dns):
 
 def find_udhcpc():
     """busybox's udhcpc (or a standalone one) as an argv prefix, or None."""
-    for exe, argv in (("/sbin/udhcpc", ["/sbin/udhcpc"]), ("/usr/sbin/udhcpc", ["/usr/sbin/udhcpc"]),
+    for exe, argv in (("/sbin/udhcpc", ["/sbin/udhcpc"]),
+                      ("/usr/sbin/udhcpc", ["/usr/sbin/udhcpc"]),
                       ("/bin/busybox", ["/bin/busybox", "udhcpc"])):
         if os.access(exe, os.X_OK):
             return argv
@@ -1889,745 +1264,49 @@ def udhcpc_script(event, env):
                                       " via " + routers[0] if routers else ""))
     return 0
 
-
-# ---- power-off: tear down what the guest mounted, the way systemd-shutdown does --------------
-#
-# Once the last process is gone only the kernel holds a filesystem, and it holds some in ways
-# a plain remount cannot undo (remount read-only fails with EBUSY while anything has a file on
-# it open for writing, the kernel included):
-#   - an active swap file keeps its filesystem busy: swapoff(2) it first;
-#   - a loop device keeps its backing file open for writing, so the filesystem holding the
-#     image cannot go read-only while the loop is bound: make the loop's own filesystem
-#     read-only, unmount it, clear the loop (LOOP_CLR_FD), then retry the holder;
-#   - a frozen filesystem (FIFREEZE: a backup agent's) blocks writers and sync(): thaw it
-#     before anything waits on it (at SIGTERM time, and again here).
-# A lazy unmount (MNT_DETACH) would only hide such a mount: its superblock lives on, dirty,
-# while the loop or swap area references it. So, after every process is gone, the teardown
-# runs passes -- swapoff every swap area; remount every writable filesystem read-only,
-# deepest first, unmounting the stacked ones (overlay, a filesystem on a loop device) so that
-# what they sit on lets go; clear every loop device that nothing mounts -- and repeats while a
-# pass changes anything, at most TEARDOWN_PASSES times and within its time limit (a device
-# that hangs a call is bounded by PID 1, which goes on to reboot() without this child). Then
-# sync(), always, so that a filesystem that stayed writable still has its data written; each
-# one is logged with what held it. Device-mapper and md devices are not detached: their
-# filesystems are remounted read-only like any other, and they buffer nothing of their own
-# (dm-cache and dm-writecache aside, which this agent does not handle).
-
-LOOP_CLR_FD = 0x4C01          # <linux/loop.h>: unbind a loop device from its backing file
-FITHAW = 0xC0045878           # <linux/fs.h> _IOWR('X', 120, int): thaw a frozen filesystem
-                              # (EINVAL if it is not frozen; FIFREEZE is 0xC0045877)
-# Filesystems made of other filesystems: unmounted once read-only, so what they sit on lets
-# go. (A filesystem whose source is a loop device is treated the same way.)
-STACKED_FILESYSTEMS = frozenset(("overlay",))
-TEARDOWN_PASSES = 16          # systemd-shutdown also stops early when a pass changes nothing
+# ---- boot duties: what needs the configuration ----------------------------------------------
 
 
-def parse_swaps(text):
-    """/proc/swaps -> the active swap areas' paths (files or block devices)."""
-    return [_unescape_mount_path(line.split()[0])
-            for line in text.splitlines()[1:] if line.strip()]
-
-
-def owning_mount(path, mounts):
-    """The entry of `mounts` (parse_mountinfo's) whose filesystem holds `path`: the deepest
-    mount point above it; of mounts stacked on one point, the last one."""
-    best = None
-    for entry in mounts:
-        top = entry[1].rstrip("/")
-        if (path == entry[1] or path.startswith(top + "/")) and (
-                best is None or len(entry[1]) >= len(best[1])):
-            best = entry
-    return best
-
-
-def _ioctl_on(path, flags, request):
-    """open(path), ioctl(fd, request, 0), close: 0 or the errno."""
-    import ctypes
-    try:
-        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK)
-    except OSError as exc:
-        return exc.errno or errno.EIO
-    try:
-        # int ioctl(int fd, unsigned long request, ...): LOOP_CLR_FD and FITHAW ignore the arg
-        return libc_call("ioctl", fd, ctypes.c_ulong(request), ctypes.c_long(0))
-    finally:
-        os.close(fd)
-
-
-class KernelStorage:
-    """What the teardown reads from and asks of the kernel, one method each (a test stands
-    in a fake kernel). Every action returns 0 or an errno; nothing raises."""
-
-    @staticmethod
-    def mounts():
-        return read_mountinfo()
-
-    @staticmethod
-    def swaps():
-        return parse_swaps(_read_text("/proc/swaps"))
-
-    @staticmethod
-    def loops():
-        """{"/dev/loopN": backing file} for every bound loop device."""
-        found = {}
-        try:
-            names = os.listdir("/sys/block")
-        except OSError:
-            return found
-        for name in sorted(names):
-            if name.startswith("loop"):
-                backing = _read_text("/sys/block/%s/loop/backing_file" % name).rstrip("\n")
-                if backing:
-                    found["/dev/" + name] = backing
-        return found
-
-    @staticmethod
-    def remount_read_only(target):
-        return libc_call("mount", None, target.encode(), None, MS_REMOUNT | MS_RDONLY, None)
-
-    @staticmethod
-    def unmount(target):
-        return libc_call("umount2", target.encode(), 0)
-
-    @staticmethod
-    def swapoff(path):
-        return libc_call("swapoff", path.encode())
-
-    @staticmethod
-    def clear_loop(device):
-        return _ioctl_on(device, os.O_RDONLY, LOOP_CLR_FD)
-
-    @staticmethod
-    def thaw(target):
-        return _ioctl_on(target, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0), FITHAW)
-
-    @staticmethod
-    def sync():
-        os.sync()
-
-    @staticmethod
-    def holders(target):
-        """'pid N (name)' for each process with a file open under target."""
-        found = []
-        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-            try:
-                fds = os.listdir("/proc/%s/fd" % pid)
-            except OSError:
-                continue
-            for fd in fds:
-                try:
-                    path = os.readlink("/proc/%s/fd/%s" % (pid, fd))
-                except OSError:
-                    continue
-                if path == target or path.startswith(target.rstrip("/") + "/"):
-                    name = _read_text("/proc/%s/comm" % pid).strip()
-                    found.append("pid %s (%s)" % (pid, name))
-                    break
-        return found
-
-
-def thaw_filesystems(kernel, spare_ids=frozenset()):
-    """FITHAW every block-device filesystem of ours that is writable: a frozen one would hang
-    its writers (even through SIGKILL) and sync(). Only block devices can be frozen, and
-    opening a network filesystem's mount point could hang on a dead server. Returns the
-    mount points thawed."""
-    thawed = []
-    for mount_id, target, fstype, readonly, source in kernel.mounts():
-        if (readonly or mount_id in spare_ids or fstype in PSEUDO_FILESYSTEMS
-                or not source.startswith("/dev/")):
-            continue
-        if kernel.thaw(target) == 0:       # EINVAL: it was not frozen, the usual case
-            log("warn", "shutdown: %s was frozen; thawed it" % target)
-            thawed.append(target)
-    return thawed
-
-
-class Teardown:
-    """The passes described above, over a KernelStorage (or a fake). `spare_ids` are the
-    mount ids to leave alone: none in a real guest; in a PID namespace (a container, our
-    tests) every mount that was there when the agent started, which are the host's. There,
-    only swap areas and loop devices that live on the guest's own mounts are touched, since
-    /proc/swaps and /sys/block are the host's too."""
-
-    def __init__(self, kernel, spare_ids=frozenset(), time_limit=5.0, passes=TEARDOWN_PASSES,
-                 clock=time.monotonic):
-        self.kernel = kernel
-        self.spare_ids = spare_ids
-        self.contained = bool(spare_ids)
-        self.time_limit = time_limit
-        self.passes = passes
-        self.clock = clock
-        self.failures = {}         # mount point -> the errno its last remount failed with
-        self.our_loops = set()     # loop devices that one of our mounts sat on
-        self.passes_run = 0
-
-    def _ours(self, mounts):
-        """Our real filesystems, in mount order."""
-        return [m for m in mounts
-                if m[0] not in self.spare_ids and m[2] not in PSEUDO_FILESYSTEMS]
-
-    def _on_ours(self, path, mounts):
-        """May the teardown touch a swap area or loop device at `path`? In a real guest any;
-        contained, only one that lives on (or backs) one of our own mounts."""
-        if not self.contained:
-            return True
-        if any(m[4] == path for m in self._ours(mounts)):
-            return True
-        owner = owning_mount(path, mounts)
-        return owner is not None and owner[0] not in self.spare_ids
-
-    def _state(self):
-        mounts = self.kernel.mounts()
-        return (tuple((m[0], m[3]) for m in mounts), tuple(self.kernel.swaps()),
-                tuple(sorted(self.kernel.loops().items())))
-
-    def run(self):
-        """Thaw, sync, the passes, sync. Returns [(mount point, fs type, reason)] for every
-        filesystem of ours that stayed writable."""
-        started = self.clock()
-        thaw_filesystems(self.kernel, self.spare_ids)
-        self._timed_sync("sync()")
-        state = None
-        while self.passes_run < self.passes:
-            self.passes_run += 1
-            self._one_pass()
-            if not self._left_writable():
-                break                      # done: the usual case, after one pass
-            before, state = state, self._state()
-            if state == before:
-                break                      # a pass that changed nothing
-            if self.clock() - started > self.time_limit:
-                log("warn", "shutdown: teardown passes stopped after %.1fs (limit %gs)"
-                    % (self.clock() - started, self.time_limit))
-                break
-        left = [(target, fstype, self.why_writable(target))
-                for _, target, fstype, _, _ in self._left_writable()]
-        for target, fstype, why in left:
-            log("warn", "shutdown: %s (%s) stays writable: %s (its data is synced all the same)"
-                % (target, fstype, why))
-        self._timed_sync("final sync()")   # always: whatever stayed writable gets its data out
-        return left
-
-    def _timed_sync(self, what):
-        began = self.clock()
-        self.kernel.sync()
-        # the disks' time, not ours: the benchmarks report it apart from the agent's overhead
-        log("info", "shutdown: %s took %.2f ms" % (what, (self.clock() - began) * 1000))
-
-    def _left_writable(self):
-        return [m for m in self._ours(self.kernel.mounts()) if not m[3]]
-
-    def _one_pass(self):
-        mounts, swaps, loops = self.kernel.mounts(), self.kernel.swaps(), self.kernel.loops()
-        # the loop devices under our own mounts, remembered before those are unmounted
-        self.our_loops.update(m[4] for m in self._ours(mounts) if m[4].startswith("/dev/loop"))
-        for path in swaps:
-            if self._on_ours(path, mounts):
-                self._report(self.kernel.swapoff(path), "swapoff %s" % path)
-        # what sits on another filesystem goes away whole: it and every mount below it
-        stacked = [m[1].rstrip("/") + "/" for m in self._ours(mounts)
-                   if m[1] != "/" and (m[2] in STACKED_FILESYSTEMS or m[4] in loops)]
-        for mount_id, target, fstype, readonly, source in reversed(mounts):
-            if mount_id in self.spare_ids:
-                continue
-            real = fstype not in PSEUDO_FILESYSTEMS
-            if real and not readonly:
-                err = self.kernel.remount_read_only(target)
-                if err:
-                    self.failures[target] = err
-                    continue
-                self.failures.pop(target, None)
-                log("debug", "shutdown: remounted %s (%s) read-only" % (target, fstype))
-            if target != "/" and any((target + "/").startswith(s) for s in stacked):
-                self._report(self.kernel.unmount(target), "unmount %s (%s on %s)"
-                             % (target, fstype, source))
-        if not loops:
-            return                         # the usual case: nothing more to read
-        mounts, swaps = self.kernel.mounts(), self.kernel.swaps()
-        sources = {m[4] for m in mounts}
-        for device, backing in sorted(loops.items()):
-            if device not in sources and device not in swaps and (
-                    device in self.our_loops or self._on_ours(backing, mounts)):
-                self._report(self.kernel.clear_loop(device), "detach %s from %s"
-                             % (device, backing))
-
-    @staticmethod
-    def _report(err, what):
-        if err:
-            log("debug", "shutdown: %s: %s" % (what, os.strerror(err)))
-        else:
-            log("debug", "shutdown: %s: done" % what)
-
-    def why_writable(self, target):
-        """What kept `target` writable, as precisely as the kernel tells."""
-        mounts = self.kernel.mounts()
-        entry = next((m for m in mounts if m[1] == target), None)
-        held = ["swap area %s is still on" % p for p in self.kernel.swaps()
-                if owning_mount(p, mounts) is entry]
-        held += ["%s still holds %s" % (dev, backing) for dev, backing
-                 in sorted(self.kernel.loops().items()) if owning_mount(backing, mounts) is entry]
-        held += ["%s has a file open on it" % who for who in self.kernel.holders(target)]
-        err = self.failures.get(target)
-        why = os.strerror(err) if err else "not remounted"
-        if held:
-            return "%s: %s" % (why, "; ".join(held))
-        if err == errno.EBUSY:
-            return "%s: no process in this guest holds it (one outside it, or the kernel)" % why
-        return why
-
-
-def mounts_to_spare():
-    """Which mounts the power-off must not remount read-only: in a real guest none; in a PID
-    namespace (a container, our tests) every mount that was there when the agent started,
-    because those are the host's (a superblock remount would reach the host)."""
-    if is_initial_pid_namespace():
-        return frozenset()
-    return frozenset(m[0] for m in read_mountinfo())
+def boot_duties(config):
+    """PID 1's duties that need the configuration (early_boot() ran before it was read),
+    each best-effort: a failure is logged and boot goes on."""
+    if sys.platform.startswith("linux"):
+        set_hostname(config["hostname"])
+    wanted = POWER_BUTTON_MODULES.get(os.uname().machine, ["evdev"]) \
+        if config["power_button"] else []
+    failed = load_modules(config["modules"], optional=wanted)
+    if failed:
+        log("warn", "modules not loaded: %s" % ", ".join(failed))
+    if sys.platform.startswith("linux"):
+        configure_network(config["net"], config["dns"])
 
 
 # =============================================================================================
-# 5. The shutdown sequence: a state machine stepped by the event loop
+# 4. The event loop: one thread, one poll(); signals; reaping
 # =============================================================================================
-#
-# What happens on Shutdown, in order (each step bounded, none blocks the loop):
-#   ack   - the ShutdownResponse is written and flushed (bounded by HOST_REPLY_BUDGET);
-#   term  - thaw frozen filesystems (their writers would outlive SIGKILL), then
-#           kill(-1, SIGTERM) and kill(-1, SIGCONT), so stopped processes can run their
-#           TERM handler; tell the host (X_SYSTEMD_SHUTDOWN, EXIT_STATUS) if it listens;
-#           fork the sync/reboot child now, waiting on a pipe, so the fork is off the path;
-#           reap on every SIGCHLD; leave as soon as no process is left (ECHILD, or only
-#           that child) or the grace ends;
-#   kill  - kill(-1, SIGKILL) if anybody is left (the waiting child too), reap for up to
-#           kill_wait;
-#   notify_wait - only if a notify connection is still in flight: wait for it, 20 ms at most;
-#   sync  - in that child (or a new one), bounded by sync_timeout (a hung disk must not
-#           hang power-off): the teardown (thaw, sync, passes of swapoff / remount read-only
-#           deepest first / loop detach while they make progress, sync; see Teardown), report
-#           to PID 1 over a pipe, and go straight on to final (PowerOffChild);
-#   final - reboot(cmd) in that child, as busybox does: if the kernel cannot power off it
-#           halts and do_exit()s the caller, which then is not PID 1 (if the sync hung, a
-#           second child is forked for reboot alone);
-#   failed- reboot() returned or timed out: log loudly, and exit so that the kernel's panic
-#           setting decides (the Rust agent's fallback).
-# Whoever starts it (a request, a signal, the workload's exit) passes the action, the grace
-# and a reason to begin(); the caller makes sure it starts once.
-# Delegate mode (not PID 1, --delegate): instead of term/kill, signal PID 1 the busybox way
-# and, if the guest is still up when the grace is over, go on with sync and final ourselves.
 
-
-# The sequence's bounds, read from the configuration once (a tuple: frozen).
-ShutdownTimeouts = namedtuple("ShutdownTimeouts", "kill_wait sync_timeout power_timeout")
-
-
-def shutdown_timeouts(config):
-    return ShutdownTimeouts(config["kill_wait"], config["sync_timeout"], config["power_timeout"])
-
-
-def reboot_now(action, command, since):
-    """The last call: in the process that makes it (a child of PID 1, see PowerOffChild), so
-    the log line's time is when reboot() was entered."""
-    log("info", "shutdown: calling reboot(%s) after %.3fs" % (action, time.monotonic() - since))
-    return min(call_reboot(command), 255)
-
-
-def power_off_failed(why):
-    """reboot() did not end the guest. PID 1 exits: the kernel's panic setting decides."""
-    log("error", "POWER-OFF FAILED: %s" % why)
-    log("error", "exiting PID 1: the kernel's panic setting decides what happens next")
-    os._exit(1)
-
-
-class PowerOffChild(Source):
-    """The child process that ends the guest, as fast as it can: the teardown, one byte to
-    PID 1 on a pipe (how many filesystems stayed writable), then reboot(). One fork for
-    both, and no round trip through PID 1, which only keeps the bounds.
-
-    prepare() forks it early, waiting for a byte on a second pipe (a fork costs ~1 ms in a
-    Python PID 1, which then is not on the path from "nobody left" to reboot()); start()
-    sends that byte, or forks a new child if the prepared one is gone or there is none;
-    reboot_only() forks a child that only calls reboot() (after a teardown that did not
-    finish). PID 1 learns how it went from `report` (None until the byte comes; -1 if the
-    child died first) and `code` (its exit code once reaped). `fork` runs a body in a child
-    and returns the pid, or None (run_in_child; tests pass a fake)."""
-
-    def __init__(self, reaper, spare_mounts, teardown_limit, fork=None):
-        self.reaper = reaper
-        self.spare_mounts = spare_mounts
-        self.teardown_limit = teardown_limit   # the passes' time limit
-        self.fork = fork or run_in_child
-        self.pid = None            # the child, while it runs
-        self.code = None           # its exit code (or -signal) once reaped; errno if inline
-        self.report = None
-        self._report_fd = -1
-        self._prepared = None      # (pid, go fd) of a child forked early, waiting
-
-    @property
-    def running(self):
-        return self.pid is not None
-
-    def prepare(self, action, since):
-        """Fork the child now, waiting. Only where "nobody left but this child" can be told
-        (/proc/self/task/PID/children): the reaper does not count it as a process left."""
-        if self.reaper.children() is None:
-            return
-        go_fd = self._fork(action, since, wait_for_go=True)
-        if go_fd is not None:
-            self._prepared = (self.pid, go_fd)
-
-    def abandon(self):
-        """The prepared child is dead or dying (SIGKILL reaches it too): from now on it is a
-        process like any other, to be reaped before "nobody left"."""
-        if self._prepared is not None:
-            pid, go_fd = self._prepared
-            self._prepared = None
-            self.reaper.not_ours(pid)
-            os.close(go_fd)
-
-    def start(self, action, since):
-        """Let the prepared child go on, or fork one that goes at once. False when no child
-        could be forked."""
-        self.report = None
-        prepared, self._prepared = self._prepared, None
-        if prepared is not None:
-            pid, go_fd = prepared
-            try:
-                if self.pid != pid:
-                    raise OSError(errno.ESRCH, "the prepared child is gone")
-                os.write(go_fd, b"g")
-                return True
-            except OSError as exc:
-                log("debug", "shutdown: the prepared child is not usable (%s); forking anew"
-                    % exc)
-                self._close_report()
-            finally:
-                os.close(go_fd)
-        return self._fork(action, since, wait_for_go=False) is not None
-
-    def reboot_only(self, action, since):
-        """reboot() from a child of its own; without a child, here (success ends this
-        process, which is the goal) with its errno as `code`."""
-        command = REBOOT_COMMANDS[action]
-        self.code = None
-        self.pid = self.fork(lambda: reboot_now(action, command, since))
-        if self.pid is None:
-            self.code = reboot_now(action, command, since)
-        else:
-            self.reaper.watch(self.pid, self._exited)
-
-    def _fork(self, action, since, wait_for_go):
-        """Fork the teardown+reboot child; returns the go fd (-1 without wait_for_go), or
-        None when a pipe or the fork failed."""
-        spare, limit = self.spare_mounts, self.teardown_limit
-        command = REBOOT_COMMANDS[action]
-        try:
-            report_r, report_w = os.pipe()
-            go_r, go_w = os.pipe() if wait_for_go else (-1, -1)
-        except OSError:
-            return None
-
-        def teardown_then_reboot():
-            signal.set_wakeup_fd(-1)                      # PID 1's pipe is not ours to wake
-            _close_fds_but(2, _kmsg_fd, report_w, go_r)   # no dup of a socket outlives PID 1's
-            if go_r >= 0 and not os.read(go_r, 1):
-                return 0           # PID 1 closed the pipe without a word: not needed
-            started = time.monotonic()
-            left = len(Teardown(KernelStorage(), spare, time_limit=limit).run())
-            took = time.monotonic() - started
-            if left:
-                log("warn", "shutdown: filesystems synced in %.3fs; %d stayed writable"
-                    % (took, left))
-            else:
-                log("info", "shutdown: filesystems synced and read-only in %.3fs" % took)
-            os.write(report_w, bytes((min(left, 255),)))
-            return reboot_now(action, command, since)
-
-        self.code = None
-        self.pid = self.fork(teardown_then_reboot)
-        for fd in (report_w, go_r):
-            if fd >= 0:
-                os.close(fd)
-        if self.pid is None:
-            for fd in (report_r, go_w):
-                if fd >= 0:
-                    os.close(fd)
-            return None
-        self.reaper.watch(self.pid, self._exited, ours=wait_for_go)
-        os.set_blocking(report_r, False)
-        self._close_report()
-        self._report_fd = report_r
-        return go_w
-
-    def _exited(self, pid, status):
-        if pid == self.pid:
-            self.pid, self.code = None, os.waitstatus_to_exitcode(status)
-
-    # the event loop's view: the report pipe
-    def wants(self, now):
-        if self._report_fd >= 0:
-            return ((self._report_fd, select.POLLIN, self._on_report, None),)
-        return ()
-
-    def _on_report(self, _, mask):
-        try:
-            data = os.read(self._report_fd, 1)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        self._close_report()
-        self.report = data[0] if data else -1     # -1: the child died before reporting
-
-    def _close_report(self):
-        if self._report_fd >= 0:
-            os.close(self._report_fd)
-            self._report_fd = -1
-
-
-class ShutdownSequence(Source):
-    """The phases, in order: idle, ack, term (or delegate), kill, notify_wait, sync, final,
-    failed; each is a _step_<phase> method, listed in self.steps. step() runs the current one
-    until the phase stops changing.
-
-    Collaborators: the reaper (who is left), the frozen timeouts, `delegate` (not PID 1: ask
-    PID 1 instead of signalling everyone), the mounts to spare from the teardown, what to do
-    if power-off fails, the notifier, and the power-off child (made here if not given)."""
-
-    def __init__(self, reaper, timeouts, delegate=False, spare_mounts=frozenset(),
-                 on_failure=power_off_failed, notifier=None, child=None):
-        self.reaper = reaper
-        self.notifier = notifier or NoNotifier()
-        self.timeouts = timeouts
-        self.delegate = delegate
-        self.spare_mounts = spare_mounts
-        self.on_failure = on_failure
-        # the teardown's passes stop halfway through PID 1's bound on the child, so the
-        # final sync() and the report still fit in it
-        self.child = child or PowerOffChild(reaper, spare_mounts, timeouts.sync_timeout / 2)
-        self.steps = {"idle": self._step_idle, "ack": self._step_ack, "term": self._step_term,
-                      "delegate": self._step_delegate, "kill": self._step_kill,
-                      "notify_wait": self._step_notify_wait, "sync": self._step_sync,
-                      "final": self._step_final, "failed": self._step_failed}
-        self.phase = "idle"
-        self.deadline_at = None    # when the current phase ends at the latest
-        self.action = None
-        self.grace = None
-        self.reason = ""
-        self.ack = None            # a function: True while the host's reply is unflushed
-        self.started = None        # monotonic time of the request
-        self.phase_started = None
-        self.exit_status = 0       # told to the host: the workload's, when it ended the guest
-        self.notify_waited = False  # the notifier had its chance before the teardown
-        self.sync_retried = False
-
-    @property
-    def active(self):
-        return self.phase != "idle"
-
-    def begin(self, action, grace, reason, ack=None, exit_status=0):
-        now = time.monotonic()
-        self.action, self.grace, self.reason, self.ack = action, grace, reason, ack
-        self.exit_status = exit_status
-        self.started = now
-        log("info", "shutdown requested (%s): action %s, grace %gs" % (reason, action, grace))
-        self._enter("ack", now + HOST_REPLY_BUDGET)   # stepped by the loop's next tick
-
-    # the event loop's view
-    def deadline(self):
-        return self.deadline_at
-
-    def tick(self, now):
-        self.step(now)
-
-    def wants(self, now):
-        return self.child.wants(now)
-
-    def _enter(self, phase, deadline=None):
-        now = time.monotonic()
-        if self.phase_started is not None and self.phase != "idle":
-            log("debug", "shutdown phase %s took %.3fs" % (self.phase, now - self.phase_started))
-        self.phase, self.deadline_at, self.phase_started = phase, deadline, now
-
-    def step(self, now):
-        """Advance as far as possible without blocking. Called after every loop wake-up."""
-        while True:
-            before = self.phase
-            self.steps[self.phase](now)
-            if self.phase == before:
-                return
-
-    def _step_idle(self, now):
-        pass
-
-    def _step_ack(self, now):
-        if self.ack is not None and self.ack():
-            if now < self.deadline_at:
-                return
-            log("warn", "shutdown: the reply was not flushed within %gs; going on"
-                % HOST_REPLY_BUDGET)
-        self.ack = None
-        if self.delegate:
-            self._ask_pid1(now)
-            return
-        # A writer blocked on a frozen filesystem outlives even SIGKILL: thaw first.
-        thaw_filesystems(KernelStorage(), self.spare_mounts)
-        signalled = kill_all(signal.SIGTERM)
-        # The grace is counted from the moment every process has its SIGTERM, not from the
-        # loop's wake-up before it: signalling can take milliseconds on a slow (TCG) guest.
-        self._enter("term", time.monotonic() + self.grace)
-        if signalled:
-            log("info", "shutdown: SIGTERM sent to all processes (grace %gs)" % self.grace)
-        else:
-            log("info", "shutdown: no processes to signal")
-        kill_all(signal.SIGCONT)   # a stopped process cannot run its TERM handler
-        self._tell_host()
-        # forked after the signals went out, so that they do not hit it
-        self.child.prepare(self.action, self.started)
-        self.reaper.reap()
-
-    def _tell_host(self):
-        """systemd's shutdown notification, sent while the processes handle SIGTERM (so the
-        reboot cannot cut it off): which action, and the exit status (the console shows it
-        too)."""
-        log("info", "shutdown: %s, exit status %d" % (self.action, self.exit_status))
-        self.notifier.send("X_SYSTEMD_SHUTDOWN=%s\nEXIT_STATUS=%d\n"
-                           % (self.action, self.exit_status))
-
-    def _step_term(self, now):
-        if self.reaper.no_children:
-            log("info", "shutdown: all processes gone after %.3fs"
-                % max(0.0, now - self.phase_started))
-            self._start_teardown(now)
-        elif now >= self.deadline_at:
-            self._enter("kill", now + self.timeouts.kill_wait)
-            kill_all(signal.SIGKILL)
-            log("info", "shutdown: grace over, SIGKILL sent to the rest")
-            self.child.abandon()          # SIGKILL reached it too; a new one comes at sync
-            self.reaper.reap()
-
-    def _step_kill(self, now):
-        if self.reaper.no_children:
-            log("info", "shutdown: all processes gone after SIGKILL")
-            self._start_teardown(now)
-        elif now >= self.deadline_at:
-            log("warn", "shutdown: processes remain %gs after SIGKILL (stuck in the kernel?); "
-                "going on" % self.timeouts.kill_wait)
-            self._start_teardown(now)
-
-    def _ask_pid1(self, now):
-        sig = BUSYBOX_INIT_SIGNALS[self.action]
-        self._enter("delegate", now + self.grace)
-        self._tell_host()
-        try:
-            os.kill(1, sig)
-            log("info", "shutdown: asked PID 1 for %s with signal %d; forcing it after %gs"
-                % (self.action, sig, self.grace))
-        except OSError as exc:
-            log("error", "shutdown: cannot signal PID 1 (%s); forcing %s now"
-                % (exc, self.action))
-            self.deadline_at = now
-
-    def _step_delegate(self, now):
-        if now >= self.deadline_at:
-            log("warn", "shutdown: the guest is still up %gs after asking PID 1; forcing it"
-                % self.grace)
-            self._start_teardown(now)
-
-    def _start_teardown(self, now):
-        """Start the power-off child (the prepared one, or a new one). If its report does not
-        come within sync_timeout (a hung disk), a second child only calls reboot()."""
-        if self.notifier.busy() and not self.notify_waited:
-            # a notify connection still in progress: give it a moment, bounded
-            self.notify_waited = True
-            self._enter("notify_wait", now + NOTIFY_WAIT)
-            return
-        self._enter("sync", now + self.timeouts.sync_timeout)
-        if self.child.start(self.action, self.started):
-            return
-        os.sync()                  # no fork possible: sync here, unbounded but still done
-        log("info", "shutdown: filesystems synced (no fork possible: not remounted)")
-        self.child.report = 0
-
-    def _step_notify_wait(self, now):
-        if not self.notifier.busy() or now >= self.deadline_at:
-            self._start_teardown(now)
-
-    def _step_sync(self, now):
-        report, child = self.child.report, self.child
-        if report is None and child.running and now < self.deadline_at:
-            return
-        if report is not None and report >= 0:  # the child logged it, and goes on to reboot()
-            if child.running:
-                self._enter("final", now + self.timeouts.power_timeout)
-                return
-        elif report is None and child.running:
-            log("warn", "shutdown: the teardown did not finish within %gs; going on"
-                % self.timeouts.sync_timeout)
-        elif not self.sync_retried:
-            # Killed before it was done (by whom? a process's kill(-1)): nothing may be lost,
-            # so tear down again, once, before reboot().
-            log("warn", "shutdown: the power-off child ended before its teardown was done "
-                "(%s); once more" % describe_exit_code(child.code))
-            self.sync_retried = True
-            self._start_teardown(now)
-            return
-        else:
-            log("warn", "shutdown: the power-off child ended again before its teardown was "
-                "done (%s); going on" % describe_exit_code(child.code))
-        self._start_final(now)
-
-    def _start_final(self, now):
-        """reboot() from a child of its own: after a teardown that did not finish, or when
-        the power-off child is gone."""
-        self._enter("final", now + self.timeouts.power_timeout)
-        self.child.reboot_only(self.action, self.started)
-
-    def _step_final(self, now):
-        if self.child.running and now < self.deadline_at:
-            return
-        code = self.child.code
-        if self.child.running:
-            why = "the guest is still up %gs after reboot()" % self.timeouts.power_timeout
-        elif code is not None and code > 0:
-            why = "reboot() failed: %s" % os.strerror(code)
-        else:
-            why = "reboot() returned without powering off (%s)" % describe_exit_code(code)
-        self._enter("failed")
-        self.on_failure(why)
-
-    def _step_failed(self, now):
-        pass
-
-
-# =============================================================================================
-# 6. The event loop: one thread, one poll(); signals, the power button, the host notify,
-#    the server and the timers plug into it
-# =============================================================================================
-#
-# Signals, the way busybox init explains them before its code: a PID 1 without a handler
-# never receives a signal (the kernel drops it), and "some users send poweroff signals to
-# init VERY early", so the handlers are installed before anything else (SignalInbox, from
-# main()). A handler only records the number: it runs between two bytecodes, possibly in the
-# middle of a step. set_wakeup_fd writes a byte to a pipe so that poll() wakes at once, and
-# the loop acts on the recorded signals after every wake-up, once the agent can act at all:
-# a SIGUSR2 that arrives while modules load is honoured as soon as the loop first turns.
-#
-# A source of events (Source, section 4) gives the loop fds with a handler each, a deadline,
-# and a tick after every wake-up. To add one (an input device, a notify socket): write the
-# Source and pass it to EventLoop.add() in Agent.__init__; nothing else changes.
-
-READ_CHUNK = 65536
-ACCEPT_BATCH = 64                 # accepts per wake-up, so one listener cannot starve others
-LISTEN_BACKLOG = 128
-ACCEPT_PAUSE = 0.25               # after EMFILE/ENFILE: no accept() for this long
-BIND_RETRY_FIRST, BIND_RETRY_MAX = 0.1, 5.0
-SERIAL_RECHECK = 0.1              # host side of a serial port not connected: look again then
-SERIAL_STALE_FRAME = 0.5          # a partial frame this old on a serial stream is garbage
+# ---- the loop and its sources ---------------------------------------------------------------
 POLL_MAX_MS = 3600 * 1000         # poll() takes a C int of ms: wake at least hourly instead
-
 _POLLIN = select.POLLIN | getattr(select, "POLLPRI", 0)
 _POLLOUT = select.POLLOUT
 _POLLFAIL = select.POLLHUP | select.POLLERR | getattr(select, "POLLNVAL", 0)
-_SO_PEERCRED_SIZE = Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+
+
+class Source:
+    """Something the event loop serves: fds to poll with their handlers, a deadline, and a
+    tick after every wake-up. The defaults: nothing, never, nothing. The signal inbox, the
+    reaper, the supervised programs, the power button, the notifier, the server and the
+    shutdown sequence are the sources. To add one (an input device, a socket): write the
+    Source and add it in Agent.__init__, where the order they tick in is explained."""
+
+    def wants(self, now):
+        return ()
+
+    def deadline(self):
+        return None
+
+    def tick(self, now):
+        pass
 
 
 class EventLoop:
@@ -2686,6 +1365,34 @@ class EventLoop:
                 self.poller.modify(fd, key[0])
             registered[fd] = key[0]
 
+# ---- signals --------------------------------------------------------------------------------
+
+
+# Signals, the way busybox init explains them before its code: a PID 1 without a handler
+# never receives a signal (the kernel drops it), and "some users send poweroff signals to
+# init VERY early", so the handlers are installed before anything else (SignalInbox, from
+# main()). A handler only records the number: it runs between two bytecodes, possibly in the
+# middle of a step. set_wakeup_fd writes a byte to a pipe so that poll() wakes at once, and
+# the loop acts on the recorded signals after every wake-up, once the agent can act at all:
+# a SIGUSR2 that arrives while modules load is honoured as soon as the loop first turns.
+
+# What busybox's poweroff, halt and reboot send to PID 1 (busybox init/init.c). As PID 1 we
+# receive them; in delegate mode we send them to the real PID 1.
+BUSYBOX_INIT_SIGNALS = {"poweroff": signal.SIGUSR2, "halt": signal.SIGUSR1,
+                        "reboot": signal.SIGTERM}
+
+# The signals PID 1 acts on, and the action: busybox's three; SIGPWR (a power failure, sent
+# by UPS daemons and some VMMs) powers off; SIGINT is Ctrl-Alt-Del once reboot(CAD_OFF) is
+# set (Firecracker's SendCtrlAltDel) and runs the configured action.
+INIT_SIGNAL_ACTIONS = {sig: action for action, sig in BUSYBOX_INIT_SIGNALS.items()}
+INIT_SIGNAL_ACTIONS[signal.SIGINT] = "configured"
+if hasattr(signal, "SIGPWR"):
+    INIT_SIGNAL_ACTIONS[signal.SIGPWR] = "poweroff"
+
+# Handled so that they are not lost or fatal: SIGCHLD wakes the reaper; SIGHUP and SIGQUIT
+# do nothing (a PID 1 without a handler ignores them anyway; a plain process would die).
+HANDLED_SIGNALS = [signal.SIGCHLD, signal.SIGHUP, signal.SIGQUIT] + list(INIT_SIGNAL_ACTIONS)
+
 
 class SignalInbox(Source):
     """Takes the signals from the first instant (see the comment above) and hands each to
@@ -2737,27 +1444,184 @@ def _drain(fd, mask=0):
     except OSError:
         pass
 
+# ---- reaping: every child, and every orphan when PID 1 --------------------------------------
 
-# ---- the power button: evdev devices that can report KEY_POWER ----------------------------
-#
+
+class Reaper(Source):
+    """Owns waitpid(). SIGCHLD coalesces, and as PID 1 every orphan is ours, so every wake-up
+    loops waitpid(-1, WNOHANG) until nothing more. ECHILD means no process is left besides
+    this one (`no_children`). Callers that care about one pid watch() it; a child watched as
+    `ours` (the agent's own waiting power-off child) does not count as a process left: then
+    "nobody left" is "no child but ours" in /proc/self/task/PID/children (every other process
+    of the guest has an ancestor among PID 1's children)."""
+
+    def __init__(self):
+        self.watched = {}          # pid -> callback(pid, wait status)
+        self.ours = set()
+        self.no_children = False
+
+    def watch(self, pid, callback, ours=False):
+        self.watched[pid] = callback
+        if ours:
+            self.ours.add(pid)
+
+    def not_ours(self, pid):
+        """pid now counts as a process left, like any other."""
+        self.ours.discard(pid)
+
+    @staticmethod
+    def children():
+        """Our direct children, or None when the kernel does not list them (the file needs
+        CONFIG_PROC_CHILDREN, which Debian's kernels have, and a mounted /proc)."""
+        data = _read_bytes("/proc/self/task/%d/children" % os.getpid())
+        try:
+            return None if data is None else {int(pid) for pid in data.split()}
+        except ValueError:
+            return None
+
+    def tick(self, now):
+        self.reap()
+
+    def reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.no_children = True
+                return
+            if pid == 0:
+                if self.ours:
+                    children = self.children()
+                    self.no_children = children is not None and children <= self.ours
+                else:
+                    self.no_children = False
+                return
+            log("debug", "reaped pid %d (%s)" % (pid, describe_status(status)))
+            self.ours.discard(pid)
+            callback = self.watched.pop(pid, None)
+            if callback is not None:
+                callback(pid, status)
+
+
+# =============================================================================================
+# 5. The sources: programs, the power button, the host notify, the server
+# =============================================================================================
+
+# ---- supervised programs: the workload (--exec), udhcpc -------------------------------------
+TIOCSCTTY = {"mips": 0x5480, "mips64": 0x5480}.get(os.uname().machine if hasattr(os, "uname")
+                                                   else "", 0x540E)   # <asm/ioctls.h>
+
+
+def spawn_clean(argv):
+    """fork + exec argv with a clean slate: default dispositions for every signal (Python
+    ignores SIGPIPE and SIGXFSZ, and our handlers must not leak), an empty signal mask, its
+    own session, and the console as controlling terminal when stdin is a tty. Returns the
+    pid; raises OSError when fork fails."""
+    pid = os.fork()
+    if pid != 0:
+        return pid
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in range(1, signal.NSIG):
+            if sig in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass               # 32/33 belong to the C library's threads
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        os.setsid()
+        if os.isatty(0):
+            libc().ioctl(0, TIOCSCTTY, 1)     # ioctl(TIOCSCTTY): take the console as ctty
+        os.execvp(argv[0], argv)
+    except BaseException as exc:   # noqa: B902 - nothing may return into the parent's loop
+        log("error", "cannot start %s: %s" % (" ".join(argv), exc))
+    os._exit(127)
+
+
+class Supervised(Source):
+    """One program the agent starts and watches: the workload (--exec / arcbox.exec=) or
+    udhcpc. `exit_policy` says what its exit means: ignore, respawn with a doubling back-off,
+    or poweroff, which hands over to `on_finished(status, what happened)` (the agent powers
+    off, or stops when not PID 1). stop() ends the supervision when the guest is going down:
+    exits are then expected and nothing is respawned."""
+
+    BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+    STABLE_AFTER = 10.0            # a run this long resets the back-off
+
+    def __init__(self, argv, exit_policy, reaper, on_finished, name="workload"):
+        self.argv, self.exit_policy, self.name = argv, exit_policy, name
+        self.reaper, self.on_finished = reaper, on_finished
+        self.pid = None
+        self.started = None
+        self.backoff = self.BACKOFF_FIRST
+        self.respawn_at = None
+        self.runs = 0
+        self.stopped = False
+        self.last_status = None    # exit code (or -signal) of the last run that ended
+
+    def stop(self):
+        self.stopped = True
+        self.respawn_at = None
+
+    def deadline(self):
+        return self.respawn_at
+
+    def tick(self, now):
+        if self.respawn_at is not None and now >= self.respawn_at:
+            self.start()
+
+    def start(self):
+        self.respawn_at = None
+        if not self.argv or self.stopped:
+            return
+        try:
+            self.pid = spawn_clean(self.argv)
+        except OSError as exc:
+            log("error", "cannot start %s: %s" % (" ".join(self.argv), exc))
+            self._exited(None, None)
+            return
+        self.started = time.monotonic()
+        self.runs += 1
+        self.reaper.watch(self.pid, self._exited)
+        log("info", "started %s (pid %d)" % (" ".join(self.argv), self.pid))
+
+    def _exited(self, pid, status):
+        self.pid = None
+        ran = time.monotonic() - self.started if self.started else 0.0
+        how = describe_status(status) if status is not None else "did not start"
+        self.last_status = os.waitstatus_to_exitcode(status) if status is not None else 127
+        if self.stopped:
+            log("debug", "%s %s during shutdown" % (self.name, how))
+        elif self.exit_policy == "poweroff":
+            self.on_finished(self.last_status, "%s %s after %.1fs" % (self.name, how, ran))
+        elif self.exit_policy == "respawn":
+            self.backoff = self.BACKOFF_FIRST if ran >= self.STABLE_AFTER else self.backoff
+            log("info", "%s %s after %.1fs: respawning in %gs" % (self.name, how, ran,
+                                                                self.backoff))
+            self.respawn_at = time.monotonic() + self.backoff
+            self.backoff = min(self.backoff * 2, self.BACKOFF_MAX)
+        else:
+            log("info", "%s %s after %.1fs" % (self.name, how, ran))
+
+# ---- the power button: evdev devices that can report KEY_POWER ------------------------------
+
+
 # QEMU's system_powerdown, libvirt's `virsh shutdown`, Proxmox, Cloud Hypervisor's
 # power-button and Apple Virtualization's requestStop all press a virtual power button and
 # wait. The kernel reports it as an input device: the ACPI button driver on x86 ("Power
 # Button"), gpio-keys on arm64 `-M virt`. Which keys a device has is a bitmap in sysfs; its
 # presses come as struct input_event on /dev/input/eventN. New devices (a module loaded
 # late) are announced by a kernel uevent, so the agent listens for those instead of polling.
-
 EV_KEY = 1                        # <linux/input-event-codes.h>
 KEY_POWER = 116
 KEY_PRESSED = 1                   # input_event.value: 1 press, 0 release, 2 autorepeat
+
 # struct input_event { struct timeval time; __u16 type; __u16 code; __s32 value; }: the
 # timeval is two C longs, so 24 bytes on 64-bit and 16 on 32-bit, as native "ll" gives.
 _INPUT_EVENT = Struct("llHHi")
 _LONG_BITS = Struct("l").size * 8  # sysfs capability words are unsigned longs
 NETLINK_KOBJECT_UEVENT = 15       # <linux/netlink.h>; not every Python names it
-POWER_BUTTON_MODULES = {"x86_64": ["button", "evdev"], "i686": ["button", "evdev"],
-                        "i386": ["button", "evdev"], "aarch64": ["gpio_keys", "evdev"],
-                        "armv7l": ["gpio_keys", "evdev"]}
 RESCAN_FALLBACK = 5.0             # without uevents: look for new devices this often
 
 
@@ -2896,20 +1760,20 @@ class PowerButtons(Source):
             self.uevents.close()
             self.uevents = None
 
+# ---- telling the host: systemd's VM notify protocol -----------------------------------------
 
-# ---- telling the host: systemd's VM notify protocol ----------------------------------------
-#
+
 # Hosts that speak systemd's VM interface (systemd-vmspawn, mkosi, microvm.nix) pass an
 # address as the vmm.notify_socket credential and learn from it that the guest is ready and
 # how it ended: newline-separated KEY=VALUE messages (sd_notify(3)), one per datagram or one
 # per stream connection (a stream receiver reads to EOF). Every send here is non-blocking
 # and bounded; an absent or dead receiver costs nothing and is logged once.
-
 NOTIFY_CONNECT_TIMEOUT = 2.0      # a stream connect still pending then is given up
 NOTIFY_WAIT = 0.02               # at power-off, wait at most this for one still in flight
 _SOCKET_TYPES = {"dgram": socket.SOCK_DGRAM, "stream": socket.SOCK_STREAM,
                  "seqpacket": getattr(socket, "SOCK_SEQPACKET", -1)}
 _SOCK_NONBLOCK_CLOEXEC = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+
 # Errors that mean "this socket type is not possible here": try the next one.
 _WRONG_TYPE = (errno.EPROTOTYPE, errno.ESOCKTNOSUPPORT, errno.EPROTONOSUPPORT,
                errno.EOPNOTSUPP, errno.EAFNOSUPPORT, errno.ENODEV, errno.EINVAL)
@@ -3088,11 +1952,492 @@ class NoNotifier(Source):
     def busy(self):
         return False
 
+# ---- the ArcBox wire protocol: message types, frames, Error payloads (pure functions) -------
+MSG_EMPTY = 0x0000
+MSG_PING = 0x0001
+MSG_GET_SYSTEM_INFO = 0x0002
+MSG_SHUTDOWN = 0x000A
+MSG_ERROR = 0xFFFF
+RESPONSE_BIT = 0x1000             # a response is request | 0x1000
+REQUEST_MAX = 0x0FFF              # requests are 0x0001..0x0FFF
+MESSAGE_NAMES = {
+    0x0001: "Ping", 0x0002: "GetSystemInfo", 0x0003: "EnsureRuntime", 0x0004: "RuntimeStatus",
+    0x0005: "Kubernetes", 0x0006: "Kubernetes", 0x0007: "Kubernetes", 0x0008: "Kubernetes",
+    0x0009: "Kubernetes", 0x000A: "Shutdown",
+}
+ERROR_INVALID = 400               # the Rust agent's code for "invalid request: ..."
+ERROR_FORBIDDEN = 403             # peer not allowed to ask for this
+ERROR_INTERNAL = 500              # a bug in the agent, reported instead of a silent close
+ERROR_UNSUPPORTED = 501           # a known ArcBox request this agent does not implement
+ERROR_UNAVAILABLE = 503           # cannot do it here (not PID 1, not Linux)
+_FRAME_HEAD = Struct(">IIH")      # u32 length, u32 type, u16 trace_len (big-endian)
+_FRAME_PREFIX = Struct(">II")
+_TRACE_LEN = Struct(">H")
+_ERROR_HEAD = Struct(">iI")       # i32 code, u32 msg_len
+_DOUBLE_LE = Struct("<d")         # proto3 doubles are little-endian
+_FIXED64_LE = Struct("<Q")
+_FIXED32_LE = Struct("<I")
 
-# ---- the server: listeners and connections speaking the wire protocol ---------------------
 
-# ---- the ArcBox wire protocol on one stream ------------------------------------------------
-#
+class ProtocolError(ValueError):
+    """Bytes that do not follow the wire protocol. `fatal` means the frame boundary is lost
+    and the connection can no longer be trusted."""
+
+    def __init__(self, message, fatal=False):
+        ValueError.__init__(self, message)
+        self.fatal = fatal
+
+
+def encode_frame(msg_type, payload=b"", trace=b""):
+    return _FRAME_HEAD.pack(6 + len(trace) + len(payload), msg_type, len(trace)) + trace + payload
+
+
+def decode_frame(buf, max_frame):
+    """Take one frame off the front of buf (bytes/bytearray).
+
+    Returns (msg_type, trace, payload, consumed), or None when more bytes are needed.
+    Raises ProtocolError(fatal=True) when the length field cannot be honoured (too short to
+    hold the type, or over max_frame: never allocated), and a non-fatal ProtocolError with
+    `consumed` set when one complete frame is malformed but the stream is still in step.
+    """
+    if len(buf) < _FRAME_PREFIX.size:
+        if len(buf) >= 4:          # judge the length as soon as it is known
+            _check_length(int.from_bytes(bytes(buf[:4]), "big"), max_frame)
+        return None
+    length, msg_type = _FRAME_PREFIX.unpack_from(buf)
+    _check_length(length, max_frame)
+    end = 4 + length
+    if len(buf) < end:
+        return None
+    body = bytes(buf[8:end])
+    if length < 6:
+        # Too short for the trace field: like the Rust agent, the 0-1 bytes left are payload.
+        return msg_type, b"", body, end
+    (trace_len,) = _TRACE_LEN.unpack_from(body)
+    if 2 + trace_len > len(body):
+        err = ProtocolError("trace length %d overruns the frame (%d bytes left)"
+                            % (trace_len, len(body) - 2))
+        err.consumed = end
+        raise err
+    return msg_type, body[2:2 + trace_len], body[2 + trace_len:], end
+
+
+def _check_length(length, max_frame):
+    if length < 4:
+        raise ProtocolError("frame length %d is too short to hold a message type" % length,
+                            fatal=True)
+    if length > max_frame:
+        raise ProtocolError("frame length %d exceeds the limit of %d bytes" % (length, max_frame),
+                            fatal=True)
+
+
+def encode_error(code, message):
+    data = message.encode("utf-8", "replace")
+    return _ERROR_HEAD.pack(code, len(data)) + data
+
+
+def decode_error(payload):
+    """Error payload -> (code, message). Lenient: a short message is returned as found."""
+    if len(payload) < _ERROR_HEAD.size:
+        raise ProtocolError("error payload of %d bytes is too short" % len(payload))
+    code, length = _ERROR_HEAD.unpack_from(payload)
+    text = payload[_ERROR_HEAD.size:_ERROR_HEAD.size + length]
+    return code, text.decode("utf-8", "replace")
+
+# ---- proto3: a tiny encoder/decoder and the messages' schemas -------------------------------
+WT_VARINT, WT_I64, WT_LEN, WT_SGROUP, WT_EGROUP, WT_I32 = 0, 1, 2, 3, 4, 5
+_U64 = (1 << 64) - 1
+_MAX_GROUP_DEPTH = 32             # bound recursion on (deprecated) group fields
+_ONE_BYTE_VARINTS = [bytes((i,)) for i in range(0x80)]   # the common case, precomputed
+
+
+def encode_varint(value):
+    if 0 <= value < 0x80:
+        return _ONE_BYTE_VARINTS[value]
+    value &= _U64                 # negative int64 -> two's complement, 10 bytes
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def decode_varint(data, pos):
+    """-> (value, new_pos). At most 10 bytes, as protobuf allows."""
+    result = shift = 0
+    for i in range(pos, min(pos + 10, len(data))):
+        byte = data[i]
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result & _U64, i + 1
+        shift += 7
+    if len(data) - pos >= 10:
+        raise ProtocolError("varint longer than 10 bytes")
+    raise ProtocolError("truncated varint")
+
+
+def iter_fields(data, _depth=0):
+    """Yield (field_number, wire_type, value) for each field; value is an int for varint,
+    fixed32 and fixed64, bytes for length-delimited. Groups are skipped whole."""
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = decode_varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if field == 0 or field > 0x1FFFFFFF:
+            raise ProtocolError("invalid field number %d" % field)
+        if wire == WT_VARINT:
+            value, pos = decode_varint(data, pos)
+        elif wire == WT_I64:
+            if pos + 8 > end:
+                raise ProtocolError("truncated fixed64 field %d" % field)
+            (value,) = _FIXED64_LE.unpack_from(data, pos)
+            pos += 8
+        elif wire == WT_I32:
+            if pos + 4 > end:
+                raise ProtocolError("truncated fixed32 field %d" % field)
+            (value,) = _FIXED32_LE.unpack_from(data, pos)
+            pos += 4
+        elif wire == WT_LEN:
+            length, pos = decode_varint(data, pos)
+            if length > end - pos:
+                raise ProtocolError("field %d: length %d overruns the message" % (field, length))
+            value = bytes(data[pos:pos + length])
+            pos += length
+        elif wire == WT_SGROUP:
+            pos = _skip_group(data, pos, field, _depth + 1)
+            continue
+        else:
+            raise ProtocolError("field %d: unexpected wire type %d" % (field, wire))
+        yield field, wire, value
+
+
+def _skip_group(data, pos, group_field, depth):
+    if depth > _MAX_GROUP_DEPTH:
+        raise ProtocolError("groups nested too deeply")
+    end = len(data)
+    while pos < end:
+        key, pos = decode_varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == WT_EGROUP:
+            if field != group_field:
+                raise ProtocolError("group %d closed by end-group %d" % (group_field, field))
+            return pos
+        if wire == WT_VARINT:
+            _, pos = decode_varint(data, pos)
+        elif wire == WT_I64:
+            pos += 8
+        elif wire == WT_I32:
+            pos += 4
+        elif wire == WT_LEN:
+            length, pos = decode_varint(data, pos)
+            pos += length
+        elif wire == WT_SGROUP:
+            pos = _skip_group(data, pos, field, depth + 1)
+        else:
+            raise ProtocolError("field %d: unexpected wire type %d" % (field, wire))
+        if pos > end:
+            raise ProtocolError("truncated field %d inside group %d" % (field, group_field))
+    raise ProtocolError("group %d is not closed" % group_field)
+
+# A schema maps field number -> (name, kind). Kinds: string, int64, uint64, uint32, bool,
+# doubles (repeated double, packed), strings (repeated string).
+PING_REQUEST = {1: ("message", "string"), 2: ("timestamp_secs", "int64")}
+PING_RESPONSE = {1: ("message", "string"), 2: ("version", "string")}
+SYSTEM_INFO = {
+    1: ("kernel_version", "string"), 2: ("os_name", "string"), 3: ("os_version", "string"),
+    4: ("arch", "string"), 5: ("total_memory", "uint64"), 6: ("available_memory", "uint64"),
+    7: ("cpu_count", "uint32"), 8: ("load_average", "doubles"), 9: ("hostname", "string"),
+    10: ("uptime", "uint64"), 11: ("ip_addresses", "strings"),
+}
+SHUTDOWN_REQUEST = {1: ("timeout_seconds", "uint32")}
+SHUTDOWN_RESPONSE = {1: ("accepted", "bool")}
+_KIND_DEFAULTS = {"string": "", "int64": 0, "uint64": 0, "uint32": 0, "bool": False}
+_ENCODE_PLANS = {}                # id(schema) -> [(name, kind, field key bytes)] in order
+
+
+def _encode_plan(schema):
+    plan = _ENCODE_PLANS.get(id(schema))
+    if plan is None:
+        plan = _ENCODE_PLANS[id(schema)] = [
+            (name, kind, encode_varint(number << 3 | (
+                WT_LEN if kind in ("doubles", "strings", "string") else WT_VARINT)))
+            for number, (name, kind) in sorted(schema.items())]
+    return plan
+
+
+def encode_message(schema, values):
+    """Encode fields in field-number order, omitting proto3 defaults. (The schemas are
+    module constants: each one's field order and keys are worked out once.)"""
+    out = bytearray()
+    for name, kind, key in _encode_plan(schema):
+        value = values.get(name)
+        if not value:
+            continue              # proto3: defaults (0, "", False, empty) are not sent
+        if kind == "string":
+            data = value.encode("utf-8")
+            out += key + encode_varint(len(data)) + data
+        elif kind == "strings":
+            for item in value:
+                data = item.encode("utf-8")
+                out += key + encode_varint(len(data)) + data
+        elif kind == "doubles":
+            packed = b"".join(_DOUBLE_LE.pack(float(v)) for v in value)
+            out += key + encode_varint(len(packed)) + packed
+        else:                     # int64, uint64, uint32, bool
+            out += key + encode_varint(int(value))
+    return bytes(out)
+
+
+def decode_message(schema, data):
+    """Decode into {name: value}, defaults filled in, unknown fields skipped. Raises only
+    ProtocolError (bad UTF-8 in a string, wrong wire type for a known field, truncation)."""
+    result = {}
+    for name, kind in schema.values():
+        result[name] = [] if kind in ("doubles", "strings") else _KIND_DEFAULTS[kind]
+    for number, wire, value in iter_fields(data):
+        spec = schema.get(number)
+        if spec is None:
+            continue
+        name, kind = spec
+        if kind in ("string", "strings"):
+            _expect(wire, WT_LEN, name)
+            try:
+                text = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError("field %s is not valid UTF-8" % name)
+            if kind == "string":
+                result[name] = text
+            else:
+                result[name].append(text)
+        elif kind == "doubles":
+            # Parsers must accept both packed and unpacked encodings of repeated scalars.
+            if wire == WT_LEN:
+                if len(value) % 8:
+                    raise ProtocolError("packed doubles in %s: %d bytes is not a multiple of 8"
+                                        % (name, len(value)))
+                result[name].extend(_DOUBLE_LE.unpack_from(value, i)[0]
+                                    for i in range(0, len(value), 8))
+            else:
+                _expect(wire, WT_I64, name)
+                result[name].append(_DOUBLE_LE.unpack(_FIXED64_LE.pack(value))[0])
+        else:
+            _expect(wire, WT_VARINT, name)
+            if kind == "int64":
+                value = value - (1 << 64) if value >> 63 else value
+            elif kind == "uint32":
+                value &= 0xFFFFFFFF   # protobuf truncates an over-long uint32
+            elif kind == "bool":
+                value = value != 0
+            result[name] = value
+    return result
+
+
+def _expect(wire, wanted, name):
+    if wire != wanted:
+        raise ProtocolError("field %s has wire type %d, expected %d" % (name, wire, wanted))
+
+# ---- requests: Ping, GetSystemInfo, Shutdown, and who may ask (pure but for the clock) ------
+
+
+def _meminfo():
+    values = {}
+    for line in _read_text("/proc/meminfo").splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key] = int(parts[0]) * 1024   # /proc/meminfo counts kB
+    return values
+
+
+def _ipv4_addresses(fib_trie):
+    """Local IPv4 addresses from /proc/net/fib_trie: an address line followed by
+    '/32 host LOCAL'. Loopback is left out. No external command, no ioctl."""
+    found, last = [], None
+    for line in fib_trie.splitlines():
+        text = line.strip()
+        if text.startswith("|--"):
+            last = text[3:].strip()
+        elif "/32 host LOCAL" in text and last:
+            if not last.startswith("127.") and last not in found:
+                found.append(last)
+            last = None
+    return found
+
+
+def _ipv6_addresses(if_inet6):
+    """Global IPv6 addresses from /proc/net/if_inet6 (scope 00), loopback/link-local left out."""
+    found = []
+    for line in if_inet6.splitlines():
+        parts = line.split()
+        if len(parts) < 6 or len(parts[0]) != 32 or parts[3] != "00":
+            continue
+        groups = [parts[0][i:i + 4] for i in range(0, 32, 4)]
+        addr = socket.inet_ntop(socket.AF_INET6, bytes.fromhex("".join(groups)))
+        if addr not in found:
+            found.append(addr)
+    return found
+
+
+def ip_addresses(fib_trie, if_inet6):
+    """The guest's addresses as GetSystemInfo reports them: IPv4 first, then global IPv6;
+    loopback and link-local left out. Read per request, so they follow DHCP."""
+    return _ipv4_addresses(fib_trie) + _ipv6_addresses(if_inet6)
+
+
+def gather_system_info():
+    uname = os.uname()
+    mem = _meminfo()
+    load = []
+    for word in _read_text("/proc/loadavg").split()[:3]:
+        try:
+            load.append(float(word))
+        except ValueError:
+            pass
+    try:
+        uptime = int(float(_read_text("/proc/uptime").split()[0]))
+    except (ValueError, IndexError):
+        uptime = 0
+    return {
+        "kernel_version": uname.release, "os_name": uname.sysname, "os_version": uname.version,
+        "arch": uname.machine, "total_memory": mem.get("MemTotal", 0),
+        "available_memory": mem.get("MemAvailable", 0), "cpu_count": os.cpu_count() or 0,
+        "load_average": load, "hostname": socket.gethostname(), "uptime": uptime,
+        "ip_addresses": ip_addresses(_read_text("/proc/net/fib_trie"),
+                                     _read_text("/proc/net/if_inet6")),
+    }
+
+
+def request_name(msg_type):
+    return "%s (0x%04X)" % (MESSAGE_NAMES.get(msg_type, "unknown"), msg_type)
+
+
+def describe_peer(peer):
+    """("vsock", cid, port) / ("unix", pid, uid, gid) / ("serial", name) -> log text."""
+    if peer[0] == "vsock":
+        return "vsock peer cid %d port %d" % (peer[1], peer[2])
+    if peer[0] == "unix":
+        return "unix peer pid %d uid %d" % (peer[1], peer[2])
+    return "serial port %s" % peer[1]
+
+
+def peer_group(peer):
+    """Who, for rate-limiting log lines: a vsock CID, a Unix uid, a serial port (not the
+    port or pid, which change with every connection)."""
+    if peer[0] == "vsock":
+        return "cid %d" % peer[1]
+    if peer[0] == "unix":
+        return "uid %d" % peer[2]
+    return "serial %s" % peer[1]
+
+
+def peer_allowed(allow, peer):
+    """Who may change the machine (Shutdown, the clock): a pure rule of the allow list
+    (--allow, parsed) and the peer. The default, cid:2,uid:0,serial, is the host over vsock,
+    root over a Unix socket, and the VMM's virtio-serial port (only the VMM reaches it)."""
+    if allow["any"]:
+        return True
+    if peer[0] == "serial":
+        return allow["serial"]
+    if peer[0] == "vsock":
+        return peer[1] in allow["cid"]
+    if peer[0] == "unix":
+        return peer[2] in allow["uid"]
+    return False
+
+
+class RequestPolicy:
+    """What requests may do here, fixed at start: who is allowed (the parsed --allow), whether
+    this agent may power the guest off (PID 1, or --delegate) and whether it owns the clock
+    (PID 1 only: an agent in a container or a test must not move the machine's time)."""
+
+    __slots__ = ("allow", "can_power_off", "owns_clock")
+
+    def __init__(self, allow, can_power_off, owns_clock):
+        self.allow, self.can_power_off, self.owns_clock = allow, can_power_off, owns_clock
+
+
+class Refused(Exception):
+    """A request the agent understood but will not do; becomes an Error frame."""
+
+    def __init__(self, code, message):
+        Exception.__init__(self, message)
+        self.code = code
+_PLAIN_PONG = encode_message(PING_RESPONSE, {"message": "pong", "version": __version__})
+
+
+def handle_request(msg_type, payload, peer, policy):
+    """One request -> (response type, response payload, effect). The effect is what the
+    caller should make happen once the answer is queued: None, or ("shutdown", seconds)
+    with 0 meaning the configured grace. Raises ProtocolError for bytes that do not decode
+    and Refused for requests that are not allowed or not possible here."""
+    if msg_type == MSG_PING:
+        if not payload:           # the health check hosts send in a loop: answered as is
+            return MSG_PING | RESPONSE_BIT, _PLAIN_PONG, None
+        request = decode_message(PING_REQUEST, payload)
+        if request["timestamp_secs"] > 0:
+            set_clock_from_peer(request["timestamp_secs"], peer, policy)
+        message = "pong: " + request["message"] if request["message"] else "pong"
+        return msg_type | RESPONSE_BIT, encode_message(
+            PING_RESPONSE, {"message": message, "version": __version__}), None
+    if msg_type == MSG_GET_SYSTEM_INFO:
+        return msg_type | RESPONSE_BIT, encode_message(SYSTEM_INFO, gather_system_info()), None
+    if msg_type == MSG_SHUTDOWN:
+        request = decode_message(SHUTDOWN_REQUEST, payload)
+        check_shutdown_allowed(peer, policy)
+        return msg_type | RESPONSE_BIT, encode_message(SHUTDOWN_RESPONSE, {"accepted": True}), \
+            ("shutdown", request["timeout_seconds"])
+    if msg_type in MESSAGE_NAMES:
+        raise Refused(ERROR_UNSUPPORTED, "unsupported request: %s is not implemented by this "
+                      "agent" % request_name(msg_type))
+    if msg_type == MSG_EMPTY or msg_type > REQUEST_MAX:
+        raise ProtocolError("message type 0x%04X is not a request" % msg_type)
+    raise ProtocolError("unknown message type 0x%04X" % msg_type)
+
+
+def check_shutdown_allowed(peer, policy):
+    """Raise Refused (403 or 503) unless this peer may power this guest off."""
+    who = describe_peer(peer)
+    if not peer_allowed(policy.allow, peer):
+        log_limited("refused", peer_group(peer), "warn",
+                    "refused Shutdown from %s: not an allowed peer" % who)
+        raise Refused(ERROR_FORBIDDEN, "shutdown refused: %s is not allowed to request it "
+                      "(see --allow)" % who)
+    if not sys.platform.startswith("linux"):
+        log("warn", "Shutdown requested, but power-off is only supported on Linux")
+        raise Refused(ERROR_UNAVAILABLE, "shutdown refused: power-off is only supported on "
+                      "Linux guests")
+    if not policy.can_power_off:
+        log_limited("refused", peer_group(peer), "warn",
+                    "refused Shutdown from %s: not PID 1" % who)
+        raise Refused(ERROR_UNAVAILABLE, "shutdown refused: this agent is not PID 1 (pid %d), "
+                      "so it will not signal every process on this machine (see --delegate)"
+                      % os.getpid())
+
+
+def set_clock_from_peer(seconds, peer, policy):
+    """A Ping's timestamp sets the clock only in PID 1, only from the VMM's side (a vsock or
+    virtio-serial peer: the VMM owns the serial port) and only from an allowed peer. A
+    Unix-socket peer is ignored, never refused: tests run as root on real machines."""
+    who = describe_peer(peer)
+    if not (policy.owns_clock and peer[0] in ("vsock", "serial")):
+        log("debug", "Ping timestamp from %s ignored (clock set only by the host as PID 1)"
+            % who)
+        return
+    if not peer_allowed(policy.allow, peer):
+        log_limited("refused", peer_group(peer), "warn",
+                    "refused clock change from %s: not an allowed peer" % who)
+        raise Refused(ERROR_FORBIDDEN, "clock change refused: %s is not allowed to set the "
+                      "time (see --allow)" % who)
+    try:
+        time.clock_settime(time.CLOCK_REALTIME, float(seconds))
+        log("debug", "clock set to %d from the host" % seconds)
+    except (OSError, OverflowError, ValueError) as exc:
+        log("warn", "cannot set the clock to %d: %s" % (seconds, exc))
+
+# ---- the ArcBox protocol on one stream: bytes in, replies and effects out -------------------
+
+
 # A listener speaks a protocol; the Server only moves bytes and keeps the limits. The
 # interface a protocol implements (a second one, QGA, fits the same):
 #   make(policy, max_frame, peer, shared) -> one protocol object per connection; `shared` is
@@ -3101,6 +2446,7 @@ class NoNotifier(Source):
 #   protocol.take(inbuf) -> None while inbuf holds no complete request, else one turn:
 #       (bytes consumed, reply bytes, effect or None, close after the reply?).
 # One request per call, so that the server can stop when the peer is not reading.
+
 
 class ArcBoxProtocol:
     """Frames in, frames out: handle_request() under `policy` answers each request."""
@@ -3123,7 +2469,7 @@ class ArcBoxProtocol:
         try:
             frame = decode_frame(buf, self.max_frame)
         except ProtocolError as exc:
-            if self.shared:        # resynchronising: drop it, answer nobody (see above)
+            if self.shared:        # resynchronising: drop it, answer nobody (_garbage_before)
                 consumed = getattr(exc, "consumed", 1) or 1
                 self.dropped += consumed
                 return consumed, b"", None, False
@@ -3179,9 +2525,15 @@ class ArcBoxProtocol:
             return MSG_ERROR, encode_error(ERROR_INTERNAL, "internal error: %s: %s"
                                            % (type(exc).__name__, exc)), None
 
-
-# ---- listeners and connections: two kinds of each ------------------------------------------
-
+# ---- the server: listeners and connections, two kinds of each -------------------------------
+READ_CHUNK = 65536
+ACCEPT_BATCH = 64                 # accepts per wake-up, so one listener cannot starve others
+LISTEN_BACKLOG = 128
+ACCEPT_PAUSE = 0.25               # after EMFILE/ENFILE: no accept() for this long
+BIND_RETRY_FIRST, BIND_RETRY_MAX = 0.1, 5.0
+SERIAL_RECHECK = 0.1              # host side of a serial port not connected: look again then
+SERIAL_STALE_FRAME = 0.5          # a partial frame this old on a serial stream is garbage
+_SO_PEERCRED_SIZE = Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 ServerLimits = namedtuple("ServerLimits",
                           "max_frame max_conns max_output idle_timeout frame_timeout")
 
@@ -3657,7 +3009,724 @@ class Server(Source):
             listener.close()
 
 
-# ---- the agent: the loop, and what a signal, a request or the workload's end starts --------
+# =============================================================================================
+# 6. The power-off: what happens on Shutdown
+# =============================================================================================
+
+# ---- the sequence: a state machine stepped by the event loop --------------------------------
+
+
+# What happens on Shutdown, in order (each step bounded, none blocks the loop):
+#   ack   - the ShutdownResponse is written and flushed (bounded by HOST_REPLY_BUDGET);
+#   term  - thaw frozen filesystems (their writers would outlive SIGKILL), then
+#           kill(-1, SIGTERM) and kill(-1, SIGCONT), so stopped processes can run their
+#           TERM handler; tell the host (X_SYSTEMD_SHUTDOWN, EXIT_STATUS) if it listens;
+#           fork the sync/reboot child now, waiting on a pipe, so the fork is off the path;
+#           reap on every SIGCHLD; leave as soon as no process is left (ECHILD, or only
+#           that child) or the grace ends;
+#   kill  - kill(-1, SIGKILL) if anybody is left (the waiting child too), reap for up to
+#           kill_wait;
+#   notify_wait - only if a notify connection is still in flight: wait for it, 20 ms at most;
+#   sync  - in that child (or a new one), bounded by sync_timeout (a hung disk must not
+#           hang power-off): the teardown (thaw, sync, passes of swapoff / remount read-only
+#           deepest first / loop detach while they make progress, sync; see Teardown), report
+#           to PID 1 over a pipe, and go straight on to final (PowerOffChild);
+#   final - reboot(cmd) in that child, as busybox does: if the kernel cannot power off it
+#           halts and do_exit()s the caller, which then is not PID 1 (if the sync hung, a
+#           second child is forked for reboot alone);
+#   failed- reboot() returned or timed out: log loudly, and exit so that the kernel's panic
+#           setting decides (the Rust agent's fallback).
+# Whoever starts it (a request, a signal, the workload's exit) passes the action, the grace
+# and a reason to begin(); the caller makes sure it starts once.
+# Delegate mode (not PID 1, --delegate): instead of term/kill, signal PID 1 the busybox way
+# and, if the guest is still up when the grace is over, go on with sync and final ourselves.
+HOST_REPLY_BUDGET = 2.0           # ArcBox host waits 2 s for the ShutdownResponse
+
+# The sequence's bounds, read from the configuration once (a tuple: frozen).
+ShutdownTimeouts = namedtuple("ShutdownTimeouts", "kill_wait sync_timeout power_timeout")
+
+
+def shutdown_timeouts(config):
+    return ShutdownTimeouts(config["kill_wait"], config["sync_timeout"], config["power_timeout"])
+
+
+class ShutdownSequence(Source):
+    """The phases, in order: idle, ack, term (or delegate), kill, notify_wait, sync, final,
+    failed; each is a _step_<phase> method, listed in self.steps. step() runs the current one
+    until the phase stops changing.
+
+    Collaborators: the reaper (who is left), the frozen timeouts, `delegate` (not PID 1: ask
+    PID 1 instead of signalling everyone), the mounts to spare from the teardown, what to do
+    if power-off fails, the notifier, and the power-off child (made here if not given)."""
+
+    def __init__(self, reaper, timeouts, delegate=False, spare_mounts=frozenset(),
+                 on_failure=None, notifier=None, child=None):
+        self.reaper = reaper
+        self.notifier = notifier or NoNotifier()
+        self.timeouts = timeouts
+        self.delegate = delegate
+        self.spare_mounts = spare_mounts
+        self.on_failure = on_failure or power_off_failed
+        # the teardown's passes stop halfway through PID 1's bound on the child, so the
+        # final sync() and the report still fit in it
+        self.child = child or PowerOffChild(reaper, spare_mounts, timeouts.sync_timeout / 2)
+        self.steps = {"idle": self._step_idle, "ack": self._step_ack, "term": self._step_term,
+                      "delegate": self._step_delegate, "kill": self._step_kill,
+                      "notify_wait": self._step_notify_wait, "sync": self._step_sync,
+                      "final": self._step_final, "failed": self._step_failed}
+        self.phase = "idle"
+        self.deadline_at = None    # when the current phase ends at the latest
+        self.action = None
+        self.grace = None
+        self.reason = ""
+        self.ack = None            # a function: True while the host's reply is unflushed
+        self.started = None        # monotonic time of the request
+        self.phase_started = None
+        self.exit_status = 0       # told to the host: the workload's, when it ended the guest
+        self.notify_waited = False  # the notifier had its chance before the teardown
+        self.sync_retried = False
+
+    @property
+    def active(self):
+        return self.phase != "idle"
+
+    def begin(self, action, grace, reason, ack=None, exit_status=0):
+        now = time.monotonic()
+        self.action, self.grace, self.reason, self.ack = action, grace, reason, ack
+        self.exit_status = exit_status
+        self.started = now
+        log("info", "shutdown requested (%s): action %s, grace %gs" % (reason, action, grace))
+        self._enter("ack", now + HOST_REPLY_BUDGET)   # stepped by the loop's next tick
+
+    # the event loop's view
+    def deadline(self):
+        return self.deadline_at
+
+    def tick(self, now):
+        self.step(now)
+
+    def wants(self, now):
+        return self.child.wants(now)
+
+    def _enter(self, phase, deadline=None):
+        now = time.monotonic()
+        if self.phase_started is not None and self.phase != "idle":
+            log("debug", "shutdown phase %s took %.3fs" % (self.phase, now - self.phase_started))
+        self.phase, self.deadline_at, self.phase_started = phase, deadline, now
+
+    def step(self, now):
+        """Advance as far as possible without blocking. Called after every loop wake-up."""
+        while True:
+            before = self.phase
+            self.steps[self.phase](now)
+            if self.phase == before:
+                return
+
+    def _step_idle(self, now):
+        pass
+
+    def _step_ack(self, now):
+        if self.ack is not None and self.ack():
+            if now < self.deadline_at:
+                return
+            log("warn", "shutdown: the reply was not flushed within %gs; going on"
+                % HOST_REPLY_BUDGET)
+        self.ack = None
+        if self.delegate:
+            self._ask_pid1(now)
+            return
+        # A writer blocked on a frozen filesystem outlives even SIGKILL: thaw first.
+        thaw_filesystems(KernelStorage(), self.spare_mounts)
+        signalled = kill_all(signal.SIGTERM)
+        # The grace is counted from the moment every process has its SIGTERM, not from the
+        # loop's wake-up before it: signalling can take milliseconds on a slow (TCG) guest.
+        self._enter("term", time.monotonic() + self.grace)
+        if signalled:
+            log("info", "shutdown: SIGTERM sent to all processes (grace %gs)" % self.grace)
+        else:
+            log("info", "shutdown: no processes to signal")
+        kill_all(signal.SIGCONT)   # a stopped process cannot run its TERM handler
+        self._tell_host()
+        # forked after the signals went out, so that they do not hit it
+        self.child.prepare(self.action, self.started)
+        self.reaper.reap()
+
+    def _tell_host(self):
+        """systemd's shutdown notification, sent while the processes handle SIGTERM (so the
+        reboot cannot cut it off): which action, and the exit status (the console shows it
+        too)."""
+        log("info", "shutdown: %s, exit status %d" % (self.action, self.exit_status))
+        self.notifier.send("X_SYSTEMD_SHUTDOWN=%s\nEXIT_STATUS=%d\n"
+                           % (self.action, self.exit_status))
+
+    def _step_term(self, now):
+        if self.reaper.no_children:
+            log("info", "shutdown: all processes gone after %.3fs"
+                % max(0.0, now - self.phase_started))
+            self._start_teardown(now)
+        elif now >= self.deadline_at:
+            self._enter("kill", now + self.timeouts.kill_wait)
+            kill_all(signal.SIGKILL)
+            log("info", "shutdown: grace over, SIGKILL sent to the rest")
+            self.child.abandon()          # SIGKILL reached it too; a new one comes at sync
+            self.reaper.reap()
+
+    def _step_kill(self, now):
+        if self.reaper.no_children:
+            log("info", "shutdown: all processes gone after SIGKILL")
+            self._start_teardown(now)
+        elif now >= self.deadline_at:
+            log("warn", "shutdown: processes remain %gs after SIGKILL (stuck in the kernel?); "
+                "going on" % self.timeouts.kill_wait)
+            self._start_teardown(now)
+
+    def _ask_pid1(self, now):
+        sig = BUSYBOX_INIT_SIGNALS[self.action]
+        self._enter("delegate", now + self.grace)
+        self._tell_host()
+        try:
+            os.kill(1, sig)
+            log("info", "shutdown: asked PID 1 for %s with signal %d; forcing it after %gs"
+                % (self.action, sig, self.grace))
+        except OSError as exc:
+            log("error", "shutdown: cannot signal PID 1 (%s); forcing %s now"
+                % (exc, self.action))
+            self.deadline_at = now
+
+    def _step_delegate(self, now):
+        if now >= self.deadline_at:
+            log("warn", "shutdown: the guest is still up %gs after asking PID 1; forcing it"
+                % self.grace)
+            self._start_teardown(now)
+
+    def _start_teardown(self, now):
+        """Start the power-off child (the prepared one, or a new one). If its report does not
+        come within sync_timeout (a hung disk), a second child only calls reboot()."""
+        if self.notifier.busy() and not self.notify_waited:
+            # a notify connection still in progress: give it a moment, bounded
+            self.notify_waited = True
+            self._enter("notify_wait", now + NOTIFY_WAIT)
+            return
+        self._enter("sync", now + self.timeouts.sync_timeout)
+        if self.child.start(self.action, self.started):
+            return
+        os.sync()                  # no fork possible: sync here, unbounded but still done
+        log("info", "shutdown: filesystems synced (no fork possible: not remounted)")
+        self.child.report = 0
+
+    def _step_notify_wait(self, now):
+        if not self.notifier.busy() or now >= self.deadline_at:
+            self._start_teardown(now)
+
+    def _step_sync(self, now):
+        report, child = self.child.report, self.child
+        if report is None and child.running and now < self.deadline_at:
+            return
+        if report is not None and report >= 0:  # the child logged it, and goes on to reboot()
+            if child.running:
+                self._enter("final", now + self.timeouts.power_timeout)
+                return
+        elif report is None and child.running:
+            log("warn", "shutdown: the teardown did not finish within %gs; going on"
+                % self.timeouts.sync_timeout)
+        elif not self.sync_retried:
+            # Killed before it was done (by whom? a process's kill(-1)): nothing may be lost,
+            # so tear down again, once, before reboot().
+            log("warn", "shutdown: the power-off child ended before its teardown was done "
+                "(%s); once more" % describe_exit_code(child.code))
+            self.sync_retried = True
+            self._start_teardown(now)
+            return
+        else:
+            log("warn", "shutdown: the power-off child ended again before its teardown was "
+                "done (%s); going on" % describe_exit_code(child.code))
+        self._start_final(now)
+
+    def _start_final(self, now):
+        """reboot() from a child of its own: after a teardown that did not finish, or when
+        the power-off child is gone."""
+        self._enter("final", now + self.timeouts.power_timeout)
+        self.child.reboot_only(self.action, self.started)
+
+    def _step_final(self, now):
+        if self.child.running and now < self.deadline_at:
+            return
+        code = self.child.code
+        if self.child.running:
+            why = "the guest is still up %gs after reboot()" % self.timeouts.power_timeout
+        elif code is not None and code > 0:
+            why = "reboot() failed: %s" % os.strerror(code)
+        else:
+            why = "reboot() returned without powering off (%s)" % describe_exit_code(code)
+        self._enter("failed")
+        self.on_failure(why)
+
+    def _step_failed(self, now):
+        pass
+
+# ---- tearing down what the guest mounted, the way systemd-shutdown does ---------------------
+
+
+# Once the last process is gone only the kernel holds a filesystem, and it holds some in ways
+# a plain remount cannot undo (remount read-only fails with EBUSY while anything has a file on
+# it open for writing, the kernel included):
+#   - an active swap file keeps its filesystem busy: swapoff(2) it first;
+#   - a loop device keeps its backing file open for writing, so the filesystem holding the
+#     image cannot go read-only while the loop is bound: make the loop's own filesystem
+#     read-only, unmount it, clear the loop (LOOP_CLR_FD), then retry the holder;
+#   - a frozen filesystem (FIFREEZE: a backup agent's) blocks writers and sync(): thaw it
+#     before anything waits on it (at SIGTERM time, and again here).
+# A lazy unmount (MNT_DETACH) would only hide such a mount: its superblock lives on, dirty,
+# while the loop or swap area references it. So, after every process is gone, the teardown
+# runs passes -- swapoff every swap area; remount every writable filesystem read-only,
+# deepest first, unmounting the stacked ones (overlay, a filesystem on a loop device) so that
+# what they sit on lets go; clear every loop device that nothing mounts -- and repeats while a
+# pass changes anything, at most TEARDOWN_PASSES times and within its time limit (a device
+# that hangs a call is bounded by PID 1, which goes on to reboot() without this child). Then
+# sync(), always, so that a filesystem that stayed writable still has its data written; each
+# one is logged with what held it. Device-mapper and md devices are not detached: their
+# filesystems are remounted read-only like any other, and they buffer nothing of their own
+# (dm-cache and dm-writecache aside, which this agent does not handle).
+LOOP_CLR_FD = 0x4C01          # <linux/loop.h>: unbind a loop device from its backing file
+FITHAW = 0xC0045878           # <linux/fs.h> _IOWR('X', 120, int): thaw a frozen filesystem
+
+# Filesystems made of other filesystems: unmounted once read-only, so what they sit on lets
+# go. (A filesystem whose source is a loop device is treated the same way.)
+STACKED_FILESYSTEMS = frozenset(("overlay",))
+TEARDOWN_PASSES = 16          # systemd-shutdown also stops early when a pass changes nothing
+
+
+def parse_swaps(text):
+    """/proc/swaps -> the active swap areas' paths (files or block devices)."""
+    return [_unescape_mount_path(line.split()[0])
+            for line in text.splitlines()[1:] if line.strip()]
+
+
+def owning_mount(path, mounts):
+    """The entry of `mounts` (parse_mountinfo's) whose filesystem holds `path`: the deepest
+    mount point above it; of mounts stacked on one point, the last one."""
+    best = None
+    for entry in mounts:
+        top = entry[1].rstrip("/")
+        if (path == entry[1] or path.startswith(top + "/")) and (
+                best is None or len(entry[1]) >= len(best[1])):
+            best = entry
+    return best
+
+
+def _ioctl_on(path, flags, request):
+    """open(path), ioctl(fd, request, 0), close: 0 or the errno."""
+    import ctypes
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK)
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    try:
+        # int ioctl(int fd, unsigned long request, ...): LOOP_CLR_FD and FITHAW ignore the arg
+        return libc_call("ioctl", fd, ctypes.c_ulong(request), ctypes.c_long(0))
+    finally:
+        os.close(fd)
+
+
+class KernelStorage:
+    """What the teardown reads from and asks of the kernel, one method each (a test stands
+    in a fake kernel). Every action returns 0 or an errno; nothing raises."""
+
+    @staticmethod
+    def mounts():
+        return read_mountinfo()
+
+    @staticmethod
+    def swaps():
+        return parse_swaps(_read_text("/proc/swaps"))
+
+    @staticmethod
+    def loops():
+        """{"/dev/loopN": backing file} for every bound loop device."""
+        found = {}
+        try:
+            names = os.listdir("/sys/block")
+        except OSError:
+            return found
+        for name in sorted(names):
+            if name.startswith("loop"):
+                backing = _read_text("/sys/block/%s/loop/backing_file" % name).rstrip("\n")
+                if backing:
+                    found["/dev/" + name] = backing
+        return found
+
+    @staticmethod
+    def remount_read_only(target):
+        return libc_call("mount", None, target.encode(), None, MS_REMOUNT | MS_RDONLY, None)
+
+    @staticmethod
+    def unmount(target):
+        return libc_call("umount2", target.encode(), 0)
+
+    @staticmethod
+    def swapoff(path):
+        return libc_call("swapoff", path.encode())
+
+    @staticmethod
+    def clear_loop(device):
+        return _ioctl_on(device, os.O_RDONLY, LOOP_CLR_FD)
+
+    @staticmethod
+    def thaw(target):
+        return _ioctl_on(target, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0), FITHAW)
+
+    @staticmethod
+    def sync():
+        os.sync()
+
+    @staticmethod
+    def holders(target):
+        """'pid N (name)' for each process with a file open under target."""
+        found = []
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                fds = os.listdir("/proc/%s/fd" % pid)
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    path = os.readlink("/proc/%s/fd/%s" % (pid, fd))
+                except OSError:
+                    continue
+                if path == target or path.startswith(target.rstrip("/") + "/"):
+                    name = _read_text("/proc/%s/comm" % pid).strip()
+                    found.append("pid %s (%s)" % (pid, name))
+                    break
+        return found
+
+
+def thaw_filesystems(kernel, spare_ids=frozenset()):
+    """FITHAW every block-device filesystem of ours that is writable: a frozen one would hang
+    its writers (even through SIGKILL) and sync(). Only block devices can be frozen, and
+    opening a network filesystem's mount point could hang on a dead server. Returns the
+    mount points thawed."""
+    thawed = []
+    for mount_id, target, fstype, readonly, source in kernel.mounts():
+        if (readonly or mount_id in spare_ids or fstype in PSEUDO_FILESYSTEMS
+                or not source.startswith("/dev/")):
+            continue
+        if kernel.thaw(target) == 0:       # EINVAL: it was not frozen, the usual case
+            log("warn", "shutdown: %s was frozen; thawed it" % target)
+            thawed.append(target)
+    return thawed
+
+
+class Teardown:
+    """The passes described above, over a KernelStorage (or a fake). `spare_ids` are the
+    mount ids to leave alone: none in a real guest; in a PID namespace (a container, our
+    tests) every mount that was there when the agent started, which are the host's. There,
+    only swap areas and loop devices that live on the guest's own mounts are touched, since
+    /proc/swaps and /sys/block are the host's too."""
+
+    def __init__(self, kernel, spare_ids=frozenset(), time_limit=5.0, passes=TEARDOWN_PASSES,
+                 clock=time.monotonic):
+        self.kernel = kernel
+        self.spare_ids = spare_ids
+        self.contained = bool(spare_ids)
+        self.time_limit = time_limit
+        self.passes = passes
+        self.clock = clock
+        self.failures = {}         # mount point -> the errno its last remount failed with
+        self.our_loops = set()     # loop devices that one of our mounts sat on
+        self.passes_run = 0
+
+    def _ours(self, mounts):
+        """Our real filesystems, in mount order."""
+        return [m for m in mounts
+                if m[0] not in self.spare_ids and m[2] not in PSEUDO_FILESYSTEMS]
+
+    def _on_ours(self, path, mounts):
+        """May the teardown touch a swap area or loop device at `path`? In a real guest any;
+        contained, only one that lives on (or backs) one of our own mounts."""
+        if not self.contained:
+            return True
+        if any(m[4] == path for m in self._ours(mounts)):
+            return True
+        owner = owning_mount(path, mounts)
+        return owner is not None and owner[0] not in self.spare_ids
+
+    def _state(self):
+        mounts = self.kernel.mounts()
+        return (tuple((m[0], m[3]) for m in mounts), tuple(self.kernel.swaps()),
+                tuple(sorted(self.kernel.loops().items())))
+
+    def run(self):
+        """Thaw, sync, the passes, sync. Returns [(mount point, fs type, reason)] for every
+        filesystem of ours that stayed writable."""
+        started = self.clock()
+        thaw_filesystems(self.kernel, self.spare_ids)
+        self._timed_sync("sync()")
+        state = None
+        while self.passes_run < self.passes:
+            self.passes_run += 1
+            self._one_pass()
+            if not self._left_writable():
+                break                      # done: the usual case, after one pass
+            before, state = state, self._state()
+            if state == before:
+                break                      # a pass that changed nothing
+            if self.clock() - started > self.time_limit:
+                log("warn", "shutdown: teardown passes stopped after %.1fs (limit %gs)"
+                    % (self.clock() - started, self.time_limit))
+                break
+        left = [(target, fstype, self.why_writable(target))
+                for _, target, fstype, _, _ in self._left_writable()]
+        for target, fstype, why in left:
+            log("warn", "shutdown: %s (%s) stays writable: %s (its data is synced all the same)"
+                % (target, fstype, why))
+        self._timed_sync("final sync()")   # always: whatever stayed writable gets its data out
+        return left
+
+    def _timed_sync(self, what):
+        began = self.clock()
+        self.kernel.sync()
+        # the disks' time, not ours: the benchmarks report it apart from the agent's overhead
+        log("info", "shutdown: %s took %.2f ms" % (what, (self.clock() - began) * 1000))
+
+    def _left_writable(self):
+        return [m for m in self._ours(self.kernel.mounts()) if not m[3]]
+
+    def _one_pass(self):
+        mounts, swaps, loops = self.kernel.mounts(), self.kernel.swaps(), self.kernel.loops()
+        # the loop devices under our own mounts, remembered before those are unmounted
+        self.our_loops.update(m[4] for m in self._ours(mounts) if m[4].startswith("/dev/loop"))
+        for path in swaps:
+            if self._on_ours(path, mounts):
+                self._report(self.kernel.swapoff(path), "swapoff %s" % path)
+        # what sits on another filesystem goes away whole: it and every mount below it
+        stacked = [m[1].rstrip("/") + "/" for m in self._ours(mounts)
+                   if m[1] != "/" and (m[2] in STACKED_FILESYSTEMS or m[4] in loops)]
+        for mount_id, target, fstype, readonly, source in reversed(mounts):
+            if mount_id in self.spare_ids:
+                continue
+            real = fstype not in PSEUDO_FILESYSTEMS
+            if real and not readonly:
+                err = self.kernel.remount_read_only(target)
+                if err:
+                    self.failures[target] = err
+                    continue
+                self.failures.pop(target, None)
+                log("debug", "shutdown: remounted %s (%s) read-only" % (target, fstype))
+            if target != "/" and any((target + "/").startswith(s) for s in stacked):
+                self._report(self.kernel.unmount(target), "unmount %s (%s on %s)"
+                             % (target, fstype, source))
+        if not loops:
+            return                         # the usual case: nothing more to read
+        mounts, swaps = self.kernel.mounts(), self.kernel.swaps()
+        sources = {m[4] for m in mounts}
+        for device, backing in sorted(loops.items()):
+            if device not in sources and device not in swaps and (
+                    device in self.our_loops or self._on_ours(backing, mounts)):
+                self._report(self.kernel.clear_loop(device), "detach %s from %s"
+                             % (device, backing))
+
+    @staticmethod
+    def _report(err, what):
+        if err:
+            log("debug", "shutdown: %s: %s" % (what, os.strerror(err)))
+        else:
+            log("debug", "shutdown: %s: done" % what)
+
+    def why_writable(self, target):
+        """What kept `target` writable, as precisely as the kernel tells."""
+        mounts = self.kernel.mounts()
+        entry = next((m for m in mounts if m[1] == target), None)
+        held = ["swap area %s is still on" % p for p in self.kernel.swaps()
+                if owning_mount(p, mounts) is entry]
+        held += ["%s still holds %s" % (dev, backing) for dev, backing
+                 in sorted(self.kernel.loops().items()) if owning_mount(backing, mounts) is entry]
+        held += ["%s has a file open on it" % who for who in self.kernel.holders(target)]
+        err = self.failures.get(target)
+        why = os.strerror(err) if err else "not remounted"
+        if held:
+            return "%s: %s" % (why, "; ".join(held))
+        if err == errno.EBUSY:
+            return "%s: no process in this guest holds it (one outside it, or the kernel)" % why
+        return why
+
+
+def mounts_to_spare():
+    """Which mounts the power-off must not remount read-only: in a real guest none; in a PID
+    namespace (a container, our tests) every mount that was there when the agent started,
+    because those are the host's (a superblock remount would reach the host)."""
+    if is_initial_pid_namespace():
+        return frozenset()
+    return frozenset(m[0] for m in read_mountinfo())
+
+# ---- the power-off child: teardown, then reboot() -------------------------------------------
+
+
+def reboot_now(action, command, since):
+    """The last call: in the process that makes it (a child of PID 1, see PowerOffChild), so
+    the log line's time is when reboot() was entered."""
+    log("info", "shutdown: calling reboot(%s) after %.3fs" % (action, time.monotonic() - since))
+    return min(call_reboot(command), 255)
+
+
+def power_off_failed(why):
+    """reboot() did not end the guest. PID 1 exits: the kernel's panic setting decides."""
+    log("error", "POWER-OFF FAILED: %s" % why)
+    log("error", "exiting PID 1: the kernel's panic setting decides what happens next")
+    os._exit(1)
+
+
+class PowerOffChild(Source):
+    """The child process that ends the guest, as fast as it can: the teardown, one byte to
+    PID 1 on a pipe (how many filesystems stayed writable), then reboot(). One fork for
+    both, and no round trip through PID 1, which only keeps the bounds.
+
+    prepare() forks it early, waiting for a byte on a second pipe (a fork costs ~1 ms in a
+    Python PID 1, which then is not on the path from "nobody left" to reboot()); start()
+    sends that byte, or forks a new child if the prepared one is gone or there is none;
+    reboot_only() forks a child that only calls reboot() (after a teardown that did not
+    finish). PID 1 learns how it went from `report` (None until the byte comes; -1 if the
+    child died first) and `code` (its exit code once reaped). `fork` runs a body in a child
+    and returns the pid, or None (run_in_child; tests pass a fake)."""
+
+    def __init__(self, reaper, spare_mounts, teardown_limit, fork=None):
+        self.reaper = reaper
+        self.spare_mounts = spare_mounts
+        self.teardown_limit = teardown_limit   # the passes' time limit
+        self.fork = fork or run_in_child
+        self.pid = None            # the child, while it runs
+        self.code = None           # its exit code (or -signal) once reaped; errno if inline
+        self.report = None
+        self._report_fd = -1
+        self._prepared = None      # (pid, go fd) of a child forked early, waiting
+
+    @property
+    def running(self):
+        return self.pid is not None
+
+    def prepare(self, action, since):
+        """Fork the child now, waiting. Only where "nobody left but this child" can be told
+        (/proc/self/task/PID/children): the reaper does not count it as a process left."""
+        if self.reaper.children() is None:
+            return
+        go_fd = self._fork(action, since, wait_for_go=True)
+        if go_fd is not None:
+            self._prepared = (self.pid, go_fd)
+
+    def abandon(self):
+        """The prepared child is dead or dying (SIGKILL reaches it too): from now on it is a
+        process like any other, to be reaped before "nobody left"."""
+        if self._prepared is not None:
+            pid, go_fd = self._prepared
+            self._prepared = None
+            self.reaper.not_ours(pid)
+            os.close(go_fd)
+
+    def start(self, action, since):
+        """Let the prepared child go on, or fork one that goes at once. False when no child
+        could be forked."""
+        self.report = None
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            pid, go_fd = prepared
+            try:
+                if self.pid != pid:
+                    raise OSError(errno.ESRCH, "the prepared child is gone")
+                os.write(go_fd, b"g")
+                return True
+            except OSError as exc:
+                log("debug", "shutdown: the prepared child is not usable (%s); forking anew"
+                    % exc)
+                self._close_report()
+            finally:
+                os.close(go_fd)
+        return self._fork(action, since, wait_for_go=False) is not None
+
+    def reboot_only(self, action, since):
+        """reboot() from a child of its own; without a child, here (success ends this
+        process, which is the goal) with its errno as `code`."""
+        command = REBOOT_COMMANDS[action]
+        self.code = None
+        self.pid = self.fork(lambda: reboot_now(action, command, since))
+        if self.pid is None:
+            self.code = reboot_now(action, command, since)
+        else:
+            self.reaper.watch(self.pid, self._exited)
+
+    def _fork(self, action, since, wait_for_go):
+        """Fork the teardown+reboot child; returns the go fd (-1 without wait_for_go), or
+        None when a pipe or the fork failed."""
+        spare, limit = self.spare_mounts, self.teardown_limit
+        command = REBOOT_COMMANDS[action]
+        try:
+            report_r, report_w = os.pipe()
+            go_r, go_w = os.pipe() if wait_for_go else (-1, -1)
+        except OSError:
+            return None
+
+        def teardown_then_reboot():
+            signal.set_wakeup_fd(-1)                      # PID 1's pipe is not ours to wake
+            _close_fds_but(2, _kmsg_fd, report_w, go_r)   # no dup of a socket outlives PID 1's
+            if go_r >= 0 and not os.read(go_r, 1):
+                return 0           # PID 1 closed the pipe without a word: not needed
+            started = time.monotonic()
+            left = len(Teardown(KernelStorage(), spare, time_limit=limit).run())
+            took = time.monotonic() - started
+            if left:
+                log("warn", "shutdown: filesystems synced in %.3fs; %d stayed writable"
+                    % (took, left))
+            else:
+                log("info", "shutdown: filesystems synced and read-only in %.3fs" % took)
+            os.write(report_w, bytes((min(left, 255),)))
+            return reboot_now(action, command, since)
+
+        self.code = None
+        self.pid = self.fork(teardown_then_reboot)
+        for fd in (report_w, go_r):
+            if fd >= 0:
+                os.close(fd)
+        if self.pid is None:
+            for fd in (report_r, go_w):
+                if fd >= 0:
+                    os.close(fd)
+            return None
+        self.reaper.watch(self.pid, self._exited, ours=wait_for_go)
+        os.set_blocking(report_r, False)
+        self._close_report()
+        self._report_fd = report_r
+        return go_w
+
+    def _exited(self, pid, status):
+        if pid == self.pid:
+            self.pid, self.code = None, os.waitstatus_to_exitcode(status)
+
+    # the event loop's view: the report pipe
+    def wants(self, now):
+        if self._report_fd >= 0:
+            return ((self._report_fd, select.POLLIN, self._on_report, None),)
+        return ()
+
+    def _on_report(self, _, mask):
+        try:
+            data = os.read(self._report_fd, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._close_report()
+        self.report = data[0] if data else -1     # -1: the child died before reporting
+
+    def _close_report(self):
+        if self._report_fd >= 0:
+            os.close(self._report_fd)
+            self._report_fd = -1
+
+
+# =============================================================================================
+# 7. The agent: the parts wired into one loop, and the PID-1 story
+# =============================================================================================
+
+# ---- the agent: what a signal, a request or the workload's end starts -----------------------
+
 
 class Agent:
     """Wires the parts into one loop: the signal inbox, the reaper, the server, the workload
@@ -3677,9 +3746,9 @@ class Agent:
         arcbox = lambda peer, shared: ArcBoxProtocol(policy, max_frame, peer, shared)
         self.server = Server([(addr, arcbox) for addr in config["listen"]],
                              server_limits(config), policy, self.on_request_effect)
-        self.workload = Workload(config["exec"], config["on_exit"], self.reaper,
+        self.workload = Supervised(config["exec"], config["on_exit"], self.reaper,
                                  self.on_workload_finished)
-        self.dhcp = Workload(dhcp_client_argv(config["net"]) if is_init else [], "respawn",
+        self.dhcp = Supervised(dhcp_client_argv(config["net"]) if is_init else [], "respawn",
                              self.reaper, None, name="udhcpc")
         self.notifier = Notifier(config["notify"]) if config["notify"] else NoNotifier()
         self.buttons = PowerButtons(self.on_power_button) \
@@ -3787,23 +3856,70 @@ class Agent:
             log("info", "%s: stopping the agent (not PID 1: no power-off)" % what)
             self.exit_code = 0
 
+# ---- serve_main(): the PID-1 story, top-down ------------------------------------------------
+
+
+def read_configuration(argv, cmdline_text, is_init):
+    """Defaults < kernel cmdline < flags. Returns (config, None), or (None, exit status) when
+    an operator asked for --help or typed a bad flag. As PID 1 (where the kernel passes stray
+    cmdline words as argv) problems are logged and the defaults kept: init must not exit."""
+    flags, problems, wants_help = parse_serve_flags(argv)
+    cmdline, cmd_problems = parse_cmdline(cmdline_text)
+    config, value_problems = build_config(flags, cmdline)
+    flag_problems = problems + [text for origin, text in value_problems if origin == "flag"]
+    if not is_init:
+        if wants_help:
+            _write(1, usage_text())
+            return None, EXIT_OK
+        if flag_problems:
+            _write(2, "%s: %s\n(try --help)\n" % (PROG, "; ".join(flag_problems)))
+            return None, EXIT_USAGE
+    set_log_level(config["log"])
+    if config["kmsg"]:
+        enable_kmsg()
+    for problem in flag_problems + cmd_problems:
+        log("warn", problem)
+    for origin, text in value_problems:
+        if origin == "cmdline":
+            log("warn", "kernel cmdline " + text)
+    if not config["notify"] and (is_init or config["delegate"]):
+        text, where = notify_credential(cmdline_text)
+        if text is not None:
+            try:
+                config["notify"] = parse_notify_address(text)
+            except ConfigError as exc:
+                log("warn", "vmm.notify_socket from the %s: %s; not notifying" % (where, exc))
+    if config["notify"]:
+        log("info", "notify: telling the host at %s" % format_notify_address(config["notify"]))
+    return config, None
+
+
+def serve_main(argv, is_init, cmdline_path="/proc/cmdline"):
+    """The agent's life, in order. Each stage is best-effort: a failure is logged, never fatal."""
+    # 1. Take the signals before anything else: a PID 1 without handlers loses them, and a
+    #    poweroff sent while we boot must end in a power-off once the loop runs.
+    inbox = SignalInbox().install()
+    # 2. Early boot (PID 1): stdio, /proc, /sys, /dev and friends, then the console again.
+    if is_init:
+        early_boot()
+    # 3. Configuration: defaults < kernel cmdline (needs /proc) < flags.
+    config, status = read_configuration(argv, _read_text(cmdline_path) if cmdline_path else "",
+                                        is_init)
+    if config is None:
+        inbox.close()
+        return status
+    # 4. Boot duties that need the configuration (PID 1): hostname, kernel modules.
+    if is_init:
+        boot_duties(config)
+    # 5. Serve: one loop until power-off (PID 1) or a stop signal (not PID 1).
+    return Agent(config, is_init, inbox).run()
+
 
 # =============================================================================================
-# 7. Host-side client: ping, info, shutdown
+# 8. The host client: ping, info, shutdown
 # =============================================================================================
 
-EXIT_OK = 0
-EXIT_REFUSED = 1       # the agent answered with an Error frame
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3   # cannot connect: refused, no such socket, not listening (hvsock)
-EXIT_TIMEOUT = 4
-EXIT_PROTOCOL = 5      # the peer's answer does not follow the protocol
-
-ADDRESS_HELP = """addresses:
-  vsock:CID[:PORT]        AF_VSOCK to a guest (CID 3 and up; 1 is local loopback), port 1024
-  unix:PATH               a Unix stream socket (unix:@NAME for the abstract namespace)
-  hvsock:UDS_PATH[:PORT]  Firecracker / Cloud Hypervisor hybrid vsock: the VMM's Unix socket;
-                          sends "CONNECT PORT\\n" and expects "OK ...\\n", port default 1024"""
+# ---- talking to an agent --------------------------------------------------------------------
 
 
 class ClientError(Exception):
@@ -4006,8 +4122,6 @@ def client_shutdown(client, args):
     if not reply["accepted"]:
         raise ClientError(EXIT_REFUSED, "the agent did not accept the shutdown")
     return reply, "shutdown accepted (grace %s)" % ("%ds" % grace if grace else "default")
-
-
 CLIENT_COMMANDS = {
     "ping": (client_ping, "check that the agent answers (Ping)"),
     "info": (client_info, "show the guest's system information (GetSystemInfo)"),
@@ -4066,100 +4180,10 @@ def client_main(argv):
 
 
 # =============================================================================================
-# 8. main(): the PID-1 story, top-down
+# 9. main() and the entry point
 # =============================================================================================
 
-USAGE = """usage: %(prog)s [serve] [OPTIONS]          run the guest agent (the default; PID 1 in a VM)
-       %(prog)s ping|info|shutdown --to ADDR [--timeout S] [--json]   talk to an agent
-       %(prog)s --version | --help
-
-arcbox-agent is a tiny init for Linux VM guests. As PID 1 it reaps orphans, listens for the
-ArcBox host protocol and, on Shutdown, stops the guest in order: ack, SIGTERM+SIGCONT to all,
-wait up to the grace while reaping, SIGKILL the rest, sync, reboot(POWER_OFF).
-Not PID 1, it serves Ping/GetSystemInfo and refuses Shutdown.
-
-serve options (flag --name VALUE, or kernel cmdline arcbox.name=VALUE; flags win):
-%(options)s
-
-signals to PID 1: SIGUSR2 power-off, SIGUSR1 halt, SIGTERM reboot (busybox poweroff/halt/
-reboot), SIGPWR power-off, SIGINT (Ctrl-Alt-Del) the configured action. The ACPI/GPIO power
-button (QEMU system_powerdown, virsh shutdown) runs the configured action too.
-
-%(addresses)s
-
-client commands: ping, info, shutdown [--grace S]; '%(prog)s ping --help' for their options.
-"""
-
-
-def usage_text():
-    rows = []
-    for name, metavar, _, default, text in SERVE_OPTIONS:
-        flag = flag_name(name) + (" " + metavar if metavar else "")
-        rows.append("  %-24s %s (default %s)" % (flag, text, default or "none"))
-    return USAGE % {"prog": PROG, "options": "\n".join(rows), "addresses": ADDRESS_HELP}
-
-
-def _write(fd, text):
-    try:
-        os.write(fd, text.encode("utf-8", "replace"))
-    except OSError:
-        pass
-
-
-def read_configuration(argv, cmdline_text, is_init):
-    """Defaults < kernel cmdline < flags. Returns (config, None), or (None, exit status) when
-    an operator asked for --help or typed a bad flag. As PID 1 (where the kernel passes stray
-    cmdline words as argv) problems are logged and the defaults kept: init must not exit."""
-    flags, problems, wants_help = parse_serve_flags(argv)
-    cmdline, cmd_problems = parse_cmdline(cmdline_text)
-    config, value_problems = build_config(flags, cmdline)
-    flag_problems = problems + [text for origin, text in value_problems if origin == "flag"]
-    if not is_init:
-        if wants_help:
-            _write(1, usage_text())
-            return None, EXIT_OK
-        if flag_problems:
-            _write(2, "%s: %s\n(try --help)\n" % (PROG, "; ".join(flag_problems)))
-            return None, EXIT_USAGE
-    set_log_level(config["log"])
-    if config["kmsg"]:
-        enable_kmsg()
-    for problem in flag_problems + cmd_problems:
-        log("warn", problem)
-    for origin, text in value_problems:
-        if origin == "cmdline":
-            log("warn", "kernel cmdline " + text)
-    if not config["notify"] and (is_init or config["delegate"]):
-        text, where = notify_credential(cmdline_text)
-        if text is not None:
-            try:
-                config["notify"] = parse_notify_address(text)
-            except ConfigError as exc:
-                log("warn", "vmm.notify_socket from the %s: %s; not notifying" % (where, exc))
-    if config["notify"]:
-        log("info", "notify: telling the host at %s" % format_notify_address(config["notify"]))
-    return config, None
-
-
-def serve_main(argv, is_init, cmdline_path="/proc/cmdline"):
-    """The agent's life, in order. Each stage is best-effort: a failure is logged, never fatal."""
-    # 1. Take the signals before anything else: a PID 1 without handlers loses them, and a
-    #    poweroff sent while we boot must end in a power-off once the loop runs.
-    inbox = SignalInbox().install()
-    # 2. Early boot (PID 1): stdio, /proc, /sys, /dev and friends, then the console again.
-    if is_init:
-        early_boot()
-    # 3. Configuration: defaults < kernel cmdline (needs /proc) < flags.
-    config, status = read_configuration(argv, _read_text(cmdline_path) if cmdline_path else "",
-                                        is_init)
-    if config is None:
-        inbox.close()
-        return status
-    # 4. Boot duties that need the configuration (PID 1): hostname, kernel modules.
-    if is_init:
-        boot_duties(config)
-    # 5. Serve: one loop until power-off (PID 1) or a stop signal (not PID 1).
-    return Agent(config, is_init, inbox).run()
+# ---- which command; PID 1's entry, which never returns --------------------------------------
 
 
 def main(argv=None, is_init=False):
@@ -4201,7 +4225,5 @@ def entry():
     if os.getpid() == 1:
         run_as_init()
     return main()
-
-
 if __name__ == "__main__":
     raise SystemExit(entry())
