@@ -1,9 +1,7 @@
 """Test helpers (importable: tests never import from conftest): a raw frame client, a
 polling wait, and the agent started as a plain process (tools/guestctl.py drives it)."""
 
-import re
 import socket
-import subprocess
 import time
 
 import agent
@@ -67,41 +65,3 @@ class RawClient:
 
     def close(self):
         self.s.close()
-
-
-# ---- the VM tier: what a clean power-off and an intact disk look like -----------------------
-
-def assert_powered_off(vm, status):
-    console = vm.console()
-    assert status == 0, "qemu exit status %s (pvpanic: a kernel panic?)\n%s" % (status,
-                                                                               console[-3000:])
-    assert "reboot: Power down" in console, console[-3000:]
-    assert "Kernel panic" not in console and "POWER-OFF FAILED" not in console
-
-
-def fresh_disk(tmp_path):
-    disk = str(tmp_path / "disk.img")
-    with open(disk, "wb") as f:
-        f.truncate(64 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", disk], check=True, timeout=60)
-    return disk
-
-
-def disk_writer(tag, then="exec sleep 1000"):
-    """A workload that writes 2 MB and a small file to the disk, never syncs, says so on the
-    console (DISK-WRITTEN-42, computed so that the echoed command cannot match), then `then`."""
-    return ("mount -t ext4 /dev/vda /mnt && "
-            "yes arcbox-run-%s | head -c 2000000 > /mnt/data && echo done > /mnt/marker && "
-            "echo DISK-WRITTEN-$((40+2)) && %s" % (tag, then))
-
-
-def assert_disk_intact(disk, tag):
-    header = subprocess.run(["dumpe2fs", "-h", disk], capture_output=True, text=True).stdout
-    assert re.search(r"Filesystem state:\s+clean", header), header
-    assert "needs_recovery" not in header, "the journal needs recovery: not cleanly remounted"
-    fsck = subprocess.run(["e2fsck", "-fn", disk], capture_output=True, text=True)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    data = subprocess.run(["debugfs", "-R", "cat /data", disk], capture_output=True).stdout
-    assert data == (b"arcbox-run-%s\n" % tag.encode() * 200000)[:2000000]
-    marker = subprocess.run(["debugfs", "-R", "cat /marker", disk], capture_output=True).stdout
-    assert marker == b"done\n"

@@ -35,6 +35,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+import agent  # noqa: E402  (its table of the power button's modules)
 CACHE = os.environ.get("ARCBOX_CACHE") or os.path.expanduser("~/.cache/arcbox-agent")
 PY = "python3.11"
 PYTHON_DEBS = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "libffi8",
@@ -49,7 +51,7 @@ GUEST_MODULES_BY_ARCH = {"x86_64": GUEST_MODULES,
                                      "crc32c_generic", "ext4", "vsock_loopback"]}
 # In the image too, but not in arcbox.modules: the agent loads these itself for the power
 # button when modules.dep lists them (the ACPI button driver on x86, gpio-keys on arm64).
-POWER_MODULES = {"x86_64": ["button", "evdev"], "aarch64": ["gpio_keys", "evdev"]}
+POWER_MODULES = {arch: agent.POWER_BUTTON_MODULES[arch] for arch in ("x86_64", "aarch64")}
 # What a boot initramfs needs to mount a virtio disk root with Debian's generic kernels.
 ROOT_MODULES = ["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"]   # ext4 asks crc32c at mount
 
@@ -434,7 +436,7 @@ def notify_receiver_files():
     rdinit=/notify-init. The receiver must listen before the agent says READY=1, so the
     wrapper loads vsock_loopback (with the agent's own loader, from /init: the .pyz), starts
     the receiver, waits until it listens, then execs the agent."""
-    with open(os.path.join(HERE, "guest_notify_receiver.py"), "rb") as f:
+    with open(os.path.join(HERE, "guest", "notify_receiver.py"), "rb") as f:
         receiver = f.read()
     return {"/notify_receiver.py": receiver,
             "/notify-init": (

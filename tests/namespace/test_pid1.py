@@ -20,6 +20,7 @@ from guestctl import log_events
 from nsguest import POWER_OFF_RETURNCODE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+GUEST_PROGRAMS = os.path.join(HERE, "..", "..", "tools", "guest")
 pytestmark = pytest.mark.namespace
 
 
@@ -86,8 +87,8 @@ def test_a_stopped_child_is_continued_so_its_term_handler_runs(guest, tmp_path):
     pidfile = tmp_path / "stopped.pid"
     g = guest("%s %s %s & pid=$!; echo $pid > %s\n"
               "while [ ! -e %s ]; do sleep 0.02; done; kill -STOP $pid"
-              % (shlex.quote(sys.executable), shlex.quote(os.path.join(HERE,
-                                                                       "term_handler_child.py")),
+              % (shlex.quote(sys.executable), shlex.quote(os.path.join(
+                  GUEST_PROGRAMS, "term_handler_child.py")),
                  shlex.quote(str(ready)), shlex.quote(str(pidfile)), shlex.quote(str(ready))))
     pid = int(pidfile.read_text())
     deadline = time.monotonic() + 10
@@ -124,7 +125,7 @@ def test_the_ack_is_flushed_before_any_process_is_signalled(guest, tmp_path):
     result = tmp_path / "ack-result"
     # The probe, a process of the guest, asks for the shutdown itself.
     probe = "%s %s %s %s &" % (shlex.quote(sys.executable),
-                               shlex.quote(os.path.join(HERE, "ack_probe.py")),
+                               shlex.quote(os.path.join(GUEST_PROGRAMS, "ack_probe.py")),
                                shlex.quote(str(tmp_path / "agent.sock")), shlex.quote(str(result)))
     g = guest(probe, wait_ready=False)   # the probe may power it off before we could ping
     assert g.wait(timeout=60) == POWER_OFF_RETURNCODE

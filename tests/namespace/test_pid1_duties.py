@@ -18,6 +18,7 @@ from helpers import wait_for
 from nsguest import POWER_OFF_RETURNCODE, REBOOT_RETURNCODE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+GUEST_PROGRAMS = os.path.join(HERE, "..", "..", "tools", "guest")
 pytestmark = pytest.mark.namespace
 
 
@@ -189,7 +190,7 @@ def test_pid1_without_stdio_still_serves_and_powers_off(guest):
 def test_delegate_mode_signals_pid1_then_forces_power_off(guest, tmp_path):
     signals = tmp_path / "signals"
     init = "%s %s %s" % (shlex.quote(sys.executable), shlex.quote(os.path.join(
-        HERE, "fake_init.py")), shlex.quote(str(signals)))
+        GUEST_PROGRAMS, "fake_init.py")), shlex.quote(str(signals)))
     g = guest(init=init, agent_args=["--delegate", "--grace", "1"])
     started = time.monotonic()
     assert g.shutdown(grace=1) is True

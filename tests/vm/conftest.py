@@ -10,10 +10,11 @@ import storagecheck
 import vm as vmtool
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+GUEST_PROGRAMS = os.path.join(HERE, "..", "..", "tools", "guest")
 
 
 def guest_test_files():
-    with open(os.path.join(HERE, "guest_vsock_client.py"), "rb") as f:
+    with open(os.path.join(GUEST_PROGRAMS, "vsock_client.py"), "rb") as f:
         client = f.read()
     extra = {"/test/vsock_client.py": client,
              # a process that ignores SIGTERM (the disposition survives exec)

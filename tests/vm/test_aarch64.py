@@ -6,7 +6,7 @@ power-off (QEMU must exit by itself), and the stdlib set derived from the x86_64
 import pytest
 
 import agent
-from helpers import assert_powered_off
+from vmchecks import assert_powered_off
 
 pytestmark = pytest.mark.vm
 BOOT_TIMEOUT = 180             # TCG emulating another architecture

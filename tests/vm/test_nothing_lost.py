@@ -13,7 +13,8 @@ import pytest
 
 import guestimage
 import storagecheck
-from helpers import assert_powered_off, wait_for
+from helpers import wait_for
+from vmchecks import assert_powered_off
 
 pytestmark = pytest.mark.vm
 BOOT_TIMEOUT = 120

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 import agent
-from helpers import assert_disk_intact, assert_powered_off, disk_writer, fresh_disk
+from vmchecks import assert_disk_intact, assert_powered_off, disk_writer, fresh_disk
 
 pytestmark = pytest.mark.vm
 BOOT_TIMEOUT = 180

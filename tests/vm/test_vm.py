@@ -17,7 +17,8 @@ import pytest
 
 import agent
 import guestimage
-from helpers import assert_disk_intact, assert_grace_kept, assert_powered_off, disk_writer, fresh_disk
+from helpers import assert_grace_kept
+from vmchecks import assert_disk_intact, assert_powered_off, disk_writer, fresh_disk
 
 pytestmark = pytest.mark.vm
 BOOT_TIMEOUT = 90          # TCG on a loaded machine; a boot takes ~4 s here

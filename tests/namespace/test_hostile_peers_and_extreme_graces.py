@@ -19,7 +19,7 @@ from nsguest import POWER_OFF_RETURNCODE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-TERM_CHILD = os.path.join(REPO, "tools", "term_child.py")
+TERM_CHILD = os.path.join(REPO, "tools", "guest", "term_child.py")
 pytestmark = pytest.mark.namespace
 IGNORE_TERM = "(trap '' TERM; exec sleep 1000) &"
 
