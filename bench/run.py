@@ -570,6 +570,34 @@ def arm_figures(vmtool, guestimage, pyz, work, boots):
     return {"boot_to_ready": ready, "stop_exits": stop}
 
 
+def boot_and_stop(machine, init, workload):
+    """Wait until the guest is up, then ask its init to stop (ours and the seed: a Shutdown
+    with grace 1 s; busybox init: a byte on the port its inittab job waits on) and wait for
+    QEMU to exit. Returns (seconds to ready or None for busybox, stop request -> QEMU exit,
+    the agent's log events)."""
+    if init == "busybox":
+        machine.wait_log("BUSYBOX-READY", 120)
+        ready = None
+    else:
+        ready = machine.wait_ready(120)
+    time.sleep(0.2)                    # the workload is up
+    started = time.perf_counter()
+    if init == "busybox":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(machine.sock)
+        s.sendall(b"x")
+    else:
+        machine.shutdown(grace=1)
+    status = machine.wait(60)
+    took = time.perf_counter() - started
+    if init == "busybox":
+        s.close()
+    if status != 0 or not machine.powered_off():
+        raise SystemExit("%s/%s: no clean power-off:\n%s"
+                         % (init, workload, machine.console()[-3000:]))
+    return ready, took, machine.events()
+
+
 def teardown_seconds(events):
     """The agent's teardown on the guest's clock: all processes gone -> reboot() entered."""
     gone = next(t for t, _, m in events if m.startswith("shutdown: all processes gone"))
@@ -590,27 +618,9 @@ def teardown_figures(vmtool, work, image, kernel, boots):
             machine = vmtool.VM(work, image, kernel, cmdline="rdinit=/bench/%s-mounts" % init,
                                 disk=[disks["vda"], disks["vdb"]], modules=STORAGE_MODULES)
             with machine:
-                if init == "busybox":
-                    machine.wait_log("BUSYBOX-READY", 120)
-                else:
-                    machine.wait_ready(120)
-                time.sleep(0.2)
-                started = time.perf_counter()
-                if init == "busybox":
-                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    s.connect(machine.sock)
-                    s.sendall(b"x")
-                else:
-                    machine.shutdown(grace=1)
-                status = machine.wait(60)
-                took = time.perf_counter() - started
-                if init == "busybox":
-                    s.close()
-                if status != 0 or not machine.powered_off():
-                    raise SystemExit("%s/mounts: no clean power-off:\n%s"
-                                     % (init, machine.console()[-3000:]))
+                _, took, events = boot_and_stop(machine, init, "mounts")
                 if init == "ours":
-                    teardown = teardown_seconds(machine.events())
+                    teardown = teardown_seconds(events)
                 else:
                     stamps = {}
                     for line in machine.console().splitlines():
@@ -666,27 +676,7 @@ def bench_vm(report, pyz, boots):
                     machine = vmtool.VM(work, image, kernel,
                                         cmdline="rdinit=/bench/%s-%s" % (init, workload))
                     with machine:
-                        if init == "busybox":
-                            machine.wait_log("BUSYBOX-READY", 120)
-                            ready = None
-                        else:
-                            ready = machine.wait_ready(120)
-                        time.sleep(0.2)            # the workload is up
-                        started = time.perf_counter()
-                        if init == "busybox":
-                            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                            s.connect(machine.sock)
-                            s.sendall(b"x")
-                        else:
-                            machine.shutdown(grace=1)
-                        status = machine.wait(60)
-                        took = time.perf_counter() - started
-                        events = machine.events()
-                        if init == "busybox":
-                            s.close()
-                        if status != 0 or not machine.powered_off():
-                            raise SystemExit("%s/%s: no clean power-off:\n%s"
-                                             % (init, workload, machine.console()[-3000:]))
+                        ready, took, events = boot_and_stop(machine, init, workload)
                     entry = results.setdefault(init, {})
                     entry.setdefault("stop_" + workload, []).append(took)
                     if init == "ours":
