@@ -3400,13 +3400,13 @@ class KernelStorage:
         return found
 
 
-def thaw_filesystems(kernel, spare_ids=frozenset()):
+def thaw_filesystems(kernel, spare_ids=frozenset(), mounts=None):
     """FITHAW every block-device filesystem of ours that is writable: a frozen one would hang
     its writers (even through SIGKILL) and sync(). Only block devices can be frozen, and
     opening a network filesystem's mount point could hang on a dead server. Returns the
     mount points thawed."""
     thawed = []
-    for mount_id, target, fstype, readonly, source in kernel.mounts():
+    for mount_id, target, fstype, readonly, source in mounts or kernel.mounts():
         if (readonly or mount_id in spare_ids or fstype in PSEUDO_FILESYSTEMS
                 or not source.startswith("/dev/")):
             continue
@@ -3450,32 +3450,39 @@ class Teardown:
         owner = owning_mount(path, mounts)
         return owner is not None and owner[0] not in self.spare_ids
 
-    def _state(self):
-        mounts = self.kernel.mounts()
+    def _state(self, mounts):
         return (tuple((m[0], m[3]) for m in mounts), tuple(self.kernel.swaps()),
                 tuple(sorted(self.kernel.loops().items())))
 
     def run(self):
         """Thaw, sync, the passes, sync. Returns [(mount point, fs type, reason)] for every
-        filesystem of ours that stayed writable."""
+        filesystem of ours that stayed writable. The usual case reads mountinfo once: a pass
+        in which every remount and unmount worked leaves nothing writable."""
         started = self.clock()
-        thaw_filesystems(self.kernel, self.spare_ids)
+        mounts = self.kernel.mounts()
+        thaw_filesystems(self.kernel, self.spare_ids, mounts)
         self._timed_sync("sync()")
-        state = None
+        state, left = None, []
         while self.passes_run < self.passes:
             self.passes_run += 1
-            self._one_pass()
-            if not self._left_writable():
-                break                      # done: the usual case, after one pass
-            before, state = state, self._state()
+            if self._one_pass(mounts):
+                left = []
+                break                      # every remount and unmount worked: done
+            mounts = self.kernel.mounts()
+            left = self._left_writable(mounts)
+            if not left:
+                break
+            before, state = state, self._state(mounts)
             if state == before:
                 break                      # a pass that changed nothing
             if self.clock() - started > self.time_limit:
                 log("warn", "shutdown: teardown passes stopped after %.1fs (limit %gs)"
                     % (self.clock() - started, self.time_limit))
                 break
+        else:
+            left = self._left_writable(self.kernel.mounts())
         left = [(target, fstype, self.why_writable(target))
-                for _, target, fstype, _, _ in self._left_writable()]
+                for _, target, fstype, _, _ in left]
         for target, fstype, why in left:
             log("warn", "shutdown: %s (%s) stays writable: %s (its data is synced all the same)"
                 % (target, fstype, why))
@@ -3488,42 +3495,49 @@ class Teardown:
         # the disks' time, not ours: the benchmarks report it apart from the agent's overhead
         log("info", "shutdown: %s took %.2f ms" % (what, (self.clock() - began) * 1000))
 
-    def _left_writable(self):
-        return [m for m in self._ours(self.kernel.mounts()) if not m[3]]
+    def _left_writable(self, mounts):
+        return [m for m in self._ours(mounts) if not m[3]]
 
-    def _one_pass(self):
-        mounts, swaps, loops = self.kernel.mounts(), self.kernel.swaps(), self.kernel.loops()
+    def _one_pass(self, mounts):
+        """swapoff, remount read-only deepest first (unmounting what is stacked), clear the
+        loop devices nothing mounts. True when every remount and unmount worked."""
+        ok = True
+        ours = self._ours(mounts)
         # the loop devices under our own mounts, remembered before those are unmounted
-        self.our_loops.update(m[4] for m in self._ours(mounts) if m[4].startswith("/dev/loop"))
-        for path in swaps:
+        self.our_loops.update(m[4] for m in ours if m[4].startswith("/dev/loop"))
+        for path in self.kernel.swaps():
             if self._on_ours(path, mounts):
                 self._report(self.kernel.swapoff(path), "swapoff %s" % path)
         # what sits on another filesystem goes away whole: it and every mount below it
-        stacked = [m[1].rstrip("/") + "/" for m in self._ours(mounts)
-                   if m[1] != "/" and (m[2] in STACKED_FILESYSTEMS or m[4] in loops)]
+        stacked = [m[1].rstrip("/") + "/" for m in ours if m[1] != "/" and (
+            m[2] in STACKED_FILESYSTEMS or m[4].startswith("/dev/loop"))]
         for mount_id, target, fstype, readonly, source in reversed(mounts):
             if mount_id in self.spare_ids:
                 continue
-            real = fstype not in PSEUDO_FILESYSTEMS
-            if real and not readonly:
+            if fstype not in PSEUDO_FILESYSTEMS and not readonly:
                 err = self.kernel.remount_read_only(target)
                 if err:
                     self.failures[target] = err
+                    ok = False
                     continue
                 self.failures.pop(target, None)
                 log("debug", "shutdown: remounted %s (%s) read-only" % (target, fstype))
             if target != "/" and any((target + "/").startswith(s) for s in stacked):
-                self._report(self.kernel.unmount(target), "unmount %s (%s on %s)"
-                             % (target, fstype, source))
-        if not loops:
-            return                         # the usual case: nothing more to read
-        mounts, swaps = self.kernel.mounts(), self.kernel.swaps()
-        sources = {m[4] for m in mounts}
-        for device, backing in sorted(loops.items()):
-            if device not in sources and device not in swaps and (
-                    device in self.our_loops or self._on_ours(backing, mounts)):
-                self._report(self.kernel.clear_loop(device), "detach %s from %s"
-                             % (device, backing))
+                err = self.kernel.unmount(target)
+                ok = ok and not err
+                self._report(err, "unmount %s (%s on %s)" % (target, fstype, source))
+        if ok and not self.our_loops:
+            return True                    # the usual case: no loop device to look at
+        loops = self.kernel.loops()
+        if loops:
+            mounts, swaps = self.kernel.mounts(), self.kernel.swaps()
+            sources = {m[4] for m in mounts}
+            for device, backing in sorted(loops.items()):
+                if device not in sources and device not in swaps and (
+                        device in self.our_loops or self._on_ours(backing, mounts)):
+                    self._report(self.kernel.clear_loop(device), "detach %s from %s"
+                                 % (device, backing))
+        return ok
 
     @staticmethod
     def _report(err, what):
