@@ -2346,15 +2346,10 @@ def peer_allowed(allow, peer):
     return False
 
 
-class RequestPolicy:
-    """What requests may do here, fixed at start: who is allowed (the parsed --allow), whether
-    this agent may power the guest off (PID 1, or --delegate) and whether it owns the clock
-    (PID 1 only: an agent in a container or a test must not move the machine's time)."""
-
-    __slots__ = ("allow", "can_power_off", "owns_clock")
-
-    def __init__(self, allow, can_power_off, owns_clock):
-        self.allow, self.can_power_off, self.owns_clock = allow, can_power_off, owns_clock
+# What requests may do here, fixed at start: who is allowed (the parsed --allow), whether this
+# agent may power the guest off (PID 1, or --delegate) and whether it owns the clock (PID 1
+# only: an agent in a container or a test must not move the machine's time).
+RequestPolicy = namedtuple("RequestPolicy", "allow can_power_off owns_clock")
 
 
 class Refused(Exception):

@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 import agent  # noqa: E402
 import build  # noqa: E402
 import guestctl  # noqa: E402
+import guestimage  # noqa: E402
 import nsguest  # noqa: E402
 import storagecheck  # noqa: E402
 from startup import vm_rss_kib  # noqa: E402
@@ -474,9 +475,6 @@ LOAD_MODULES = ("import sys; sys.path.insert(0, '/arcbox-agent.pyz'); import age
                 "agent.load_modules(sys.argv[1:])")
 
 
-STORAGE_MODULES = ["loop", "overlay"]
-
-
 def vm_image_files(pyz, modules):
     with open(SEED, "rb") as f:
         seed = f.read()
@@ -499,7 +497,7 @@ def vm_image_files(pyz, modules):
                "mount -t devtmpfs devtmpfs /dev\n/usr/bin/python3 -S -c \"%s\" %s\n"
                "/test/mounts.sh nofreeze &\n"
                "while [ ! -e /tmp/mounts-ready ]; do sleep 0.05; done\n"
-               % (LOAD_MODULES, " ".join(modules + STORAGE_MODULES)))
+               % (LOAD_MODULES, " ".join(modules + guestimage.STORAGE_MODULES)))
     files["/bench/ours-mounts"] = (prepare + "exec /init\n").encode()
     files["/bench/busybox-mounts"] = (prepare + "exec /sbin/init\n").encode()
     files.update(storagecheck.guest_files())
@@ -616,7 +614,8 @@ def teardown_figures(vmtool, work, image, kernel, boots):
         for init in ("ours", "busybox"):
             disks = storagecheck.make_disks(tempfile.mkdtemp(dir=work))
             machine = vmtool.VM(work, image, kernel, cmdline="rdinit=/bench/%s-mounts" % init,
-                                disk=[disks["vda"], disks["vdb"]], modules=STORAGE_MODULES)
+                                disk=[disks["vda"], disks["vdb"]],
+                                modules=guestimage.STORAGE_MODULES)
             with machine:
                 _, took, events = boot_and_stop(machine, init, "mounts")
                 if init == "ours":
@@ -656,7 +655,6 @@ def report_teardown(report, results):
 
 
 def bench_vm(report, pyz, boots):
-    import guestimage
     import vm as vmtool
     reason = vmtool.why_vm_unavailable()
     if reason:
