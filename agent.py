@@ -289,8 +289,9 @@ def kill_all(sig):
 
 
 def _close_fds_but(*keep):
-    """In a helper child: close every descriptor except stdin/stdout and `keep` (negative
-    ones ignored), listed from /proc/self/fd so the cost follows what is open."""
+    """In a child forked by run_in_child: close every descriptor except stdin/stdout and
+    `keep` (negative ones ignored), listed from /proc/self/fd so the cost follows what is
+    open."""
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
