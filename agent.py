@@ -68,7 +68,9 @@ from struct import Struct
 # 1. Primitives: logging, files, the C library, child processes
 # =============================================================================================
 
+
 # ---- what this is, and its exit codes -------------------------------------------------------
+
 __version__ = "0.1.0"
 PROG = "arcbox-agent"
 EXIT_OK = 0
@@ -78,7 +80,9 @@ EXIT_UNREACHABLE = 3   # cannot connect: refused, no such socket, not listening 
 EXIT_TIMEOUT = 4
 EXIT_PROTOCOL = 5      # the peer's answer does not follow the protocol
 
+
 # ---- logging: one line per event, time since boot, to the console (and /dev/kmsg) -----------
+
 LOG_LEVELS = {"error": 0, "warn": 1, "info": 2, "debug": 3}
 LOG_DEBUG = LOG_LEVELS["debug"]
 _log_level = LOG_LEVELS["info"]
@@ -116,6 +120,7 @@ def enable_kmsg():
         _kmsg_fd = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         log("warn", "cannot log to /dev/kmsg: %s" % exc.strerror)
+
 
 # Repeated warnings caused by peers are rate-limited per (kind, who): on a serial console
 # (Firecracker's 8250, a TCG guest) a flood of bad frames would otherwise become a console
@@ -195,8 +200,8 @@ def describe_status(status):
         return "exited with status %d" % os.WEXITSTATUS(status)
     return "status 0x%x" % status
 
-# ---- small files, the C library, reboot(2), kill(-1), child processes -----------------------
 
+# ---- small files, the C library, reboot(2), kill(-1), child processes -----------------------
 
 def _read_bytes(path, limit=1 << 20):
     """A small file's bytes (at most about `limit`), or None when it cannot be read."""
@@ -224,6 +229,8 @@ def _read_bytes(path, limit=1 << 20):
 def _read_text(path, limit=1 << 20):
     data = _read_bytes(path, limit)
     return "" if data is None else data.decode("utf-8", "replace")
+
+
 _libc = None
 
 
@@ -258,6 +265,7 @@ def libc_call(name, *args):
     if getattr(libc(), name)(*args) == -1:
         return ctypes.get_errno() or errno.EIO
     return 0
+
 
 # reboot(2) commands, from <linux/reboot.h>. The libc wrapper adds the two magic numbers
 # (0xFEE1DEAD, 672274793) the raw syscall also wants.
@@ -343,8 +351,8 @@ def _wait_bounded(pid, timeout):
 # 2. Configuration: flags, the kernel cmdline, defaults
 # =============================================================================================
 
-# ---- values: durations, numbers, words, hostnames, IPv4, the network mode -------------------
 
+# ---- values: durations, numbers, words, hostnames, IPv4, the network mode -------------------
 
 class ConfigError(ValueError):
     """A flag or cmdline value that cannot be used; the message says why."""
@@ -448,6 +456,8 @@ def _parse_hostname(text):
     if not (0 < len(name) <= 64) or any(c.isspace() or c == "/" for c in name):
         raise ConfigError("%r is not a hostname (1-64 characters, no spaces)" % (text,))
     return name
+
+
 IFNAMSIZ = 16                     # <net/if.h>: interface names are shorter than this
 
 
@@ -497,7 +507,9 @@ def parse_net(text):
         parse_ipv4(gateway)
     return ("static", _iface(iface), addr, _prefix(prefix), gateway or None)
 
+
 # ---- addresses: vsock, unix, serial, hvsock; who may ask; where to notify -------------------
+
 AGENT_PORT = 1024                 # ArcBox: the guest agent listens on vsock port 1024
 VMADDR_CID_ANY = 0xFFFFFFFF       # -1U: bind on every CID (Python 3.11 lacks some constants)
 VMADDR_CID_LOCAL = 1              # vsock_loopback: a guest talking to itself
@@ -598,6 +610,7 @@ def _parse_allow(text):
         allow[kind].add(_parse_cid(value) if kind == "cid" else _int_in_range(0, 2**32 - 1)(value))
     return allow
 
+
 # systemd's notify address forms (systemd(1), vmm.notify_socket): vsock:CID:PORT tries a
 # datagram, then a seqpacket, then a stream socket; vsock-dgram:, vsock-seqpacket: and
 # vsock-stream: force one type. An AF_UNIX address is a path or @abstract (our unix:PATH too).
@@ -631,13 +644,17 @@ def format_notify_address(addr):
         return addr[2]
     kind = "vsock" if len(addr[1]) > 1 else "vsock-" + addr[1][0]
     return "%s:%d:%d" % (kind, addr[2], addr[3])
+
+
 ADDRESS_HELP = """addresses:
   vsock:CID[:PORT]        AF_VSOCK to a guest (CID 3 and up; 1 is local loopback), port 1024
   unix:PATH               a Unix stream socket (unix:@NAME for the abstract namespace)
   hvsock:UDS_PATH[:PORT]  Firecracker / Cloud Hypervisor hybrid vsock: the VMM's Unix socket;
                           sends "CONNECT PORT\\n" and expects "OK ...\\n", port default 1024"""
 
+
 # ---- the serve options, from flags and from arcbox.* words on the kernel cmdline ------------
+
 # The serve options: (name, metavar, parser, default, help). The flag is --name (with dashes),
 # the kernel cmdline key is arcbox.name; flags win over the cmdline, which wins over defaults.
 SERVE_OPTIONS = (
@@ -812,6 +829,8 @@ def _describe(name, value):
                         ["uid:%d" % u for u in sorted(value["uid"])] +
                         (["serial"] if value["serial"] else []))
     return "%g" % value if isinstance(value, float) else str(value)
+
+
 USAGE = """usage: %(prog)s [serve] [OPTIONS]    run the guest agent (the default; PID 1 in a VM)
        %(prog)s ping|info|shutdown --to ADDR [--timeout S] [--json]   talk to an agent
        %(prog)s --version | --help
@@ -853,7 +872,9 @@ def _write(fd, text):
 # 3. Boot: early mounts, console, hostname, kernel modules, network
 # =============================================================================================
 
+
 # ---- early boot: mounts, console, hostname --------------------------------------------------
+
 # mount(2) flags, from <sys/mount.h>.
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT = 32
@@ -973,7 +994,9 @@ def is_initial_pid_namespace():
     except IndexError:
         return False
 
+
 # ---- kernel modules: finit_module(2) in modules.dep order, modprobe as the fallback ---------
+
 # finit_module(2) syscall numbers: glibc has no finit_module() wrapper (kmod calls syscall()).
 FINIT_MODULE_SYSCALL = {"x86_64": 313, "aarch64": 273, "riscv64": 273, "i686": 350,
                         "i386": 350, "armv7l": 379, "armv6l": 379, "ppc64le": 353,
@@ -1034,6 +1057,8 @@ def load_modules(names, optional=()):
         else:
             log("debug", "module %s loaded" % name)
     return failed
+
+
 MODPROBE_TIMEOUT = 10.0           # boot must not hang on a stuck modprobe
 
 
@@ -1057,8 +1082,8 @@ def _modprobe(name):
     log("warn", "module %s: not in modules.dep and no modprobe to ask" % name)
     return False
 
-# ---- network: loopback up, a static address, or DHCP through busybox's udhcpc ---------------
 
+# ---- network: loopback up, a static address, or DHCP through busybox's udhcpc ---------------
 
 # Debian's kernels have no ip= autoconfiguration (CONFIG_IP_PNP is off), and a guest whose lo
 # is down cannot even reach 127.0.0.1. Addresses and routes are set with the same ioctls
@@ -1265,8 +1290,8 @@ def udhcpc_script(event, env):
                                       " via " + routers[0] if routers else ""))
     return 0
 
-# ---- boot duties: what needs the configuration ----------------------------------------------
 
+# ---- boot duties: what needs the configuration ----------------------------------------------
 
 def boot_duties(config):
     """PID 1's duties that need the configuration (early_boot() ran before it was read),
@@ -1286,7 +1311,9 @@ def boot_duties(config):
 # 4. The event loop: one thread, one poll(); signals; reaping
 # =============================================================================================
 
+
 # ---- the loop and its sources ---------------------------------------------------------------
+
 POLL_MAX_MS = 3600 * 1000         # poll() takes a C int of ms: wake at least hourly instead
 _POLLIN = select.POLLIN | getattr(select, "POLLPRI", 0)
 _POLLOUT = select.POLLOUT
@@ -1366,8 +1393,8 @@ class EventLoop:
                 self.poller.modify(fd, key[0])
             registered[fd] = key[0]
 
-# ---- signals --------------------------------------------------------------------------------
 
+# ---- signals --------------------------------------------------------------------------------
 
 # Signals, the way busybox init explains them before its code: a PID 1 without a handler
 # never receives a signal (the kernel drops it), and "some users send poweroff signals to
@@ -1445,8 +1472,8 @@ def _drain(fd, mask=0):
     except OSError:
         pass
 
-# ---- reaping: every child, and every orphan when PID 1 --------------------------------------
 
+# ---- reaping: every child, and every orphan when PID 1 --------------------------------------
 
 class Reaper(Source):
     """Owns waitpid(). SIGCHLD coalesces, and as PID 1 every orphan is ours, so every wake-up
@@ -1508,7 +1535,9 @@ class Reaper(Source):
 # 5. The sources: programs, the power button, the host notify, the server
 # =============================================================================================
 
+
 # ---- supervised programs: the workload (--exec), udhcpc -------------------------------------
+
 TIOCSCTTY = {"mips": 0x5480, "mips64": 0x5480}.get(os.uname().machine if hasattr(os, "uname")
                                                    else "", 0x540E)   # <asm/ioctls.h>
 
@@ -1605,8 +1634,8 @@ class Supervised(Source):
         else:
             log("info", "%s %s after %.1fs" % (self.name, how, ran))
 
-# ---- the power button: evdev devices that can report KEY_POWER ------------------------------
 
+# ---- the power button: evdev devices that can report KEY_POWER ------------------------------
 
 # QEMU's system_powerdown, libvirt's `virsh shutdown`, Proxmox, Cloud Hypervisor's
 # power-button and Apple Virtualization's requestStop all press a virtual power button and
@@ -1761,8 +1790,8 @@ class PowerButtons(Source):
             self.uevents.close()
             self.uevents = None
 
-# ---- telling the host: systemd's VM notify protocol -----------------------------------------
 
+# ---- telling the host: systemd's VM notify protocol -----------------------------------------
 
 # Hosts that speak systemd's VM interface (systemd-vmspawn, mkosi, microvm.nix) pass an
 # address as the vmm.notify_socket credential and learn from it that the guest is ready and
@@ -1953,7 +1982,9 @@ class NoNotifier(Source):
     def busy(self):
         return False
 
+
 # ---- the ArcBox wire protocol: message types, frames, Error payloads (pure functions) -------
+
 MSG_EMPTY = 0x0000
 MSG_PING = 0x0001
 MSG_GET_SYSTEM_INFO = 0x0002
@@ -2045,7 +2076,9 @@ def decode_error(payload):
     text = payload[_ERROR_HEAD.size:_ERROR_HEAD.size + length]
     return code, text.decode("utf-8", "replace")
 
+
 # ---- proto3: a tiny encoder/decoder and the messages' schemas -------------------------------
+
 WT_VARINT, WT_I64, WT_LEN, WT_SGROUP, WT_EGROUP, WT_I32 = 0, 1, 2, 3, 4, 5
 _U64 = (1 << 64) - 1
 _MAX_GROUP_DEPTH = 32             # bound recursion on (deprecated) group fields
@@ -2140,6 +2173,7 @@ def _skip_group(data, pos, group_field, depth):
         if pos > end:
             raise ProtocolError("truncated field %d inside group %d" % (field, group_field))
     raise ProtocolError("group %d is not closed" % group_field)
+
 
 # A schema maps field number -> (name, kind). Kinds: string, int64, uint64, uint32, bool,
 # doubles (repeated double, packed), strings (repeated string).
@@ -2238,8 +2272,8 @@ def _expect(wire, wanted, name):
     if wire != wanted:
         raise ProtocolError("field %s has wire type %d, expected %d" % (name, wire, wanted))
 
-# ---- requests: Ping, GetSystemInfo, Shutdown, and who may ask (pure but for the clock) ------
 
+# ---- requests: Ping, GetSystemInfo, Shutdown, and who may ask (pure but for the clock) ------
 
 def _meminfo():
     values = {}
@@ -2359,6 +2393,8 @@ class Refused(Exception):
     def __init__(self, code, message):
         Exception.__init__(self, message)
         self.code = code
+
+
 _PLAIN_PONG = encode_message(PING_RESPONSE, {"message": "pong", "version": __version__})
 
 
@@ -2431,8 +2467,8 @@ def set_clock_from_peer(seconds, peer, policy):
     except (OSError, OverflowError, ValueError) as exc:
         log("warn", "cannot set the clock to %d: %s" % (seconds, exc))
 
-# ---- the ArcBox protocol on one stream: bytes in, replies and effects out -------------------
 
+# ---- the ArcBox protocol on one stream: bytes in, replies and effects out -------------------
 
 # A listener speaks a protocol; the Server only moves bytes and keeps the limits. The
 # interface a protocol implements (a second one, QGA, fits the same):
@@ -2510,8 +2546,8 @@ class ArcBoxProtocol:
         try:
             return handle_request(msg_type, payload, self.peer, self.policy)
         except ProtocolError as exc:
-            log("debug", "invalid %s from %s: %s" % (request_name(msg_type), self.peer_text,
-                                                       exc))
+            log("debug", "invalid %s from %s: %s"
+                % (request_name(msg_type), self.peer_text, exc))
             return MSG_ERROR, encode_error(ERROR_INVALID, "invalid request: %s" % exc), None
         except Refused as exc:
             return MSG_ERROR, encode_error(exc.code, str(exc)), None
@@ -2521,7 +2557,9 @@ class ArcBoxProtocol:
             return MSG_ERROR, encode_error(ERROR_INTERNAL, "internal error: %s: %s"
                                            % (type(exc).__name__, exc)), None
 
+
 # ---- the server: listeners and connections, two kinds of each -------------------------------
+
 READ_CHUNK = 65536
 ACCEPT_BATCH = 64                 # accepts per wake-up, so one listener cannot starve others
 LISTEN_BACKLOG = 128
@@ -3009,8 +3047,8 @@ class Server(Source):
 # 6. The power-off: what happens on Shutdown
 # =============================================================================================
 
-# ---- the sequence: a state machine stepped by the event loop --------------------------------
 
+# ---- the sequence: a state machine stepped by the event loop --------------------------------
 
 # What happens on Shutdown, in order (each step bounded, none blocks the loop):
 #   ack   - the ShutdownResponse is written and flushed (bounded by HOST_REPLY_BUDGET);
@@ -3260,8 +3298,8 @@ class ShutdownSequence(Source):
     def _step_failed(self, now):
         pass
 
-# ---- tearing down what the guest mounted, the way systemd-shutdown does ---------------------
 
+# ---- tearing down what the guest mounted, the way systemd-shutdown does ---------------------
 
 # Once the last process is gone only the kernel holds a filesystem, and it holds some in ways
 # a plain remount cannot undo (remount read-only fails with EBUSY while anything has a file on
@@ -3568,8 +3606,8 @@ def mounts_to_spare():
         return frozenset()
     return frozenset(m[0] for m in read_mountinfo())
 
-# ---- the power-off child: teardown, then reboot() -------------------------------------------
 
+# ---- the power-off child: teardown, then reboot() -------------------------------------------
 
 def reboot_now(action, command, since):
     """The last call: in the process that makes it (a child of PID 1, see PowerOffChild), so
@@ -3735,8 +3773,8 @@ class PowerOffChild(Source):
 # 7. The agent: the parts wired into one loop, and the PID-1 story
 # =============================================================================================
 
-# ---- the agent: what a signal, a request or the workload's end starts -----------------------
 
+# ---- the agent: what a signal, a request or the workload's end starts -----------------------
 
 class Agent:
     """Wires the parts into one loop: the signal inbox, the reaper, the server, the workload
@@ -3753,13 +3791,15 @@ class Agent:
         self.reaper = Reaper()
         policy = RequestPolicy(config["allow"], self.can_power_off, owns_clock=is_init)
         max_frame = config["max_frame"]
-        arcbox = lambda peer, shared: ArcBoxProtocol(policy, max_frame, peer, shared)
+
+        def arcbox(peer, shared):
+            return ArcBoxProtocol(policy, max_frame, peer, shared)
         self.server = Server([(addr, arcbox) for addr in config["listen"]],
                              server_limits(config), policy, self.on_request_effect)
         self.workload = Supervised(config["exec"], config["on_exit"], self.reaper,
-                                 self.on_workload_finished)
-        self.dhcp = Supervised(dhcp_client_argv(config["net"]) if is_init else [], "respawn",
-                             self.reaper, None, name="udhcpc")
+                                   self.on_workload_finished)
+        self.dhcp = Supervised(dhcp_client_argv(config["net"]) if is_init else [],
+                               "respawn", self.reaper, None, name="udhcpc")
         self.notifier = Notifier(config["notify"]) if config["notify"] else NoNotifier()
         self.buttons = PowerButtons(self.on_power_button) \
             if config["power_button"] and self.can_power_off else None
@@ -3866,8 +3906,8 @@ class Agent:
             log("info", "%s: stopping the agent (not PID 1: no power-off)" % what)
             self.exit_code = 0
 
-# ---- serve_main(): the PID-1 story, top-down ------------------------------------------------
 
+# ---- serve_main(): the PID-1 story, top-down ------------------------------------------------
 
 def read_configuration(argv, cmdline_text, is_init):
     """Defaults < kernel cmdline < flags. Returns (config, None), or (None, exit status) when
@@ -3929,8 +3969,8 @@ def serve_main(argv, is_init, cmdline_path="/proc/cmdline"):
 # 8. The host client: ping, info, shutdown
 # =============================================================================================
 
-# ---- talking to an agent --------------------------------------------------------------------
 
+# ---- talking to an agent --------------------------------------------------------------------
 
 class ClientError(Exception):
     def __init__(self, code, message):
@@ -4132,6 +4172,8 @@ def client_shutdown(client, args):
     if not reply["accepted"]:
         raise ClientError(EXIT_REFUSED, "the agent did not accept the shutdown")
     return reply, "shutdown accepted (grace %s)" % ("%ds" % grace if grace else "default")
+
+
 CLIENT_COMMANDS = {
     "ping": (client_ping, "check that the agent answers (Ping)"),
     "info": (client_info, "show the guest's system information (GetSystemInfo)"),
@@ -4193,8 +4235,8 @@ def client_main(argv):
 # 9. main() and the entry point
 # =============================================================================================
 
-# ---- which command; PID 1's entry, which never returns --------------------------------------
 
+# ---- which command; PID 1's entry, which never returns --------------------------------------
 
 def main(argv=None, is_init=False):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -4235,5 +4277,7 @@ def entry():
     if os.getpid() == 1:
         run_as_init()
     return main()
+
+
 if __name__ == "__main__":
     raise SystemExit(entry())
