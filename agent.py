@@ -2581,6 +2581,9 @@ class Listener:
     """Where connections come from, retried with back-off until it opens. `protocol` makes
     each connection's protocol: protocol(peer, shared)."""
 
+    sock = None                    # a socket to accept() on (SocketListener), or none
+    paused_until = 0.0             # accept() paused until then (out of descriptors)
+
     def __init__(self, addr, protocol):
         self.addr = addr
         self.protocol = protocol
@@ -2607,8 +2610,6 @@ class SocketListener(Listener):
 
     def __init__(self, addr, protocol):
         Listener.__init__(self, addr, protocol)
-        self.sock = None
-        self.paused_until = 0.0
         self.starved = False       # accept() is failing for lack of descriptors
 
     @property
@@ -2849,7 +2850,7 @@ class Server(Source):
     # ---- the event loop's view ------------------------------------------------------------
     def wants(self, now):
         for listener in self.listeners:
-            if getattr(listener, "sock", None) is not None and listener.paused_until <= now:
+            if listener.sock is not None and listener.paused_until <= now:
                 yield listener.sock.fileno(), select.POLLIN, self._accept, listener
         out_limit = self.limits.max_output
         for fd, conn in self.conns.items():
@@ -2867,7 +2868,7 @@ class Server(Source):
         for listener in self.listeners:
             if not listener.is_open:
                 deadlines.append(listener.retry_at)
-            elif getattr(listener, "paused_until", 0):
+            elif listener.paused_until:
                 deadlines.append(listener.paused_until)
         for conn in self.conns.values():
             when = conn.deadline(self.limits)
@@ -2880,7 +2881,7 @@ class Server(Source):
         for listener in self.listeners:
             if not listener.is_open and now >= listener.retry_at:
                 self._try_open(listener, now)
-            if getattr(listener, "paused_until", 0) and now >= listener.paused_until:
+            if listener.paused_until and now >= listener.paused_until:
                 listener.paused_until = 0.0
         for conn in list(self.conns.values()):
             if conn.expired(now, self.limits):
