@@ -3113,7 +3113,6 @@ class ShutdownSequence(Source):
         self.deadline_at = None    # when the current phase ends at the latest
         self.action = None
         self.grace = None
-        self.reason = ""
         self.ack = None            # a function: True while the host's reply is unflushed
         self.started = None        # monotonic time of the request
         self.phase_started = None
@@ -3127,7 +3126,7 @@ class ShutdownSequence(Source):
 
     def begin(self, action, grace, reason, ack=None, exit_status=0):
         now = time.monotonic()
-        self.action, self.grace, self.reason, self.ack = action, grace, reason, ack
+        self.action, self.grace, self.ack = action, grace, ack
         self.exit_status = exit_status
         self.started = now
         log("info", "shutdown requested (%s): action %s, grace %gs" % (reason, action, grace))
