@@ -3792,6 +3792,8 @@ class Agent:
         policy = RequestPolicy(config["allow"], self.can_power_off, owns_clock=is_init)
         max_frame = config["max_frame"]
 
+        # Every listener speaks the ArcBox protocol today; a second protocol is one more
+        # (address, maker) pair here (see "the ArcBox protocol on one stream").
         def arcbox(peer, shared):
             return ArcBoxProtocol(policy, max_frame, peer, shared)
         self.server = Server([(addr, arcbox) for addr in config["listen"]],
