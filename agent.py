@@ -3513,8 +3513,7 @@ class Teardown:
                 log("warn", "shutdown: teardown passes stopped after %.1fs (limit %gs)"
                     % (self.clock() - started, self.time_limit))
                 break
-        else:
-            left = self._left_writable(self.kernel.mounts())
+        # (a loop that runs out of passes has just read `left` afresh in its last one)
         left = [(target, fstype, self.why_writable(target))
                 for _, target, fstype, _, _ in left]
         for target, fstype, why in left:
