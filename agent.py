@@ -26,7 +26,7 @@ defines it (tests/unit/test_structure.py checks both that and this table):
       - the loop and its sources
       - signals
       - reaping: every child, and every orphan when PID 1
-  5. The sources: programs, the power button, the host notify, the server
+  5. The sources: programs, the power button, the host notify, two protocols, the server
       - supervised programs: the workload (--exec), udhcpc
       - the power button: evdev devices that can report KEY_POWER
       - telling the host: systemd's VM notify protocol
@@ -34,6 +34,9 @@ defines it (tests/unit/test_structure.py checks both that and this table):
       - proto3: a tiny encoder/decoder and the messages' schemas
       - requests: Ping, GetSystemInfo, Shutdown, and who may ask (pure but for the clock)
       - the ArcBox protocol on one stream: bytes in, replies and effects out
+      - the QEMU guest agent protocol: JSON commands for libvirt, Proxmox VE, KubeVirt
+      - the QGA commands: what each reads or does
+      - freezing the disks for a backup, and thawing them when the host forgets
       - the server: listeners and connections, two kinds of each
   6. The power-off: what happens on Shutdown
       - the sequence: a state machine stepped by the event loop
@@ -49,8 +52,9 @@ defines it (tests/unit/test_structure.py checks both that and this table):
 
 Import discipline: the guest path imports only os, signal, socket, time, ctypes (plus sys and
 C built-ins such as select, errno, _struct, which need no .py files; collections is loaded by
-those already). A minimal guest carries only the stdlib files those pull in. Host-side
-commands import argparse/json lazily.
+those already). A minimal guest carries only the stdlib files those pull in. The one
+exception is QGA: the first QGA request imports json (and re), never boot, ArcBox serving or
+the power-off. Host-side commands import argparse/json lazily.
 """
 
 import errno
@@ -267,6 +271,26 @@ def libc_call(name, *args):
     return 0
 
 
+FIFREEZE = 0xC0045877             # <linux/fs.h> _IOWR('X', 119, int): freeze a filesystem
+FITHAW = 0xC0045878               # <linux/fs.h> _IOWR('X', 120, int): thaw a frozen filesystem
+_DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)   # how a mount point is opened
+
+
+def _ioctl_on(path, flags, request):
+    """open(path), ioctl(fd, request, 0), close: 0 or the errno."""
+    import ctypes
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK)
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    try:
+        # int ioctl(int fd, unsigned long request, ...): LOOP_CLR_FD, FIFREEZE and FITHAW
+        # ignore the argument
+        return libc_call("ioctl", fd, ctypes.c_ulong(request), ctypes.c_long(0))
+    finally:
+        os.close(fd)
+
+
 # reboot(2) commands, from <linux/reboot.h>. The libc wrapper adds the two magic numbers
 # (0xFEE1DEAD, 672274793) the raw syscall also wants.
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
@@ -373,6 +397,18 @@ def parse_seconds(text):
     if not (0 < value <= 86400):       # NaN fails this test too
         raise ConfigError("%r is out of range (0 < seconds <= 86400)" % (text,))
     return value
+
+
+def qga_addresses(value, is_init):
+    """The --qga value -> the addresses to answer QGA on ("auto": the usual port as PID 1)."""
+    if value == "auto":
+        return [("serial", QGA_PORT_NAME)] if is_init else []
+    return [] if value == "off" else [value]
+
+
+def _seconds_or_never(text):
+    """A duration, or 0 for "never"."""
+    return 0.0 if str(text).strip() in ("0", "0s", "never") else parse_seconds(text)
 
 
 def _int_in_range(lo, hi):
@@ -511,6 +547,7 @@ def parse_net(text):
 # ---- addresses: vsock, unix, serial, hvsock; who may ask; where to notify -------------------
 
 AGENT_PORT = 1024                 # ArcBox: the guest agent listens on vsock port 1024
+QGA_PORT_NAME = "org.qemu.guest_agent.0"   # the virtio-serial port QGA hosts use
 VMADDR_CID_ANY = 0xFFFFFFFF       # -1U: bind on every CID (Python 3.11 lacks some constants)
 VMADDR_CID_LOCAL = 1              # vsock_loopback: a guest talking to itself
 VMADDR_CID_HOST = 2               # the hypervisor/host side of vsock
@@ -593,6 +630,21 @@ def _parse_listen(text):
     return addrs
 
 
+def _parse_qga(text):
+    """--qga: where to speak the QEMU guest agent protocol; "auto" is the virtio-serial port
+    org.qemu.guest_agent.0 as PID 1 and nothing otherwise (see Agent)."""
+    text = str(text).strip()
+    if text.lower() in ("off", "none", "auto"):
+        return text.lower().replace("none", "off")
+    addr = parse_address(text, default_port=None)
+    if addr[0] == "hvsock":
+        raise ConfigError("hvsock: is a host-side address; a guest listens on vsock:")
+    if addr[0] == "vsock" and addr[2] is None:
+        raise ConfigError("%r: QGA over vsock needs a port (vsock:any:PORT; ArcBox has 1024)"
+                          % text)
+    return addr
+
+
 def _parse_allow(text):
     """'cid:2,cid:3,uid:0,serial' -> {"cid": {2, 3}, "uid": {0}, "serial": True, ...};
     'serial' trusts virtio-serial ports (only the VMM reaches them); 'any' every peer."""
@@ -661,6 +713,13 @@ SERVE_OPTIONS = (
     ("listen", "ADDR", _parse_listen, "vsock:any:1024",
      "where to listen (repeatable, or comma-separated): vsock:CID:PORT, unix:PATH, "
      "serial:NAME (a virtio-serial port by name, or serial:/dev/PATH)"),
+    ("qga", "ADDR", _parse_qga, "auto",
+     "where to answer the QEMU guest agent protocol (libvirt, Proxmox VE, KubeVirt): "
+     "serial:NAME, vsock:CID:PORT, unix:PATH, or off; auto is serial:org.qemu.guest_agent.0 "
+     "as PID 1, off otherwise"),
+    ("freeze_timeout", "SECONDS", _seconds_or_never, "600",
+     "thaw the filesystems a QGA host froze (guest-fsfreeze-freeze) if it has not thawed them "
+     "after this long; 0: never"),
     ("grace", "SECONDS", parse_seconds, "25",
      "SIGTERM grace for signals and for a Shutdown that asks for 0 (ArcBox's default)"),
     ("action", "ACTION", _choice("poweroff", "reboot", "halt"), "poweroff",
@@ -819,6 +878,8 @@ def _describe(name, value):
         return " ".join(value) or "nothing"
     if name == "notify":
         return format_notify_address(value)
+    if name == "qga":
+        return value if isinstance(value, str) else format_address(value)
     if name == "net":
         return value[0] if value[0] != "static" else "%s:%s/%d%s" % (
             value[1], value[2], value[3], ":" + value[4] if value[4] else "")
@@ -1532,7 +1593,7 @@ class Reaper(Source):
 
 
 # =============================================================================================
-# 5. The sources: programs, the power button, the host notify, the server
+# 5. The sources: programs, the power button, the host notify, two protocols, the server
 # =============================================================================================
 
 
@@ -2400,9 +2461,10 @@ _PLAIN_PONG = encode_message(PING_RESPONSE, {"message": "pong", "version": __ver
 
 def handle_request(msg_type, payload, peer, policy):
     """One request -> (response type, response payload, effect). The effect is what the
-    caller should make happen once the answer is queued: None, or ("shutdown", seconds)
-    with 0 meaning the configured grace. Raises ProtocolError for bytes that do not decode
-    and Refused for requests that are not allowed or not possible here."""
+    caller should make happen once the answer is queued: None, or ("shutdown", seconds,
+    None) with 0 meaning the configured grace and None the configured action. Raises
+    ProtocolError for bytes that do not decode and Refused for requests that are not
+    allowed or not possible here."""
     if msg_type == MSG_PING:
         if not payload:           # the health check hosts send in a loop: answered as is
             return MSG_PING | RESPONSE_BIT, _PLAIN_PONG, None
@@ -2418,7 +2480,7 @@ def handle_request(msg_type, payload, peer, policy):
         request = decode_message(SHUTDOWN_REQUEST, payload)
         check_shutdown_allowed(peer, policy)
         return msg_type | RESPONSE_BIT, encode_message(SHUTDOWN_RESPONSE, {"accepted": True}), \
-            ("shutdown", request["timeout_seconds"])
+            ("shutdown", request["timeout_seconds"], None)
     if msg_type in MESSAGE_NAMES:
         raise Refused(ERROR_UNSUPPORTED, "unsupported request: %s is not implemented by this "
                       "agent" % request_name(msg_type))
@@ -2556,6 +2618,710 @@ class ArcBoxProtocol:
                                                               describe_exception(exc)))
             return MSG_ERROR, encode_error(ERROR_INTERNAL, "internal error: %s: %s"
                                            % (type(exc).__name__, exc)), None
+
+
+# ---- the QEMU guest agent protocol: JSON commands for libvirt, Proxmox VE, KubeVirt ----------
+
+# Management stacks (libvirt, Proxmox VE, KubeVirt, OpenStack, vfkit) talk to a guest through
+# the QEMU guest agent protocol (QGA), by default on the virtio-serial port
+# org.qemu.guest_agent.0. A request is a JSON object in a byte stream, newlines optional:
+# {"execute": NAME, "arguments": {...}, "id": ANY}. The answer is one line,
+# {"return": VALUE} or {"error": {"class": ..., "desc": ...}}, with the request's "id" echoed.
+# A 0xFF byte from the host means "forget any partial input"; guest-sync-delimited's answer
+# starts with 0xFF in turn, so that a host can skip whatever an earlier client left unread.
+# Reply shapes follow QEMU's qga/qapi-schema.json (tests/vm compares them with Debian's
+# qemu-ga in the same guest). The stdlib's json (and the re it imports) is loaded the first
+# time a QGA request arrives: boot, ArcBox serving and the power-off never load it.
+
+QGA_RESET = 0xFF                  # "discard partial input" (invalid in UTF-8, so never data)
+QGA_MAX_DEPTH = 64                # JSON nesting refused beyond this, before json recurses
+QGA_WHITESPACE = b" \t\r\n"
+_QGA_GARBAGE_END = b" \t\r\n{[\xff"
+_qga_json = None                  # (json module, the scanner's pattern), on first use
+
+
+def qga_json():
+    """json and the scanner's pattern: the structural bytes outside strings, and what ends
+    or escapes inside one. Imported here, once, so that only QGA pays for them."""
+    global _qga_json
+    if _qga_json is None:
+        import json
+        import re
+        _qga_json = (json, re.compile(rb'["\\{}\[\]\xff]'))
+    return _qga_json
+
+
+class QgaError(Exception):
+    """A request answered with {"error": {"class": ..., "desc": ...}}; qemu-ga's classes."""
+
+    def __init__(self, desc, klass="GenericError"):
+        Exception.__init__(self, desc)
+        self.klass = klass
+
+
+# One command: its handler(machine, peer, arguments), its parameters as
+# (name, JSON type, required), whether a success is answered (guest-shutdown is not: the
+# host waits for the VM to stop instead; its handler returns the effect), whether only an
+# allowed peer (--allow) may run it, and bytes sent before the answer.
+QgaCommand = namedtuple("QgaCommand", "handler params success_response guarded prefix")
+_QGA_TYPES = {"int": (int,), "str": (str,), "bool": (bool,), "list": (list,),
+              "number": (int, float)}
+_QGA_TYPE_NAMES = {"int": "integer", "str": "string", "bool": "boolean", "list": "array",
+                   "number": "number"}
+
+
+def qga_arguments(params, args):
+    """Check a command's arguments the way QEMU's generated code does: unknown, missing and
+    mistyped ones are GenericErrors naming the parameter. (bool is an int in Python: not
+    accepted where a JSON integer is wanted.)"""
+    known = {name for name, _, _ in params}
+    for name in args:
+        if name not in known:
+            raise QgaError("Parameter '%s' is unexpected" % name)
+    for name, kind, required in params:
+        if name not in args:
+            if required:
+                raise QgaError("Parameter '%s' is missing" % name)
+            continue
+        value = args[name]
+        if not isinstance(value, _QGA_TYPES[kind]) or (
+                kind != "bool" and isinstance(value, bool)):
+            raise QgaError("Invalid parameter type for '%s', expected: %s"
+                           % (name, _QGA_TYPE_NAMES[kind]))
+        if kind == "list" and not all(isinstance(v, str) for v in value):
+            raise QgaError("Invalid parameter type for '%s', expected: array of strings"
+                           % name)
+    return args
+
+
+class QgaProtocol:
+    """JSON objects in, one answer line each out (the interface of "the ArcBox protocol on
+    one stream"). The stream is scanned incrementally for the end of the first object:
+    strings, escapes and nesting are followed, nothing is parsed until the object is whole.
+    An object larger than max_frame, or nested deeper than QGA_MAX_DEPTH, is answered with
+    an error and its remaining bytes skipped as they come; a 0xFF byte drops what came
+    before it; bytes that cannot start an object are answered with one error per run."""
+
+    __slots__ = ("machine", "max_frame", "peer", "peer_text", "scan", "depth", "in_string",
+                 "escaped", "skipping")
+
+    def __init__(self, machine, max_frame, peer, shared=False):
+        self.machine = machine     # a QgaMachine: the commands and what they act on
+        self.max_frame = max_frame
+        self.peer = peer
+        self.peer_text = describe_peer(peer)
+        self._restart(False)
+
+    def _restart(self, skipping):
+        self.scan = 0              # bytes of the current object already scanned
+        self.depth = 0
+        self.in_string = self.escaped = False
+        self.skipping = skipping   # answered already (too large or deep): drop to its end
+
+    def take(self, buf):
+        if not self.scan and not self.skipping:
+            turn = self._between_objects(buf)
+            if turn is not None:
+                return turn
+        end = self._scan(buf)
+        if end is None:                        # the object goes on beyond buf
+            if self.skipping:
+                self.scan = 0                  # drop what was scanned; the state goes on
+                return len(buf), b"", None, False
+            if len(buf) > self.max_frame:
+                return self._refuse(len(buf), "JSON object larger than %d bytes (--max-frame)"
+                                    % self.max_frame)
+            return None
+        kind, pos = end
+        if kind == "reset":                    # 0xFF: the host asks to drop partial input
+            log("debug", "%s: reset (0xFF) after %d bytes" % (self.peer_text, pos))
+            self._restart(False)
+            return pos + 1, b"", None, False
+        if kind == "deep":
+            return self._refuse(pos, "JSON nesting deeper than %d" % QGA_MAX_DEPTH)
+        skipped = self.skipping
+        self._restart(False)
+        if skipped:
+            return pos, b"", None, False
+        if pos > self.max_frame:
+            return pos, self._error_line(QgaError("JSON object larger than %d bytes "
+                                                  "(--max-frame)" % self.max_frame)), None, False
+        reply, effect = self.machine.answer(bytes(buf[:pos]), self.peer, self.peer_text)
+        return pos, reply, effect, False
+
+    def _between_objects(self, buf):
+        """Whitespace, a 0xFF, or garbage before the next object: one turn, or None when an
+        object starts here."""
+        n = len(buf)
+        i = 0
+        while i < n and buf[i] in QGA_WHITESPACE:
+            i += 1
+        if i:
+            return i, b"", None, False
+        first = buf[0]
+        if first == QGA_RESET:
+            return 1, b"", None, False
+        if first in b"{[":
+            return None
+        end = 1
+        while end < n and buf[end] not in _QGA_GARBAGE_END:
+            end += 1
+        text = bytes(buf[:min(end, 32)]).decode("utf-8", "replace")
+        log_limited("qga garbage", peer_group(self.peer), "warn",
+                    "%s: QGA input that is not a JSON object: %r" % (self.peer_text, text))
+        return end, self._error_line(QgaError("JSON parse error, stray %r: QMP input must be "
+                                              "a JSON object" % text)), None, False
+
+    def _scan(self, buf):
+        """Go on from where the last call stopped. None while the object is incomplete;
+        else ("end", its length), ("reset", where the 0xFF is) or ("deep", bytes scanned)."""
+        search = qga_json()[1].search
+        pos, depth, in_string, n = self.scan, self.depth, self.in_string, len(buf)
+        if self.escaped:                       # a backslash ended the previous chunk
+            if pos >= n:
+                return None
+            pos += 1
+            self.escaped = False
+        while True:
+            match = search(buf, pos)
+            if match is None:
+                break
+            p = match.start()
+            c = buf[p]
+            pos = p + 1
+            if c == QGA_RESET:
+                return "reset", p
+            if in_string:
+                if c == 0x22:                  # "
+                    in_string = False
+                elif c == 0x5C:                # backslash: the next byte is escaped
+                    if pos >= n:
+                        self.escaped = True
+                        break
+                    pos += 1
+            elif c == 0x22:
+                in_string = True
+            elif c in b"{[":
+                depth += 1
+                if depth > QGA_MAX_DEPTH and not self.skipping:
+                    self.scan, self.depth, self.in_string = pos, depth, in_string
+                    return "deep", pos
+            elif c in b"}]":
+                depth -= 1
+                if depth <= 0:
+                    return "end", pos
+        self.scan, self.depth, self.in_string = n, depth, in_string
+        return None
+
+    def _refuse(self, consumed, why):
+        """Answer once, then skip the rest of this object as it arrives."""
+        log_limited("qga refused", peer_group(self.peer), "warn",
+                    "%s: %s; skipping it" % (self.peer_text, why))
+        depth, in_string, escaped = self.depth, self.in_string, self.escaped
+        self._restart(True)
+        self.depth, self.in_string, self.escaped = depth, in_string, escaped
+        return consumed, self._error_line(QgaError(why)), None, False
+
+    @staticmethod
+    def _error_line(exc):
+        return qga_reply({"error": {"class": exc.klass, "desc": str(exc)}})
+
+
+def qga_reply(obj, prefix=b""):
+    json = qga_json()[0]
+    return prefix + json.dumps(obj, separators=(", ", ": "), allow_nan=False).encode() + b"\n"
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+class QgaMachine:
+    """The QGA commands and what they act on: one per agent, shared by every QGA connection.
+    `policy` (RequestPolicy) says who may run the guarded commands; `freezer` keeps the
+    fsfreeze state. answer() turns one request's bytes into an answer line and an effect."""
+
+    def __init__(self, policy, freezer):
+        self.policy = policy
+        self.freezer = freezer
+
+    def answer(self, raw, peer, peer_text):
+        json = qga_json()[0]
+        request = None
+        try:
+            try:
+                request = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+                raise QgaError("JSON parse error, %s" % exc)
+            name, command, args = self._check(request)
+            if _log_level >= LOG_DEBUG:
+                log("debug", "QGA %s from %s" % (name, peer_text))
+            if command.guarded:
+                self._check_peer(name, peer)
+            value = command.handler(self, peer, qga_arguments(command.params, args))
+        except QgaError as exc:
+            log("debug", "QGA error for %s: %s: %s" % (peer_text, exc.klass, exc))
+            return self._with_id({"error": {"class": exc.klass, "desc": str(exc)}},
+                                 request), None
+        except Exception as exc:   # a bug in one command: answer it, keep serving
+            log("error", "internal error answering QGA %s: %s"
+                % (request.get("execute") if isinstance(request, dict) else "?",
+                   describe_exception(exc)))
+            return self._with_id({"error": {"class": "GenericError", "desc": "internal error: "
+                                            "%s: %s" % (type(exc).__name__, exc)}},
+                                 request), None
+        if not command.success_response:
+            return b"", value                 # guest-shutdown: the value is the effect
+        return self._with_id({"return": value}, request, command.prefix), None
+
+    @staticmethod
+    def _with_id(answer, request, prefix=b""):
+        if isinstance(request, dict) and "id" in request:
+            answer["id"] = request["id"]
+        return qga_reply(answer, prefix)
+
+    @staticmethod
+    def _check(request):
+        """The QMP envelope: an object with "execute", maybe "arguments" and "id"."""
+        if not isinstance(request, dict):
+            raise QgaError("QMP input must be a JSON object")
+        for key in request:
+            if key not in ("execute", "arguments", "id"):
+                raise QgaError("QMP input member '%s' is unexpected" % key)
+        if "execute" not in request:
+            raise QgaError("QMP input lacks member 'execute'")
+        name = request["execute"]
+        if not isinstance(name, str):
+            raise QgaError("QMP input member 'execute' must be a string")
+        args = request.get("arguments", {})
+        if not isinstance(args, dict):
+            raise QgaError("QMP input member 'arguments' must be an object")
+        command = QGA_COMMANDS.get(name)
+        if command is None:
+            raise QgaError("The command %s has not been found" % name, "CommandNotFound")
+        return name, command, args
+
+    def _check_peer(self, name, peer):
+        if not peer_allowed(self.policy.allow, peer):
+            log_limited("refused", peer_group(peer), "warn", "refused QGA %s from %s: not an "
+                        "allowed peer" % (name, describe_peer(peer)))
+            raise QgaError("%s refused: %s is not allowed to run it (see --allow)"
+                           % (name, describe_peer(peer)))
+
+
+# ---- the QGA commands: what each reads or does -----------------------------------------------
+
+RTC_RD_TIME = 0x80247009          # <linux/rtc.h> _IOR('p', 0x09, struct rtc_time)
+# struct rtc_time: sec, min, hour, mday, mon (0-11), year - 1900, wday, yday, isdst
+_RTC_TIME = Struct("9i")
+NLMSG_DONE, NLMSG_ERROR = 3, 2    # <linux/netlink.h>
+RTM_GETADDR = 22                  # <linux/rtnetlink.h>
+NLM_F_REQUEST_DUMP = 0x301        # NLM_F_REQUEST | NLM_F_ROOT | NLM_F_MATCH
+IFA_ADDRESS, IFA_LOCAL = 1, 2     # <linux/if_addr.h>: the peer / the local address
+_NLMSG_HEADER = Struct("=IHHII")  # struct nlmsghdr: len, type, flags, seq, pid
+_IFADDRMSG = Struct("=BBBBI")     # struct ifaddrmsg: family, prefixlen, flags, scope, index
+_RTATTR = Struct("=HH")           # struct rtattr: len, type
+USER_PROCESS = 7                  # <utmp.h> ut_type of a logged-in user
+# struct utmp (glibc, x86_64 and aarch64 alike, 384 bytes): ut_type (short, padded), ut_pid,
+# ut_line[32], ut_id[4], ut_user[32], ut_host[256], ut_exit (2 shorts), ut_session,
+# ut_tv (two int32), ut_addr_v6[4], 20 unused bytes.
+_UTMP = Struct("=h2xi32s4s32s256s2hi2i16s20x")
+QGA_STATISTICS = (("rx-bytes", "rx_bytes"), ("rx-packets", "rx_packets"),
+                  ("rx-errs", "rx_errors"), ("rx-dropped", "rx_dropped"),
+                  ("tx-bytes", "tx_bytes"), ("tx-packets", "tx_packets"),
+                  ("tx-errs", "tx_errors"), ("tx-dropped", "tx_dropped"))
+OS_RELEASE_FIELDS = (("ID", "id"), ("NAME", "name"), ("PRETTY_NAME", "pretty-name"),
+                     ("VERSION", "version"), ("VERSION_ID", "version-id"),
+                     ("VARIANT", "variant"), ("VARIANT_ID", "variant-id"))
+QGA_SHUTDOWN_MODES = {"powerdown": "poweroff", "halt": "halt", "reboot": "reboot"}
+
+
+def days_from_civil(year, month, day):
+    """Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm):
+    what timegm() computes, without importing calendar."""
+    year -= month <= 2
+    era = year // 400
+    yoe = year - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+
+
+def read_rtc(path="/dev/rtc0"):
+    """The hardware clock's time in seconds since the epoch (UTC, as QEMU keeps it by
+    default), like `hwclock -s` reads it."""
+    import ctypes
+    buf = ctypes.create_string_buffer(_RTC_TIME.size)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # int ioctl(int fd, RTC_RD_TIME, struct rtc_time *)
+        err = libc_call("ioctl", fd, ctypes.c_ulong(RTC_RD_TIME), buf)
+    finally:
+        os.close(fd)
+    if err:
+        raise OSError(err, os.strerror(err))
+    sec, minute, hour, mday, mon, year = _RTC_TIME.unpack(buf.raw)[:6]
+    return (days_from_civil(year + 1900, mon + 1, mday) * 86400 + hour * 3600 + minute * 60
+            + sec)
+
+
+def parse_utmp(data):
+    """Logged-in users from utmp records: [(user, login time)], earliest login per user."""
+    first = {}
+    for off in range(0, len(data) - _UTMP.size + 1, _UTMP.size):
+        fields = _UTMP.unpack_from(data, off)
+        if fields[0] != USER_PROCESS:
+            continue
+        user = fields[4].split(b"\0", 1)[0].decode("utf-8", "replace")
+        when = fields[9] + fields[10] / 1e6
+        if user and (user not in first or when < first[user]):
+            first[user] = when
+    return sorted(first.items(), key=lambda item: item[1])
+
+
+def parse_os_release(text):
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and not key.startswith("#"):
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            values[key] = value
+    return values
+
+
+def netlink_addresses():
+    """Every interface address from the kernel (RTM_GETADDR over NETLINK_ROUTE):
+    [(interface index, family, address text, prefix length)]. getifaddrs() without libc."""
+    found = []
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    try:
+        sock.settimeout(2.0)               # the kernel answers at once; never wait forever
+        sock.bind((0, 0))
+        sock.send(_NLMSG_HEADER.pack(_NLMSG_HEADER.size + _IFADDRMSG.size, RTM_GETADDR,
+                                     NLM_F_REQUEST_DUMP, 1, 0)
+                  + _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return found
+            off = 0
+            while off + _NLMSG_HEADER.size <= len(data):
+                length, msg_type = _NLMSG_HEADER.unpack_from(data, off)[:2]
+                if length < _NLMSG_HEADER.size:
+                    return found
+                if msg_type in (NLMSG_DONE, NLMSG_ERROR):
+                    return found
+                if msg_type == RTM_GETADDR - 2:    # RTM_NEWADDR (20): one address
+                    found.extend(_ifaddr(data[off + _NLMSG_HEADER.size:off + length]))
+                off += (length + 3) & ~3
+    finally:
+        sock.close()
+
+
+def _ifaddr(body):
+    family, prefix, _, _, index = _IFADDRMSG.unpack_from(body)
+    attrs, off = {}, _IFADDRMSG.size
+    while off + _RTATTR.size <= len(body):
+        length, kind = _RTATTR.unpack_from(body, off)
+        if length < _RTATTR.size:
+            break
+        attrs[kind] = body[off + _RTATTR.size:off + length]
+        off += (length + 3) & ~3
+    raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+    if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
+        return []
+    return [(index, family, socket.inet_ntop(family, raw), prefix)]
+
+
+def _block_device_disk(dev):
+    """qemu-ga's GuestDiskAddress for the block device `dev` (st_dev of a mount point): the
+    PCI address and bus type from its sysfs path."""
+    sys_path = os.path.realpath("/sys/dev/block/%d:%d" % (os.major(dev), os.minor(dev)))
+    name = os.path.basename(sys_path)
+    disk = os.path.basename(os.path.dirname(sys_path)) if os.path.exists(
+        os.path.join(sys_path, "partition")) else name
+    pci = [part for part in sys_path.split("/") if part.count(":") == 2 and "." in part]
+    address = {"bus-type": "virtio" if "/virtio" in sys_path else "unknown",
+               "bus": 0, "target": 0, "unit": 0, "dev": "/dev/" + disk}
+    if pci:
+        domain, bus, slot_function = pci[-1].split(":")
+        slot, _, function = slot_function.partition(".")
+        address["pci-controller"] = {"domain": int(domain, 16), "bus": int(bus, 16),
+                                     "slot": int(slot, 16), "function": int(function, 16)}
+    else:
+        address["pci-controller"] = {"domain": -1, "bus": -1, "slot": -1, "function": -1}
+    serial = _read_text("/sys/block/%s/serial" % disk).strip()
+    if serial:
+        address["serial"] = serial
+    return name, [address]
+
+
+def disk_filesystems(spare_ids=frozenset(), writable_only=False):
+    """The mounted block-device filesystems of this guest, in mount order, one entry per
+    superblock: [(mount point, fstype, read-only, st_dev)]. Mounts inherited from outside a
+    PID namespace (`spare_ids`) are not ours and left out."""
+    found, seen = [], set()
+    for mount_id, target, fstype, readonly, source in read_mountinfo():
+        if (mount_id in spare_ids or fstype in PSEUDO_FILESYSTEMS
+                or not source.startswith("/dev/") or (writable_only and readonly)):
+            continue
+        try:
+            dev = os.stat(target).st_dev
+        except OSError:
+            continue
+        if dev in seen:
+            continue                   # a bind mount of a filesystem already listed
+        seen.add(dev)
+        found.append((target, fstype, readonly, dev))
+    return found
+
+
+def qga_sync(machine, peer, args):
+    return args["id"]
+
+
+def qga_ping(machine, peer, args):
+    return {}
+
+
+def qga_info(machine, peer, args):
+    return {"version": __version__, "supported_commands": [
+        {"enabled": True, "name": name, "success-response": command.success_response}
+        for name, command in QGA_COMMANDS.items()]}
+
+
+def qga_shutdown(machine, peer, args):
+    mode = args.get("mode", "powerdown")
+    if mode not in QGA_SHUTDOWN_MODES:
+        raise QgaError("Parameter 'mode' does not accept value '%s' (powerdown, halt, reboot)"
+                       % mode)
+    try:
+        check_shutdown_allowed(peer, machine.policy)
+    except Refused as exc:
+        raise QgaError(str(exc))
+    return ("shutdown", 0, QGA_SHUTDOWN_MODES[mode])     # the configured grace
+
+
+def qga_get_time(machine, peer, args):
+    return time.time_ns()
+
+
+def qga_set_time(machine, peer, args):
+    """With a time (ns since the epoch): set the clock to it. Without: from the hardware
+    clock, like `hwclock -s` (after a snapshot restore the guest's clock is behind). As
+    PID 1 only, and only from the VMM's side (vsock or virtio-serial): a test's Unix peer
+    must not set the machine's clock."""
+    if not (machine.policy.owns_clock and peer[0] in ("vsock", "serial")):
+        raise QgaError("guest-set-time refused: the clock is set only by the host (a vsock "
+                       "or virtio-serial peer) of an agent that is PID 1")
+    if "time" in args:
+        nanoseconds, source = args["time"], "the host"
+    else:
+        try:
+            nanoseconds, source = read_rtc() * 10 ** 9, "the hardware clock (/dev/rtc0)"
+        except OSError as exc:
+            raise QgaError("cannot read the hardware clock /dev/rtc0: %s"
+                           % (exc.strerror or exc))
+    try:
+        time.clock_settime_ns(time.CLOCK_REALTIME, nanoseconds)
+    except (OSError, OverflowError, ValueError) as exc:
+        raise QgaError("Failed to set time to guest: %s" % (getattr(exc, "strerror", 0) or exc))
+    log("info", "clock set from %s by %s" % (source, describe_peer(peer)))
+    return {}
+
+
+def qga_host_name(machine, peer, args):
+    return {"host-name": socket.gethostname()}
+
+
+def qga_osinfo(machine, peer, args):
+    uname = os.uname()
+    info = {"kernel-release": uname.release, "kernel-version": uname.version,
+            "machine": uname.machine}
+    release = parse_os_release(_read_text("/etc/os-release")
+                               or _read_text("/usr/lib/os-release"))
+    for key, name in OS_RELEASE_FIELDS:
+        if release.get(key):
+            info[name] = release[key]
+    return info
+
+
+def qga_timezone(machine, peer, args):
+    now = time.localtime()
+    answer = {"offset": now.tm_gmtoff}
+    if now.tm_zone:
+        answer["zone"] = now.tm_zone
+    return answer
+
+
+def qga_users(machine, peer, args):
+    data = _read_bytes("/run/utmp") or _read_bytes("/var/run/utmp") or b""
+    return [{"user": user, "login-time": when} for user, when in parse_utmp(data)]
+
+
+def qga_vcpus(machine, peer, args):
+    base = "/sys/devices/system/cpu"
+    try:
+        ids = sorted(int(name[3:]) for name in os.listdir(base)
+                     if name.startswith("cpu") and name[3:].isdigit())
+    except OSError:
+        ids = list(range(os.cpu_count() or 1))
+    answer = []
+    for cpu in ids:
+        state = _read_text("%s/cpu%d/online" % (base, cpu)).strip()
+        answer.append({"online": state != "0", "can-offline": bool(state),
+                       "logical-id": cpu})
+    return answer
+
+
+def qga_interfaces(machine, peer, args):
+    by_index = {}
+    for index, family, address, prefix in netlink_addresses():
+        by_index.setdefault(index, []).append({
+            "ip-address-type": "ipv4" if family == socket.AF_INET else "ipv6",
+            "ip-address": address, "prefix": prefix})
+    answer = []
+    for index, name in sorted(socket.if_nameindex()):
+        base = "/sys/class/net/%s" % name
+        entry = {"name": name}
+        mac = _read_text(base + "/address").strip()
+        if mac:
+            entry["hardware-address"] = mac
+        if by_index.get(index):
+            entry["ip-addresses"] = by_index[index]
+        stats = {}
+        for key, filename in QGA_STATISTICS:
+            try:
+                stats[key] = int(_read_text("%s/statistics/%s" % (base, filename)))
+            except ValueError:
+                stats[key] = 0
+        entry["statistics"] = stats
+        answer.append(entry)
+    return answer
+
+
+def qga_fsinfo(machine, peer, args):
+    answer = []
+    for target, fstype, _, dev in reversed(disk_filesystems(machine.freezer.spare_ids)):
+        name, disks = _block_device_disk(dev)
+        entry = {"name": name, "mountpoint": target, "type": fstype, "disk": disks}
+        try:
+            st = os.statvfs(target)
+            used = st.f_blocks - st.f_bfree
+            entry["used-bytes"] = used * st.f_frsize
+            entry["total-bytes"] = (used + st.f_bavail) * st.f_frsize   # as df counts
+        except OSError:
+            pass
+        answer.append(entry)
+    return answer
+
+
+def qga_freeze_status(machine, peer, args):
+    return "frozen" if machine.freezer.frozen else "thawed"
+
+
+def qga_freeze(machine, peer, args):
+    return machine.freezer.freeze(args.get("mountpoints"), describe_peer(peer))
+
+
+def qga_thaw(machine, peer, args):
+    return machine.freezer.thaw("thaw from " + describe_peer(peer))
+
+
+# The commands this agent offers, in guest-info's order. Everything else (guest-exec,
+# guest-file-*, guest-suspend-*, ...) answers CommandNotFound: this agent runs no programs
+# and moves no files for the host.
+QGA_COMMANDS = {
+    "guest-sync-delimited": QgaCommand(qga_sync, (("id", "int", True),), True, False, b"\xff"),
+    "guest-sync": QgaCommand(qga_sync, (("id", "int", True),), True, False, b""),
+    "guest-ping": QgaCommand(qga_ping, (), True, False, b""),
+    "guest-info": QgaCommand(qga_info, (), True, False, b""),
+    "guest-shutdown": QgaCommand(qga_shutdown, (("mode", "str", False),), False, True, b""),
+    "guest-get-time": QgaCommand(qga_get_time, (), True, False, b""),
+    "guest-set-time": QgaCommand(qga_set_time, (("time", "int", False),), True, True, b""),
+    "guest-get-host-name": QgaCommand(qga_host_name, (), True, False, b""),
+    "guest-get-osinfo": QgaCommand(qga_osinfo, (), True, False, b""),
+    "guest-get-timezone": QgaCommand(qga_timezone, (), True, False, b""),
+    "guest-get-users": QgaCommand(qga_users, (), True, False, b""),
+    "guest-get-vcpus": QgaCommand(qga_vcpus, (), True, False, b""),
+    "guest-network-get-interfaces": QgaCommand(qga_interfaces, (), True, False, b""),
+    "guest-get-fsinfo": QgaCommand(qga_fsinfo, (), True, False, b""),
+    "guest-fsfreeze-status": QgaCommand(qga_freeze_status, (), True, False, b""),
+    "guest-fsfreeze-freeze": QgaCommand(qga_freeze, (), True, True, b""),
+    "guest-fsfreeze-freeze-list": QgaCommand(qga_freeze, (("mountpoints", "list", False),),
+                                             True, True, b""),
+    "guest-fsfreeze-thaw": QgaCommand(qga_thaw, (), True, True, b""),
+}
+
+
+# ---- freezing the disks for a backup, and thawing them when the host forgets -----------------
+
+class Freezer(Source):
+    """guest-fsfreeze-*: FIFREEZE the writable disk filesystems in mount order, FITHAW them
+    in reverse. Beyond qemu-ga: a freeze the host forgets (a backup job that died between
+    freeze and thaw) is thawed after `timeout` seconds (0: never), logged, so that the
+    guest's writers are not blocked for good; and the power-off thaws first."""
+
+    def __init__(self, timeout, spare_ids=frozenset(), freeze=None, thaw=None):
+        self.timeout = timeout
+        self.spare_ids = spare_ids
+        self._freeze = freeze or (lambda target: _ioctl_on(target, _DIRECTORY, FIFREEZE))
+        self._thaw = thaw or (lambda target: _ioctl_on(target, _DIRECTORY, FITHAW))
+        self.frozen = []           # mount points, in the order they were frozen
+        self.frozen_at = None
+
+    def deadline(self):
+        if self.frozen and self.timeout:
+            return self.frozen_at + self.timeout
+        return None
+
+    def tick(self, now):
+        if self.frozen and self.timeout and now >= self.frozen_at + self.timeout:
+            log("warn", "the host froze %d filesystem(s) %gs ago and did not thaw them; "
+                "thawing (--freeze-timeout)" % (len(self.frozen), self.timeout))
+            self.thaw("freeze timeout")
+
+    def freeze(self, wanted, who):
+        if self.frozen:
+            raise QgaError("the filesystems are frozen already (guest-fsfreeze-thaw first)")
+        candidates = disk_filesystems(self.spare_ids, writable_only=True)
+        if wanted is not None:
+            known = {target for target, _, _, _ in candidates}
+            for target in wanted:
+                if target not in known:
+                    raise QgaError("%s is not a mounted, writable disk filesystem of this "
+                                   "guest" % target)
+            candidates = [c for c in candidates if c[0] in wanted]
+        for target, _, _, _ in candidates:
+            err = self._freeze(target)
+            if err == errno.EOPNOTSUPP:
+                continue               # this filesystem cannot be frozen; qemu-ga skips it too
+            if err:
+                self.thaw("a freeze failed")
+                raise QgaError("failed to freeze %s: %s" % (target, os.strerror(err)))
+            self.frozen.append(target)
+            self.frozen_at = time.monotonic()
+        if self.frozen:
+            log("info", "froze %s for %s%s" % (", ".join(self.frozen), who, (
+                " (thawed after %gs if the host forgets)" % self.timeout) if self.timeout
+                else ""))
+        return len(self.frozen)
+
+    def thaw(self, why):
+        """Thaw what we froze, last first, and any other frozen disk filesystem (frozen by
+        fsfreeze(8) in the guest, say): the host asked for none of them to stay frozen.
+        Returns how many were thawed."""
+        order = list(reversed(self.frozen))
+        order += [target for target, _, _, _ in disk_filesystems(self.spare_ids, True)
+                  if target not in order]
+        count = 0
+        for target in order:
+            if self._thaw(target) == 0:    # EINVAL: it was not frozen
+                count += 1
+        if self.frozen or count:
+            log("info", "thawed %d filesystem(s) (%s)" % (count, why))
+        self.frozen, self.frozen_at = [], None
+        return count
 
 
 # ---- the server: listeners and connections, two kinds of each -------------------------------
@@ -3322,7 +4088,6 @@ class ShutdownSequence(Source):
 # filesystems are remounted read-only like any other, and they buffer nothing of their own
 # (dm-cache and dm-writecache aside, which this agent does not handle).
 LOOP_CLR_FD = 0x4C01          # <linux/loop.h>: unbind a loop device from its backing file
-FITHAW = 0xC0045878           # <linux/fs.h> _IOWR('X', 120, int): thaw a frozen filesystem
 
 # Filesystems made of other filesystems: unmounted once read-only, so what they sit on lets
 # go. (A filesystem whose source is a loop device is treated the same way.)
@@ -3346,20 +4111,6 @@ def owning_mount(path, mounts):
                 best is None or len(entry[1]) >= len(best[1])):
             best = entry
     return best
-
-
-def _ioctl_on(path, flags, request):
-    """open(path), ioctl(fd, request, 0), close: 0 or the errno."""
-    import ctypes
-    try:
-        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK)
-    except OSError as exc:
-        return exc.errno or errno.EIO
-    try:
-        # int ioctl(int fd, unsigned long request, ...): LOOP_CLR_FD and FITHAW ignore the arg
-        return libc_call("ioctl", fd, ctypes.c_ulong(request), ctypes.c_long(0))
-    finally:
-        os.close(fd)
 
 
 class KernelStorage:
@@ -3407,7 +4158,7 @@ class KernelStorage:
 
     @staticmethod
     def thaw(target):
-        return _ioctl_on(target, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0), FITHAW)
+        return _ioctl_on(target, _DIRECTORY, FITHAW)
 
     @staticmethod
     def sync():
@@ -3790,12 +4541,20 @@ class Agent:
         self.reaper = Reaper()
         policy = RequestPolicy(config["allow"], self.can_power_off, owns_clock=is_init)
         max_frame = config["max_frame"]
+        spare = mounts_to_spare() if self.can_power_off or config["qga"] != "off" \
+            else frozenset()
+        self.freezer = Freezer(config["freeze_timeout"], spare)
+        qga_machine = QgaMachine(policy, self.freezer)
 
-        # Every listener speaks the ArcBox protocol today; a second protocol is one more
-        # (address, maker) pair here (see "the ArcBox protocol on one stream").
+        # Each listener speaks one protocol: an (address, maker) pair (see "the ArcBox
+        # protocol on one stream"). The --listen addresses speak ArcBox, --qga speaks QGA.
         def arcbox(peer, shared):
             return ArcBoxProtocol(policy, max_frame, peer, shared)
-        self.server = Server([(addr, arcbox) for addr in config["listen"]],
+
+        def qga(peer, shared):
+            return QgaProtocol(qga_machine, max_frame, peer, shared)
+        self.server = Server([(addr, arcbox) for addr in config["listen"]]
+                             + [(addr, qga) for addr in qga_addresses(config["qga"], is_init)],
                              server_limits(config), policy, self.on_request_effect)
         self.workload = Supervised(config["exec"], config["on_exit"], self.reaper,
                                    self.on_workload_finished)
@@ -3806,15 +4565,14 @@ class Agent:
             if config["power_button"] and self.can_power_off else None
         self.shutdown = ShutdownSequence(
             self.reaper, shutdown_timeouts(config), delegate=self.delegate,
-            spare_mounts=mounts_to_spare() if self.can_power_off else frozenset(),
-            notifier=self.notifier)
+            spare_mounts=spare if self.can_power_off else frozenset(), notifier=self.notifier)
         # The loop ticks the sources in this order after every wake-up, and the order matters:
         # the inbox first (a signal may start the shutdown), the reaper before the workloads
         # and the shutdown sequence (they read what it reaped: "nobody left" must be current
         # when the sequence steps), the sequence last (it acts on what the others did).
         self.loop = EventLoop()
         for source in (self.inbox, self.reaper, self.server, self.buttons, self.notifier,
-                       self.workload, self.dhcp, self.shutdown):
+                       self.freezer, self.workload, self.dhcp, self.shutdown):
             if source is not None:
                 self.loop.add(source)
 
@@ -3871,6 +4629,8 @@ class Agent:
             return
         self.workload.stop()
         self.dhcp.stop()           # udhcpc is just another process to TERM
+        if self.freezer.frozen:    # writers blocked on a frozen disk would outlive SIGKILL
+            self.freezer.thaw("power-off")
         self.shutdown.begin(action, grace, reason, ack, exit_status)
 
     def on_signal(self, sig):
@@ -3889,10 +4649,14 @@ class Agent:
         self.begin_shutdown(action, self.grace, "signal %d" % sig)
 
     def on_request_effect(self, effect, conn):
-        kind, grace = effect        # ("shutdown", seconds; 0 = the configured grace)
+        # ("shutdown", grace in seconds or 0 for the configured one, action or None for the
+        # configured one): ArcBox's Shutdown, QGA's guest-shutdown
+        kind, grace, action = effect
         if kind == "shutdown":
-            self.begin_shutdown(self.action, grace or self.grace,
-                                "Shutdown from " + conn.peer_text, conn.unflushed)
+            self.begin_shutdown(action or self.action, grace or self.grace,
+                                "%s from %s" % ("Shutdown" if action is None else
+                                                "guest-shutdown", conn.peer_text),
+                                conn.unflushed)
 
     def on_power_button(self, device):
         self.begin_shutdown(self.action, self.grace, "power button %s" % device)

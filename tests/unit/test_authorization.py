@@ -43,7 +43,7 @@ def test_shutdown_returns_its_effect_only_for_allowed_peers(peer, allowed):
         rtype, payload, effect = shutdown_request(peer, pol)
         assert rtype == agent.MSG_SHUTDOWN | agent.RESPONSE_BIT
         assert agent.decode_message(agent.SHUTDOWN_RESPONSE, payload) == {"accepted": True}
-        assert effect == ("shutdown", 5)
+        assert effect == ("shutdown", 5, None)
     else:
         with pytest.raises(agent.Refused) as err:
             shutdown_request(peer, pol)
@@ -57,7 +57,7 @@ def test_configured_peers_and_any():
     assert not agent.peer_allowed(allow, ("vsock", 2, 5))
     assert not agent.peer_allowed(allow, ("serial", "x"))
     assert agent.peer_allowed(agent._parse_allow("any"), ("vsock", 77, 5))
-    assert shutdown_request(("vsock", 1, 5), policy("cid:1"), 0)[2] == ("shutdown", 0)
+    assert shutdown_request(("vsock", 1, 5), policy("cid:1"), 0)[2] == ("shutdown", 0, None)
 
 
 def test_not_pid1_refuses_shutdown_with_503():
