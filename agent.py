@@ -2912,6 +2912,7 @@ class QgaMachine:
 # ---- the QGA commands: what each reads or does -----------------------------------------------
 
 RTC_RD_TIME = 0x80247009          # <linux/rtc.h> _IOR('p', 0x09, struct rtc_time)
+RTC_UIE_ON, RTC_UIE_OFF = 0x7003, 0x7004   # <linux/rtc.h> _IO('p', 3), _IO('p', 4)
 # struct rtc_time: sec, min, hour, mday, mon (0-11), year - 1900, wday, yday, isdst
 _RTC_TIME = Struct("9i")
 NLMSG_DONE, NLMSG_ERROR = 3, 2    # <linux/netlink.h>
@@ -2946,22 +2947,44 @@ def days_from_civil(year, month, day):
     return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
 
 
-def read_rtc(path="/dev/rtc0"):
+def read_rtc(path="/dev/rtc0", bound=1.1):
     """The hardware clock's time in seconds since the epoch (UTC, as QEMU keeps it by
-    default), like `hwclock -s` reads it."""
+    default), read the moment its seconds change, as hwclock does: read between two ticks
+    it is up to a second behind. The tick is the RTC's update interrupt (RTC_UIE_ON, then
+    poll), or, where the driver has none, the value seen changing. Blocks PID 1 for at most
+    `bound` seconds; only an allowed host asks for it."""
     import ctypes
     buf = ctypes.create_string_buffer(_RTC_TIME.size)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
+
+    def now():
         # int ioctl(int fd, RTC_RD_TIME, struct rtc_time *)
         err = libc_call("ioctl", fd, ctypes.c_ulong(RTC_RD_TIME), buf)
+        if err:
+            raise OSError(err, os.strerror(err))
+        sec, minute, hour, mday, mon, year = _RTC_TIME.unpack(buf.raw)[:6]
+        return (days_from_civil(year + 1900, mon + 1, mday) * 86400 + hour * 3600
+                + minute * 60 + sec)
+    try:
+        # int ioctl(int fd, RTC_UIE_ON / RTC_UIE_OFF): update interrupts on, off
+        if libc_call("ioctl", fd, ctypes.c_ulong(RTC_UIE_ON), ctypes.c_long(0)) == 0:
+            try:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                if poller.poll(int(bound * 1000)):
+                    os.read(fd, 8)         # the interrupt's count and flags (unsigned long)
+            finally:
+                libc_call("ioctl", fd, ctypes.c_ulong(RTC_UIE_OFF), ctypes.c_long(0))
+            return now()
+        first, deadline = now(), time.monotonic() + bound
+        while time.monotonic() < deadline:
+            value = now()
+            if value != first:
+                return value
+            time.sleep(0.005)
+        return first
     finally:
         os.close(fd)
-    if err:
-        raise OSError(err, os.strerror(err))
-    sec, minute, hour, mday, mon, year = _RTC_TIME.unpack(buf.raw)[:6]
-    return (days_from_civil(year + 1900, mon + 1, mday) * 86400 + hour * 3600 + minute * 60
-            + sec)
 
 
 def parse_utmp(data):

@@ -164,6 +164,46 @@ def fetch_packages(arch=HOST_ARCH):
     return root
 
 
+# Debian's qemu-guest-agent and the libraries it needs: the real peer the QGA tests and the
+# benchmark run in the same guest image (only for the host's architecture).
+QEMU_GA_DEBS = ["qemu-guest-agent", "libglib2.0-0", "libnuma1", "libudev1", "liburing2",
+                "libmount1", "libblkid1", "libselinux1", "libpcre2-8-0", "libffi8", "zlib1g",
+                "libcap2", "libc6"]
+QEMU_GA = "/usr/sbin/qemu-ga"
+
+
+def fetch_qemu_ga():
+    """Download and unpack qemu-guest-agent and its libraries once; returns the root."""
+    root = os.path.join(CACHE, "qemu-ga")
+    stamp = root + ".json"
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            if json.load(f).get("packages") == QEMU_GA_DEBS:
+                return root
+    debs = os.path.join(CACHE, "debs-qemu-ga")
+    os.makedirs(debs, exist_ok=True)
+    _run(["apt-get", "download", "-o", "APT::Sandbox::User=root"] + QEMU_GA_DEBS, cwd=debs)
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    for name in sorted(os.listdir(debs)):
+        if name.endswith(".deb") and name.split("_")[0] in QEMU_GA_DEBS:
+            _run(["dpkg-deb", "-x", os.path.join(debs, name), root])
+    with open(stamp, "w") as f:
+        json.dump({"packages": QEMU_GA_DEBS}, f)
+    return root
+
+
+def _add_qemu_ga(img):
+    root = fetch_qemu_ga()
+    binary = os.path.join(root, QEMU_GA.lstrip("/"))
+    img.host_file(QEMU_GA, binary, 0o755)
+    for soname, guest_path in sorted(shared_libraries(root, [binary]).items()):
+        if guest_path.strip("/") not in img.entries:
+            img.host_file(guest_path, os.path.join(root, guest_path.lstrip("/")), 0o755)
+    img.dir("/var/run")                 # qemu-ga's pid file and state directory
+    img.dir("/usr/local/var/run")
+
+
 def kernel_release(root):
     releases = sorted(os.listdir(os.path.join(root, "lib", "modules")))
     if not releases:
@@ -280,6 +320,7 @@ import runpy                                  # how the interpreter runs a zip's
 import agent
 agent.libc()                                  # the guest path's lazy imports
 agent._remove_stale_socket("/nonexistent")
+agent.qga_json()                              # QGA's json and re, on its first request
 for name, module in sorted(sys.modules.items()):
     origin = getattr(getattr(module, "__spec__", None), "origin", None)
     if origin and origin.startswith(sys.argv[2]):
@@ -520,13 +561,16 @@ def _add_basics(img, extra_files):
         img.file(path, data, mode)
 
 
-def build_initramfs(pyz, out, extra_files=None, modules=None, init=None, arch=HOST_ARCH):
+def build_initramfs(pyz, out, extra_files=None, modules=None, init=None, arch=HOST_ARCH,
+                    qemu_ga=False):
     """Write the initramfs; returns a dict describing what went in. `init` replaces the
-    .pyz as /init (the benchmarks' baseline agent)."""
+    .pyz as /init (the benchmarks' baseline agent); `qemu_ga` adds Debian's qemu-ga."""
     root = fetch_packages(arch)
     img = Cpio()
     _add_busybox(img, arch)
     files = _add_python(img, root, pyz, arch)
+    if qemu_ga:
+        _add_qemu_ga(img)
     found, _ = _add_modules(img, root, image_modules(arch) if modules is None else modules)
     if init is None:
         img.host_file("/init", pyz, 0o755)

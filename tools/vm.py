@@ -20,6 +20,7 @@ import guestimage
 from guestctl import GuestProcess
 
 SERIAL_PORT_NAME = "org.arcbox.agent"
+QGA_PORT_NAME = "org.qemu.guest_agent.0"      # what libvirt and Proxmox VE give the guest
 QEMU = "qemu-system-x86_64"
 QEMU_BY_ARCH = {"x86_64": (QEMU, "qemu-system-x86"),
                 "aarch64": ("qemu-system-aarch64", "qemu-system-arm")}
@@ -54,11 +55,15 @@ class VM(GuestProcess):
     request_timeout = 10.0
 
     def __init__(self, workdir, initramfs, kernel, cmdline="", disk=None, memory=256,
-                 log_level="info", qemu_args=(), arch="x86_64", modules=()):
+                 log_level="info", qemu_args=(), arch="x86_64", modules=(), ports=()):
         GuestProcess.__init__(self, workdir, os.path.join(workdir, "agent-serial.sock"),
                               os.path.join(workdir, "console.log"),
                               output_path=os.path.join(workdir, "qemu.out"))
         self.monitor = os.path.join(workdir, "monitor.sock")
+        # every guest gets the QGA port libvirt would give it (its host side: qga_sock), and
+        # `ports` more virtio-serial ports by name (host side: port_socket(name))
+        self.qga_sock = os.path.join(workdir, "qga.sock")
+        self.ports = [QGA_PORT_NAME] + list(ports)
         self.initramfs, self.kernel = initramfs, kernel
         # one disk image or a list of them: /dev/vda, /dev/vdb, ... in that order
         self.disks = [disk] if isinstance(disk, str) else list(disk or ())
@@ -85,12 +90,20 @@ class VM(GuestProcess):
                "-device", "virtio-serial-pci,id=vser",
                "-chardev", "socket,id=agent,path=%s,server=on,wait=off" % self.sock,
                "-device", "virtserialport,bus=vser.0,chardev=agent,name=" + SERIAL_PORT_NAME]
+        for i, name in enumerate(self.ports):
+            cmd += ["-chardev", "socket,id=port%d,path=%s,server=on,wait=off"
+                    % (i, self.port_socket(name)),
+                    "-device", "virtserialport,bus=vser.0,chardev=port%d,name=%s" % (i, name)]
         for disk in self.disks:
             cmd += ["-drive", "file=%s,if=virtio,format=raw,cache=writeback" % disk]
         return cmd + self.qemu_args
 
+    def port_socket(self, name):
+        return self.qga_sock if name == QGA_PORT_NAME else os.path.join(
+            self.workdir, "port-%s.sock" % name)
+
     def start(self):
-        for path in (self.sock, self.log_path):
+        for path in [self.sock, self.log_path] + [self.port_socket(n) for n in self.ports]:
             if os.path.exists(path):
                 os.unlink(path)
         return GuestProcess.start(self)
@@ -111,7 +124,10 @@ class VM(GuestProcess):
             s.sendall(command.encode() + b"\n")
             out = b""
             while out.count(b"(qemu)") < 1:
-                out += s.recv(4096)
+                chunk = s.recv(4096)
+                if not chunk:      # "quit": QEMU closes the monitor instead of a prompt
+                    break
+                out += chunk
         finally:
             s.close()
         return out.decode("utf-8", "replace")

@@ -54,15 +54,17 @@ def arm_image(pyz, tmp_path_factory):
 def boot(guest_image, tmp_path):
     """boot(cmdline="", disk=None (an image or a list: vda, vdb, ...), log_level, qemu_args,
     image=None (the x86_64 one), initramfs=None (the image's), modules=() (loaded at boot
-    after the usual ones)) -> a started VM; every VM is killed at the end."""
+    after the usual ones), ports=() (more virtio-serial ports by name), workdir=None
+    (tmp_path)) -> a started VM; every VM is killed at the end."""
     machines = []
 
     def start(cmdline="", disk=None, log_level="info", qemu_args=(), image=None,
-              initramfs=None, modules=()):
+              initramfs=None, modules=(), ports=(), workdir=None):
         image = image or guest_image
-        machine = vmtool.VM(str(tmp_path), initramfs or image["initramfs"], image["kernel"],
-                            cmdline=cmdline, disk=disk, log_level=log_level,
-                            qemu_args=qemu_args, arch=image["arch"], modules=modules)
+        machine = vmtool.VM(workdir or str(tmp_path), initramfs or image["initramfs"],
+                            image["kernel"], cmdline=cmdline, disk=disk, log_level=log_level,
+                            qemu_args=qemu_args, arch=image["arch"], modules=modules,
+                            ports=ports)
         machines.append(machine)
         return machine.start()
 

@@ -1,0 +1,200 @@
+"""QGA in a real guest, over the QEMU chardev of the virtio-serial port libvirt and Proxmox VE
+use (org.qemu.guest_agent.0), the agent's default as PID 1:
+
+- a libvirt-style client (guest-sync with ids) and a Proxmox-style one (0xFF,
+  guest-sync-delimited) read the guest; fsfreeze on a data disk holds a writer until the
+  thaw; frozen again, an ArcBox Shutdown still powers off cleanly and the disk is clean;
+- the clock: set wrong by guest-set-time, brought back from the RTC by guest-set-time without
+  a time; then a snapshot (migrate to a file) and a restore in a new QEMU: both protocols
+  answer without a restart, the RTC brings the clock back again, guest-shutdown powers off;
+- conformance: Debian's qemu-ga in the same image, on a second port, answers the same
+  read-only commands; every reply's shape (keys and JSON types) is compared, and qemu-ga's
+  guest-shutdown is recorded failing in a busybox guest (no /sbin/shutdown)."""
+
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+import guestimage
+from helpers import wait_for
+from qgaclient import connect, shape
+from vmchecks import assert_powered_off, fresh_disk
+
+pytestmark = pytest.mark.vm
+BOOT_TIMEOUT = 120
+
+# mounts the data disk and writes a counter, saying each completed write on the console
+WRITER = ("mount -t ext4 /dev/vda /data && i=0 && while :; do i=$((i+1)); "
+          "echo $i > /data/counter.new && mv /data/counter.new /data/counter && "
+          "echo TICK-$i; sleep 0.1; done")
+
+
+def ticks(vm):
+    found = re.findall(r"^TICK-(\d+)\r?$", vm.console(), re.M)
+    return int(found[-1]) if found else 0
+
+
+def test_libvirt_and_proxmox_clients_fsfreeze_and_a_shutdown_while_frozen(boot, tmp_path):
+    disk = fresh_disk(tmp_path)
+    vm = boot('arcbox.exec="/bin/sh -c \'mkdir -p /data && %s\'" arcbox.grace=2' % WRITER,
+              disk=disk, log_level="debug")
+    libvirt = connect(vm.qga_sock, timeout=BOOT_TIMEOUT)       # guest-sync with an id
+    assert "listening on serial:org.qemu.guest_agent.0" in vm.messages()
+    assert libvirt.result("guest-get-host-name") == {"host-name": "arcbox"}
+    osinfo = libvirt.result("guest-get-osinfo")
+    assert osinfo["kernel-release"] and osinfo["machine"] == "x86_64"
+    now = libvirt.result("guest-get-time") / 1e9
+    assert abs(now - time.time()) < 60
+    assert [c["online"] for c in libvirt.result("guest-get-vcpus")] == [True]
+    lo = [i for i in libvirt.result("guest-network-get-interfaces") if i["name"] == "lo"][0]
+    assert lo["ip-addresses"][0]["ip-address"] == "127.0.0.1"
+    wait_for(lambda: ticks(vm) > 3, BOOT_TIMEOUT, "the writer")
+    fs = libvirt.result("guest-get-fsinfo")
+    assert [(f["mountpoint"], f["type"], f["name"]) for f in fs] == [("/data", "ext4", "vda")]
+    address = fs[0]["disk"][0]
+    assert address["bus-type"] == "virtio" and address["dev"] == "/dev/vda"
+    assert address["pci-controller"]["slot"] >= 0
+    libvirt.close()
+
+    # a backup, the Proxmox way: 0xFF + guest-sync-delimited before every command
+    proxmox = connect(vm.qga_sock, delimited=True)
+    assert proxmox.result("guest-ping") == {}
+    proxmox.sync_delimited()
+    assert proxmox.result("guest-fsfreeze-freeze") == 1
+    proxmox.sync_delimited()
+    assert proxmox.result("guest-fsfreeze-status") == "frozen"
+    time.sleep(1.0)                       # a write under way when the freeze came may land
+    held = ticks(vm)
+    time.sleep(2.0)
+    assert ticks(vm) == held, "the writer went on while /data was frozen"
+    proxmox.sync_delimited()
+    assert proxmox.result("guest-fsfreeze-thaw") == 1
+    wait_for(lambda: ticks(vm) > held + 2, 30, "writes after the thaw")
+
+    # frozen when the host shuts the guest down over ArcBox: thawed, torn down, clean
+    assert proxmox.result("guest-fsfreeze-freeze") == 1
+    proxmox.close()
+    assert vm.shutdown(grace=0) is True
+    assert_powered_off(vm, vm.wait(60))
+    msgs = vm.messages()
+    assert "thawed 1 filesystem(s) (power-off)" in msgs, msgs
+    assert "shutdown: remounted /data (ext4) read-only" in msgs, msgs
+    fsck = subprocess.run(["e2fsck", "-fn", disk], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    counter = subprocess.run(["debugfs", "-R", "cat /counter", disk], capture_output=True,
+                             text=True).stdout
+    assert int(counter) >= held + 2
+
+
+def assert_clock_near_host(client, within):
+    guest = client.result("guest-get-time") / 1e9
+    assert abs(guest - time.time()) < within, (guest, time.time())
+
+
+def test_the_clock_from_the_rtc_and_a_snapshot_restore_then_guest_shutdown(boot, tmp_path):
+    vm = boot(log_level="debug")
+    c = connect(vm.qga_sock, timeout=BOOT_TIMEOUT)
+    assert c.result("guest-set-time", {"time": time.time_ns() - 3600 * 10 ** 9}) == {}
+    guest = c.result("guest-get-time") / 1e9
+    assert 3590 < time.time() - guest < 3610
+    assert c.result("guest-set-time") == {}                # from the RTC, like hwclock -s
+    assert_clock_near_host(c, 1.0)
+    c.close()
+
+    # snapshot to a file, the way a host saves a VM; restore it in a new QEMU a while later
+    state = str(tmp_path / "vm.state")
+    vm.monitor_command("stop")
+    vm.monitor_command('migrate "exec:cat > %s"' % state)
+    wait_for(lambda: "Migration status: completed" in vm.monitor_command("info migrate"),
+             120, "the migration to a file")
+    vm.monitor_command("quit")
+    vm.wait(30)
+    time.sleep(5)                                          # the guest's clock stands still
+    workdir = tmp_path / "restored"
+    workdir.mkdir()
+    restored = boot(log_level="debug", workdir=str(workdir),
+                    qemu_args=["-incoming", "exec:cat %s" % state])
+    # the state was saved stopped, so it is restored stopped: go on once it is loaded
+    wait_for(lambda: "inmigrate" not in restored.monitor_command("info status"), 120,
+             "the restore")
+    restored.monitor_command("cont")
+    assert "running" in restored.monitor_command("info status")
+    c = connect(restored.qga_sock, timeout=60)
+    assert b"pong" in restored.request(0x0001)             # ArcBox answers too
+    guest = c.result("guest-get-time") / 1e9
+    assert time.time() - guest > 4, "the restored guest's clock should be behind"
+    assert c.result("guest-set-time") == {}
+    assert_clock_near_host(c, 1.0)
+    c.call("guest-shutdown", reply=False)
+    status = restored.wait(60)
+    assert status == 0 and "reboot: Power down" in restored.console()
+    lines = restored.console()
+    assert "shutdown requested (guest-shutdown from serial port org.qemu.guest_agent.0)" \
+        in lines, lines[-3000:]
+
+
+QEMU_GA_PORT = "org.qemu.guest_agent.peer"
+QEMU_GA_SCRIPT = b"""#!/bin/sh
+# qemu-ga on the second QGA port (the agent keeps org.qemu.guest_agent.0)
+for p in /sys/class/virtio-ports/*; do
+    [ "$(cat $p/name)" = %s ] && dev=/dev/${p##*/}
+done
+mkdir -p /data && mount -t ext4 /dev/vda /data
+exec /usr/sbin/qemu-ga -m virtio-serial -p "$dev" -t /run -f /run/qemu-ga.pid
+""" % QEMU_GA_PORT.encode()
+
+# read-only commands compared shape for shape
+COMPARED = ["guest-ping", "guest-get-time", "guest-get-host-name", "guest-get-osinfo",
+            "guest-get-timezone", "guest-get-users", "guest-get-vcpus",
+            "guest-network-get-interfaces", "guest-get-fsinfo", "guest-fsfreeze-status"]
+
+
+@pytest.fixture(scope="module")
+def peer_image(pyz, tmp_path_factory):
+    from conftest import guest_test_files, require_vm
+    require_vm("x86_64")
+    out = str(tmp_path_factory.mktemp("guest-qemu-ga") / "initramfs.cpio")
+    files = guest_test_files()
+    files["/test/qemu-ga.sh"] = QEMU_GA_SCRIPT
+    info = guestimage.build_initramfs(pyz, out, extra_files=files, qemu_ga=True)
+    info["kernel"] = guestimage.kernel_image(guestimage.fetch_packages())
+    info["initramfs"] = out
+    return info
+
+
+def test_replies_have_qemu_ga_shapes_and_qemu_ga_cannot_shut_a_busybox_guest_down(
+        boot, tmp_path, peer_image):
+    disk = fresh_disk(tmp_path)
+    vm = boot('arcbox.exec=/test/qemu-ga.sh', disk=disk, image=peer_image,
+              ports=[QEMU_GA_PORT])
+    ours = connect(vm.qga_sock, timeout=BOOT_TIMEOUT)
+    real = connect(vm.port_socket(QEMU_GA_PORT), timeout=BOOT_TIMEOUT)
+    version = real.result("guest-info")["version"]
+    differences = {}
+    for name in COMPARED:
+        a, b = ours.result(name), real.result(name)
+        if shape(a) != shape(b):
+            differences[name] = (shape(a), shape(b))
+    info_ours, info_real = ours.result("guest-info"), real.result("guest-info")
+    assert shape(info_ours) == shape(info_real)
+    real_names = {c["name"] for c in info_real["supported_commands"]}
+    assert {c["name"] for c in info_ours["supported_commands"]} <= real_names
+    for delimited in (False, True):
+        for client in (ours, real):
+            (client.sync_delimited if delimited else client.sync)()
+    assert differences == {}, "reply shapes differ from qemu-ga %s: %r" % (version,
+                                                                           differences)
+    # the same unknown command: the same error class
+    assert ours.call("guest-no-such")["error"]["class"] == \
+        real.call("guest-no-such")["error"]["class"] == "CommandNotFound"
+    # qemu-ga's guest-shutdown runs /sbin/shutdown, which busybox has not: the guest stays up
+    answer = real.call("guest-shutdown", timeout=20)
+    assert "error" in answer, answer
+    time.sleep(2)
+    assert vm.proc.poll() is None
+    print("qemu-ga %s guest-shutdown in a busybox guest: %r" % (version, answer))
+    ours.call("guest-shutdown", reply=False)
+    assert_powered_off(vm, vm.wait(60))
