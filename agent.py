@@ -2538,7 +2538,9 @@ def set_clock_from_peer(seconds, peer, policy):
 #       True for a persistent stream many host clients take turns on (a serial port), where
 #       garbage is skipped instead of answered;
 #   protocol.take(inbuf) -> None while inbuf holds no complete request, else one turn:
-#       (bytes consumed, reply bytes, effect or None, close after the reply?).
+#       (bytes consumed, reply bytes, effect or None, close after the reply?);
+#   protocol.forget(count): the connection dropped a partial request of `count` bytes (a
+#       serial stream's client went away mid-request); the next byte starts afresh.
 # One request per call, so that the server can stop when the peer is not reading.
 
 
@@ -2584,6 +2586,9 @@ class ArcBoxProtocol:
             self.dropped = 0
         rtype, rpayload, effect = self._answer(msg_type, payload)
         return consumed, encode_frame(rtype, rpayload, trace), effect, False
+
+    def forget(self, count):
+        self.dropped += count
 
     def _garbage_before(self, buf):
         """Resynchronise a serial stream, which cannot be closed and reopened like a socket:
@@ -2748,6 +2753,9 @@ class QgaProtocol:
                                                   "(--max-frame)" % self.max_frame)), None, False
         reply, effect = self.machine.answer(bytes(buf[:pos]), self.peer, self.peer_text)
         return pos, reply, effect, False
+
+    def forget(self, count):
+        self._restart(False)
 
     def _between_objects(self, buf):
         """Whitespace, a 0xFF, or garbage before the next object: one turn, or None when an
@@ -3578,7 +3586,7 @@ class SerialStream(Connection):
         if self.partial_since is not None and now - self.partial_since >= SERIAL_STALE_FRAME:
             log("debug", "%s: dropping a partial frame of %d bytes after %gs of silence"
                 % (self.peer_text, len(self.inbuf), SERIAL_STALE_FRAME))
-            self.protocol.dropped += len(self.inbuf)
+            self.protocol.forget(len(self.inbuf))
             self.inbuf = bytearray()
             self.partial_since = None
         return False               # never closed for time

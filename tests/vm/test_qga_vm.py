@@ -11,7 +11,6 @@ use (org.qemu.guest_agent.0), the agent's default as PID 1:
   read-only commands; every reply's shape (keys and JSON types) is compared, and qemu-ga's
   guest-shutdown is recorded failing in a busybox guest (no /sbin/shutdown)."""
 
-import os
 import re
 import subprocess
 import time

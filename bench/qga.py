@@ -1,0 +1,156 @@
+"""QGA benchmark: this agent vs Debian's qemu-ga in the same busybox guest (x86_64, TCG), the
+same host client, the same QEMU. Not a test: figures, printed and saved.
+
+One boot of the image the conformance test uses (tests/vm/test_qga_vm.py): the agent is PID 1
+and answers QGA on org.qemu.guest_agent.0; qemu-ga runs on a second virtio-serial port.
+- guest-ping round trip from the host, both agents interleaved in blocks (n per agent);
+- each agent's memory in the guest after the pings (RSS and PSS from /proc/PID/smaps_rollup,
+  printed on the console by a small loop in the guest);
+- every compared command's reply side by side, and qemu-ga's guest-shutdown in a busybox
+  guest.
+
+    python3 bench/qga.py [--pings 400] [--out bench/results/qga.json]
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import build  # noqa: E402
+import guestimage  # noqa: E402
+import vm as vmtool  # noqa: E402
+from qgaclient import connect  # noqa: E402
+
+PEER_PORT = "org.qemu.guest_agent.peer"
+SCRIPT = b"""#!/bin/sh
+for p in /sys/class/virtio-ports/*; do
+    [ "$(cat $p/name)" = %s ] && dev=/dev/${p##*/}
+done
+mkdir -p /data && mount -t ext4 /dev/vda /data
+/usr/sbin/qemu-ga -m virtio-serial -p "$dev" -t /run &
+ga=$!
+sleep 1
+while :; do
+    echo "MEM agent $(grep -E '^(Rss|Pss):' /proc/1/smaps_rollup | tr -s ' ' | tr '\\n' ' ')" \\
+         "qemu-ga $(grep -E '^(Rss|Pss):' /proc/$ga/smaps_rollup | tr -s ' ' | tr '\\n' ' ')"
+    sleep 1
+done
+""" % PEER_PORT.encode()
+COMPARED = ["guest-ping", "guest-get-time", "guest-get-host-name", "guest-get-osinfo",
+            "guest-get-timezone", "guest-get-users", "guest-get-vcpus",
+            "guest-network-get-interfaces", "guest-get-fsinfo", "guest-fsfreeze-status"]
+
+
+def pings(client, count):
+    times = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        client.result("guest-ping")
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def dist(xs):
+    xs = sorted(xs)
+    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]   # noqa: E731
+    return {"n": len(xs), "median_ms": round(statistics.median(xs) * 1000, 3),
+            "p10_ms": round(pick(0.10) * 1000, 3), "p90_ms": round(pick(0.90) * 1000, 3),
+            "max_ms": round(xs[-1] * 1000, 3)}
+
+
+def memory(console):
+    lines = re.findall(r"^MEM agent Rss: (\d+) kB Pss: (\d+) kB\s+qemu-ga Rss: (\d+) kB "
+                       r"Pss: (\d+) kB", console, re.M)
+    if not lines:
+        raise SystemExit("no MEM line on the console:\n" + console[-2000:])
+    a_rss, a_pss, q_rss, q_pss = map(int, lines[-1])
+    return {"arcbox-agent": {"rss_kib": a_rss, "pss_kib": a_pss},
+            "qemu-ga": {"rss_kib": q_rss, "pss_kib": q_pss}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pings", type=int, default=400, help="round trips per agent")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "qga.json"))
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="arcbox-qga-bench-")
+    pyz = os.path.join(work, "arcbox-agent.pyz")
+    build.build_pyz(pyz)
+    image = os.path.join(work, "initramfs.cpio")
+    info = guestimage.build_initramfs(pyz, image, extra_files={"/test/qga-bench.sh": SCRIPT},
+                                      qemu_ga=True)
+    kernel = guestimage.kernel_image(guestimage.fetch_packages())
+    disk = os.path.join(work, "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", disk], check=True)
+    machine = vmtool.VM(work, image, kernel, cmdline="arcbox.exec=/test/qga-bench.sh",
+                        disk=disk, ports=[PEER_PORT])
+    with machine:
+        ours = connect(machine.qga_sock, timeout=120)
+        real = connect(machine.port_socket(PEER_PORT), timeout=120)
+        replies = {}
+        for name in ["guest-info"] + COMPARED:
+            replies[name] = {"arcbox-agent": ours.call(name), "qemu-ga": real.call(name)}
+        times = {"arcbox-agent": [], "qemu-ga": []}
+        block = 20
+        for _ in range(max(1, args.pings // block)):
+            times["arcbox-agent"] += pings(ours, block)
+            times["qemu-ga"] += pings(real, block)
+        time.sleep(2.5)                          # a MEM line printed after the pings
+        mem = memory(machine.console())
+        shutdown = real.call("guest-shutdown", timeout=20)
+        time.sleep(2)
+        replies["guest-shutdown"] = {"qemu-ga": shutdown,
+                                     "qemu-ga: guest still running 2 s later":
+                                     machine.proc.poll() is None}
+        ours.call("guest-shutdown", reply=False)
+        status = machine.wait(60)
+        replies["guest-shutdown"]["arcbox-agent: QEMU exit status"] = status
+    ping = {who: dist(xs) for who, xs in times.items()}
+    qemu_version = subprocess.run([vmtool.QEMU, "--version"], capture_output=True,
+                                  text=True).stdout.splitlines()[0]
+    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "agent.py"],
+                           capture_output=True, text=True).stdout.strip()
+    report = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": commit + ("+dirty agent.py" if dirty else ""),
+        "qemu": qemu_version, "guest_kernel": info["release"],
+        "qemu_ga_version": replies["guest-info"]["qemu-ga"]["return"]["version"],
+        "guest_ping": ping,
+        "guest_ping_median_ratio": round(ping["arcbox-agent"]["median_ms"]
+                                         / ping["qemu-ga"]["median_ms"], 2),
+        "memory": mem,
+        "replies": replies,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print("QGA, this agent vs qemu-ga %s, same guest, same client (%s, commit %s)"
+          % (report["qemu_ga_version"], report["when"], report["commit"]))
+    for who in ("arcbox-agent", "qemu-ga"):
+        p, m = ping[who], mem[who]
+        print("  %-13s guest-ping median %.2f ms (p10 %.2f, p90 %.2f, n=%d); RSS %d KiB, "
+              "PSS %d KiB" % (who, p["median_ms"], p["p10_ms"], p["p90_ms"], p["n"],
+                              m["rss_kib"], m["pss_kib"]))
+    print("  guest-ping median ratio (agent / qemu-ga): %.2f" % report["guest_ping_median_ratio"])
+    print("  qemu-ga guest-shutdown: %r" % shutdown)
+    print("saved %s" % args.out)
+
+
+if __name__ == "__main__":
+    main()
