@@ -2640,20 +2640,32 @@ class ArcBoxProtocol:
 
 QGA_RESET = 0xFF                  # "discard partial input" (invalid in UTF-8, so never data)
 QGA_MAX_DEPTH = 64                # JSON nesting refused beyond this, before json recurses
+QGA_FAST_BYTES = 4096             # requests up to this size are decoded in one step
 QGA_WHITESPACE = b" \t\r\n"
 _QGA_GARBAGE_END = b" \t\r\n{[\xff"
-_qga_json = None                  # (json module, the scanner's pattern), on first use
+QGA_GARBAGE_RUN = 256             # a run of garbage is answered once, or every this many bytes
+_QGA_WAIT = object()              # _between_objects: "need more bytes"
+_qga_json = None                  # (decode, encode, the scanner's pattern), on first use
 
 
 def qga_json():
-    """json and the scanner's pattern: the structural bytes outside strings, and what ends
-    or escapes inside one. Imported here, once, so that only QGA pays for them."""
+    """JSON decode and encode functions (made once: json.loads and json.dumps with options
+    build a new decoder or encoder on every call) and the scanner's pattern: the structural
+    bytes outside strings, and what ends or escapes inside one. Imported here, once, so that
+    only QGA pays for them."""
     global _qga_json
     if _qga_json is None:
         import json
         import re
-        _qga_json = (json, re.compile(rb'["\\{}\[\]\xff]'))
+        decoder = json.JSONDecoder(parse_constant=_reject_constant)
+        _qga_json = (decoder.decode,
+                     json.JSONEncoder(separators=(", ", ": "), allow_nan=False).encode,
+                     re.compile(rb'["\\{}\[\]\xff]'), decoder.raw_decode)
     return _qga_json
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not JSON" % name)
 
 
 class QgaError(Exception):
@@ -2725,9 +2737,9 @@ class QgaProtocol:
 
     def take(self, buf):
         if not self.scan and not self.skipping:
-            turn = self._between_objects(buf)
+            turn = self._between_objects(buf) or self._whole_object(buf)
             if turn is not None:
-                return turn
+                return None if turn is _QGA_WAIT else turn
         end = self._scan(buf)
         if end is None:                        # the object goes on beyond buf
             if self.skipping:
@@ -2752,14 +2764,44 @@ class QgaProtocol:
             return pos, self._error_line(QgaError("JSON object larger than %d bytes "
                                                   "(--max-frame)" % self.max_frame)), None, False
         reply, effect = self.machine.answer(bytes(buf[:pos]), self.peer, self.peer_text)
-        return pos, reply, effect, False
+        return self._with_whitespace(buf, pos), reply, effect, False
+
+    def _whole_object(self, buf):
+        """The common case in one step: a small request that is all there, decoded by json's
+        C scanner straight from the front of the buffer. None sends everything else (a 0xFF,
+        an incomplete or invalid or large or deep object) to the scanner, which knows where
+        such an object ends."""
+        head = bytes(buf[:min(QGA_FAST_BYTES, self.max_frame)])
+        if QGA_RESET in head or head.count(b"[") + head.count(b"{") > QGA_MAX_DEPTH:
+            return None                   # a reset; or maybe too deep: the scanner counts
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(head) - 3:
+                return None               # invalid inside: the scanner's path answers it
+            text = head[:exc.start].decode("utf-8")   # a character cut by the slice
+        try:
+            request, end = qga_json()[3](text)
+        except (ValueError, RecursionError):
+            return None
+        pos = end if text.isascii() else len(text[:end].encode("utf-8"))
+        reply, effect = self.machine.answer_request(request, self.peer, self.peer_text)
+        return self._with_whitespace(buf, pos), reply, effect, False
+
+    @staticmethod
+    def _with_whitespace(buf, pos):
+        """Where the next turn starts: past the usual newline after an object."""
+        n = len(buf)
+        while pos < n and buf[pos] in QGA_WHITESPACE:
+            pos += 1
+        return pos
 
     def forget(self, count):
         self._restart(False)
 
     def _between_objects(self, buf):
-        """Whitespace, a 0xFF, or garbage before the next object: one turn, or None when an
-        object starts here."""
+        """Whitespace, a 0xFF, or garbage before the next object: one turn; _QGA_WAIT while a
+        run of garbage may go on; None when an object starts here."""
         n = len(buf)
         i = 0
         while i < n and buf[i] in QGA_WHITESPACE:
@@ -2774,6 +2816,8 @@ class QgaProtocol:
         end = 1
         while end < n and buf[end] not in _QGA_GARBAGE_END:
             end += 1
+        if end == n and n < QGA_GARBAGE_RUN:
+            return _QGA_WAIT               # the run may go on in the next read: one answer
         text = bytes(buf[:min(end, 32)]).decode("utf-8", "replace")
         log_limited("qga garbage", peer_group(self.peer), "warn",
                     "%s: QGA input that is not a JSON object: %r" % (self.peer_text, text))
@@ -2783,7 +2827,7 @@ class QgaProtocol:
     def _scan(self, buf):
         """Go on from where the last call stopped. None while the object is incomplete;
         else ("end", its length), ("reset", where the 0xFF is) or ("deep", bytes scanned)."""
-        search = qga_json()[1].search
+        search = qga_json()[2].search
         pos, depth, in_string, n = self.scan, self.depth, self.in_string, len(buf)
         if self.escaped:                       # a backslash ended the previous chunk
             if pos >= n:
@@ -2836,12 +2880,7 @@ class QgaProtocol:
 
 
 def qga_reply(obj, prefix=b""):
-    json = qga_json()[0]
-    return prefix + json.dumps(obj, separators=(", ", ": "), allow_nan=False).encode() + b"\n"
-
-
-def _reject_constant(name):
-    raise ValueError("%s is not JSON" % name)
+    return prefix + qga_json()[1](obj).encode() + b"\n"
 
 
 class QgaMachine:
@@ -2854,13 +2893,16 @@ class QgaMachine:
         self.freezer = freezer
 
     def answer(self, raw, peer, peer_text):
-        json = qga_json()[0]
-        request = None
+        """One request's bytes -> (answer line or b"", effect or None)."""
         try:
-            try:
-                request = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-                raise QgaError("JSON parse error, %s" % exc)
+            request = qga_json()[0](raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            return self._with_id({"error": {"class": "GenericError",
+                                            "desc": "JSON parse error, %s" % exc}}, None), None
+        return self.answer_request(request, peer, peer_text)
+
+    def answer_request(self, request, peer, peer_text):
+        try:
             name, command, args = self._check(request)
             if _log_level >= LOG_DEBUG:
                 log("debug", "QGA %s from %s" % (name, peer_text))

@@ -99,11 +99,15 @@ def test_sync_delimited_answers_with_a_leading_ff():
     (b'[' * 65 + b']' * 65, "nesting deeper than 64"),
 ])
 def test_bad_input_gets_a_generic_error_and_the_next_request_is_answered(bad, desc):
-    out, _, rest = feed(protocol(), [bad, b'{"execute":"guest-sync","arguments":{"id":5}}'])
+    after = b'{"execute":"guest-sync","arguments":{"id":5}}'
+    out, _, rest = feed(protocol(), [bad, after])
     got = answers(out)
     assert len(got) == 2, got
     assert got[0]["error"]["class"] == "GenericError" and desc in got[0]["error"]["desc"], got
     assert got[1] == {"return": 5} and rest == b""
+    # whole (json's one-step path) or a byte at a time (the scanner): the same answers
+    out, _, _ = feed(protocol(), [bytes([b]) for b in bad + after])
+    assert answers(out) == got
 
 
 def test_unknown_commands_are_command_not_found_with_the_id_echoed():
