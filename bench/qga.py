@@ -27,6 +27,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
+import agent  # noqa: E402
 import build  # noqa: E402
 import guestimage  # noqa: E402
 import vm as vmtool  # noqa: E402
@@ -61,6 +62,16 @@ def pings(client, count):
     return times
 
 
+def arcbox_pings(client, count):
+    """The same loop and serial port path, the ArcBox binary protocol: the loop's own share."""
+    times = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        client.request(agent.MSG_PING)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def dist(xs):
     xs = sorted(xs)
     pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]   # noqa: E731
@@ -79,9 +90,52 @@ def memory(console):
             "qemu-ga": {"rss_kib": q_rss, "pss_kib": q_pss}}
 
 
+def one_boot(work, image, kernel, disk, pings_per_agent):
+    """One boot: replies, round trips, memory, the two guest-shutdowns."""
+    machine = vmtool.VM(work, image, kernel, cmdline="arcbox.exec=/test/qga-bench.sh",
+                        disk=disk, ports=[PEER_PORT])
+    with machine:
+        # the agent's memory before any QGA request (json not loaded yet): the first MEM line
+        deadline = time.monotonic() + 120
+        while "MEM agent" not in machine.console():
+            if time.monotonic() > deadline:
+                raise SystemExit("no MEM line:\n" + machine.console()[-2000:])
+            time.sleep(0.1)
+        before = memory(machine.console())["arcbox-agent"]
+        ours = connect(machine.qga_sock, timeout=120)
+        real = connect(machine.port_socket(PEER_PORT), timeout=120)
+        replies = {}
+        for name in ["guest-info"] + COMPARED:
+            replies[name] = {"arcbox-agent": ours.call(name), "qemu-ga": real.call(name)}
+        times = {who: [] for who in WHO}
+        arcbox = agent.Client(("unix", machine.sock), 600.0)   # one deadline for all
+        arcbox.connect()
+        block = 20
+        for _ in range(max(1, pings_per_agent // block)):
+            times["arcbox-agent"] += pings(ours, block)
+            times["qemu-ga"] += pings(real, block)
+            times["arcbox-agent, ArcBox Ping"] += arcbox_pings(arcbox, block)
+        arcbox.close()
+        time.sleep(2.5)                          # a MEM line printed after the pings
+        mem = memory(machine.console())
+        shutdown = real.call("guest-shutdown", timeout=20)
+        time.sleep(2)
+        replies["guest-shutdown"] = {"qemu-ga": shutdown,
+                                     "qemu-ga: guest still running 2 s later":
+                                     machine.proc.poll() is None}
+        ours.call("guest-shutdown", reply=False)
+        replies["guest-shutdown"]["arcbox-agent: QEMU exit status"] = machine.wait(60)
+    return {"times": times, "memory": mem, "memory_agent_before_qga": before,
+            "replies": replies}
+
+
+WHO = ("arcbox-agent", "qemu-ga", "arcbox-agent, ArcBox Ping")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pings", type=int, default=400, help="round trips per agent")
+    parser.add_argument("--pings", type=int, default=400, help="round trips per agent and boot")
+    parser.add_argument("--boots", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "qga.json"))
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="arcbox-qga-bench-")
@@ -95,60 +149,50 @@ def main():
     with open(disk, "wb") as f:
         f.truncate(64 << 20)
     subprocess.run(["mkfs.ext4", "-q", "-F", disk], check=True)
-    machine = vmtool.VM(work, image, kernel, cmdline="arcbox.exec=/test/qga-bench.sh",
-                        disk=disk, ports=[PEER_PORT])
-    with machine:
-        ours = connect(machine.qga_sock, timeout=120)
-        real = connect(machine.port_socket(PEER_PORT), timeout=120)
-        replies = {}
-        for name in ["guest-info"] + COMPARED:
-            replies[name] = {"arcbox-agent": ours.call(name), "qemu-ga": real.call(name)}
-        times = {"arcbox-agent": [], "qemu-ga": []}
-        block = 20
-        for _ in range(max(1, args.pings // block)):
-            times["arcbox-agent"] += pings(ours, block)
-            times["qemu-ga"] += pings(real, block)
-        time.sleep(2.5)                          # a MEM line printed after the pings
-        mem = memory(machine.console())
-        shutdown = real.call("guest-shutdown", timeout=20)
-        time.sleep(2)
-        replies["guest-shutdown"] = {"qemu-ga": shutdown,
-                                     "qemu-ga: guest still running 2 s later":
-                                     machine.proc.poll() is None}
-        ours.call("guest-shutdown", reply=False)
-        status = machine.wait(60)
-        replies["guest-shutdown"]["arcbox-agent: QEMU exit status"] = status
-    ping = {who: dist(xs) for who, xs in times.items()}
+    boots = [one_boot(work, image, kernel, disk, args.pings) for _ in range(args.boots)]
+    per_boot = [{who: dist(b["times"][who]) for who in WHO} for b in boots]
+    ping = {who: dist([t for b in boots for t in b["times"][who]]) for who in WHO}
+    ratios = [round(p["arcbox-agent"]["median_ms"] / p["qemu-ga"]["median_ms"], 2)
+              for p in per_boot]
     qemu_version = subprocess.run([vmtool.QEMU, "--version"], capture_output=True,
                                   text=True).stdout.splitlines()[0]
     commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "agent.py"],
                            capture_output=True, text=True).stdout.strip()
+    replies = boots[-1]["replies"]
     report = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": commit + ("+dirty agent.py" if dirty else ""),
         "qemu": qemu_version, "guest_kernel": info["release"],
         "qemu_ga_version": replies["guest-info"]["qemu-ga"]["return"]["version"],
-        "guest_ping": ping,
-        "guest_ping_median_ratio": round(ping["arcbox-agent"]["median_ms"]
-                                         / ping["qemu-ga"]["median_ms"], 2),
-        "memory": mem,
+        "boots": args.boots, "pings_per_agent_per_boot": args.pings,
+        "guest_ping": ping, "guest_ping_per_boot": per_boot,
+        "samples_ms_per_boot": [{who: [round(t * 1000, 4) for t in b["times"][who]]
+                                 for who in WHO} for b in boots],
+        "guest_ping_median_ratio_per_boot": ratios,
+        "memory_per_boot": [b["memory"] for b in boots],
+        "memory_agent_before_qga_per_boot": [b["memory_agent_before_qga"] for b in boots],
         "replies": replies,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1, sort_keys=True)
         f.write("\n")
-    print("QGA, this agent vs qemu-ga %s, same guest, same client (%s, commit %s)"
-          % (report["qemu_ga_version"], report["when"], report["commit"]))
+    print("QGA, this agent vs qemu-ga %s, same guest, same client (%s, commit %s, %d boots)"
+          % (report["qemu_ga_version"], report["when"], report["commit"], args.boots))
+    for who in WHO:
+        p = ping[who]
+        print("  %-26s round trip median %.2f ms (p10 %.2f, p90 %.2f, n=%d)"
+              % (who, p["median_ms"], p["p10_ms"], p["p90_ms"], p["n"]))
+    print("  guest-ping median ratio per boot (agent / qemu-ga): %s" % ratios)
     for who in ("arcbox-agent", "qemu-ga"):
-        p, m = ping[who], mem[who]
-        print("  %-13s guest-ping median %.2f ms (p10 %.2f, p90 %.2f, n=%d); RSS %d KiB, "
-              "PSS %d KiB" % (who, p["median_ms"], p["p10_ms"], p["p90_ms"], p["n"],
-                              m["rss_kib"], m["pss_kib"]))
-    print("  guest-ping median ratio (agent / qemu-ga): %.2f" % report["guest_ping_median_ratio"])
-    print("  qemu-ga guest-shutdown: %r" % shutdown)
+        print("  %-13s memory after the pings, per boot: RSS %s KiB, PSS %s KiB" % (
+            who, [b["memory"][who]["rss_kib"] for b in boots],
+            [b["memory"][who]["pss_kib"] for b in boots]))
+    print("  the agent before its first QGA request, per boot: RSS %s KiB"
+          % [b["memory_agent_before_qga"]["rss_kib"] for b in boots])
+    print("  qemu-ga guest-shutdown: %r" % replies["guest-shutdown"]["qemu-ga"])
     print("saved %s" % args.out)
 
 
