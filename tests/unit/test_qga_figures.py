@@ -1,0 +1,49 @@
+"""The README's QGA figures against the saved run they quote, bench/results/qga.json: the
+round-trip medians and ratios are recomputed here from the raw samples, the memory from the
+readings, the side-by-side from the saved replies, so a hand-edited figure or a re-run
+without updating the README fails."""
+
+import json
+import os
+import statistics
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.join(HERE, "..", "..")
+
+
+def load():
+    with open(os.path.join(REPO, "bench", "results", "qga.json")) as f:
+        data = json.load(f)
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    start = readme.index("## Management stacks")
+    section = readme[start:readme.index("\n## ", start + 1)]
+    return data, " ".join(section.split())
+
+
+def test_the_round_trips_and_memory_in_the_readme_are_the_saved_run():
+    data, text = load()
+    boots = data["samples_ms_per_boot"]
+    assert len(boots) >= 3 and all(len(b["qemu-ga"]) >= 400 for b in boots)
+    ours = [statistics.median(b["arcbox-agent"]) for b in boots]
+    real = [statistics.median(b["qemu-ga"]) for b in boots]
+    assert "arcbox-agent %s ms" % "/".join("%.2f" % x for x in ours) in text
+    assert "qemu-ga %s ms" % "/".join("%.2f" % x for x in real) in text
+    assert "(ratio %s)" % "/".join("%.2f" % (a / q) for a, q in zip(ours, real)) in text
+    for who in ("arcbox-agent", "qemu-ga"):
+        everything = [t for b in boots for t in b[who]]
+        assert "%s %.2f ms (p10" % (who, statistics.median(everything)) in text
+    rss = {who: "/".join(str(m[who]["rss_kib"]) for m in data["memory_per_boot"])
+           for who in ("arcbox-agent", "qemu-ga")}
+    assert "arcbox-agent %s KiB" % rss["arcbox-agent"] in text
+    assert "qemu-ga, which only answers QGA, %s KiB" % rss["qemu-ga"] in text
+    assert "commit %s" % data["commit"] in text
+
+
+def test_the_side_by_side_is_what_qemu_ga_answered():
+    data, text = load()
+    shutdown = data["replies"]["guest-shutdown"]
+    assert shutdown["qemu-ga: guest still running 2 s later"] is True
+    assert shutdown["arcbox-agent: QEMU exit status"] == 0
+    assert "`%s`" % json.dumps(shutdown["qemu-ga"]) in text
+    assert "qemu-ga %s" % data["qemu_ga_version"] in text
