@@ -898,7 +898,9 @@ USAGE = """usage: %(prog)s [serve] [OPTIONS]    run the guest agent (the default
 
 arcbox-agent is a tiny init for Linux VM guests. As PID 1 it reaps orphans, listens for the
 ArcBox host protocol and, on Shutdown, stops the guest in order: ack, SIGTERM+SIGCONT to all,
-wait up to the grace while reaping, SIGKILL the rest, sync, reboot(POWER_OFF).
+wait up to the grace while reaping, SIGKILL the rest, sync, reboot(POWER_OFF). It also
+answers the QEMU guest agent protocol (libvirt, Proxmox VE, KubeVirt) on the virtio-serial
+port org.qemu.guest_agent.0: guest-shutdown, the clock, addresses, filesystems, fsfreeze.
 Not PID 1, it serves Ping/GetSystemInfo and refuses Shutdown.
 
 serve options (flag --name VALUE, or kernel cmdline arcbox.name=VALUE; flags win):
@@ -3733,6 +3735,8 @@ class Server(Source):
         except OSError as exc:
             listener.failed(now)
             level = "warn" if listener.failures == 1 else "debug"
+            if level == "warn" and listener.addr[0] == "serial" and exc.errno == errno.ENOENT:
+                level = "info"      # a port the VMM may not give (QGA's, outside libvirt)
             log(level, "cannot listen on %s: %s; retrying in %gs"
                 % (listener.text, exc.strerror or exc, listener.retry_at - now))
             return

@@ -280,3 +280,38 @@ print(before, "json" in sys.modules)
                           os.path.dirname(os.path.abspath(agent.__file__))],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "True"], out.stderr
+
+
+def test_vsock_peers_follow_the_allow_list():
+    host, local = ("vsock", 2, 1234), ("vsock", 1, 1234)
+    out, effects, _ = feed(protocol(peer=local), [b'{"execute":"guest-shutdown"}'])
+    assert effects == [] and "vsock peer cid 1" in answers(out)[0]["error"]["desc"]
+    out, effects, _ = feed(protocol(peer=host), [b'{"execute":"guest-shutdown"}'])
+    assert out == [] and effects == [("shutdown", 0, "poweroff")]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("auto", "auto"), ("off", "off"), ("none", "off"),
+    ("serial:org.qemu.guest_agent.0", ("serial", "org.qemu.guest_agent.0")),
+    ("vsock:any:9999", ("vsock", agent.VMADDR_CID_ANY, 9999)),
+    ("unix:/run/qga.sock", ("unix", "/run/qga.sock")),
+])
+def test_qga_addresses_parse(text, expected):
+    assert agent._parse_qga(text) == expected
+
+
+@pytest.mark.parametrize("text", ["vsock:any", "hvsock:/tmp/v.sock:1", "tcp:1", ""])
+def test_bad_qga_addresses_are_refused_with_a_reason(text):
+    with pytest.raises(agent.ConfigError):
+        agent._parse_qga(text)
+
+
+def test_qga_is_on_the_usual_port_as_pid1_only_unless_told():
+    assert agent.qga_addresses("auto", True) == [("serial", agent.QGA_PORT_NAME)]
+    assert agent.qga_addresses("auto", False) == []
+    assert agent.qga_addresses("off", True) == []
+    assert agent.qga_addresses(("unix", "/x"), False) == [("unix", "/x")]
+    config, problems = agent.build_config({}, {"qga": "vsock:any"})
+    assert config["qga"] == "auto" and "needs a port" in problems[0][1]
+    config, problems = agent.build_config({"freeze_timeout": ["0"]}, {})
+    assert config["freeze_timeout"] == 0.0 and problems == []
