@@ -26,7 +26,8 @@ defines it (tests/unit/test_structure.py checks both that and this table):
       - the loop and its sources
       - signals
       - reaping: every child, and every orphan when PID 1
-  5. The sources: programs, the power button, the host notify, two protocols, the server
+  5. The sources: modules, programs, the power button, notify, two protocols, the server
+      - kernel modules in the background: the transports first, then the rest
       - supervised programs: the workload (--exec), udhcpc
       - the power button: evdev devices that can report KEY_POWER
       - telling the host: systemd's VM notify protocol
@@ -1357,17 +1358,18 @@ def udhcpc_script(event, env):
 # ---- boot duties: what needs the configuration ----------------------------------------------
 
 def boot_duties(config):
-    """PID 1's duties that need the configuration (early_boot() ran before it was read),
-    each best-effort: a failure is logged and boot goes on."""
+    """PID 1's duties that need the configuration (early_boot() ran before it was read) and
+    no kernel module: the hostname. The modules load in the background while the agent
+    serves (ModuleLoader); the network is configured once they are in (Agent)."""
     if sys.platform.startswith("linux"):
         set_hostname(config["hostname"])
+
+
+def boot_modules(config):
+    """(the cmdline's modules, the optional power-button ones) for PID 1 to load."""
     wanted = POWER_BUTTON_MODULES.get(os.uname().machine, ["evdev"]) \
         if config["power_button"] else []
-    failed = load_modules(config["modules"], optional=wanted)
-    if failed:
-        log("warn", "modules not loaded: %s" % ", ".join(failed))
-    if sys.platform.startswith("linux"):
-        configure_network(config["net"], config["dns"])
+    return list(config["modules"]), wanted
 
 
 # =============================================================================================
@@ -1595,8 +1597,148 @@ class Reaper(Source):
 
 
 # =============================================================================================
-# 5. The sources: programs, the power button, the host notify, two protocols, the server
+# 5. The sources: modules, programs, the power button, notify, two protocols, the server
 # =============================================================================================
+
+
+# ---- kernel modules in the background: the transports first, then the rest -----------------
+
+# Loading the cmdline's modules one after another before serving kept the host waiting for
+# modules it does not need to talk to the guest (ext4 alone takes ~0.25 s under TCG). So a
+# child of PID 1 loads them while the loop serves: first the ones the listeners' transports
+# need (virtio-serial, vsock), in the order given; then the rest, in order. The child says on
+# a pipe when the transports are in ("T") and when everything is ("D"); the agent then opens
+# the listeners, and only after "D" starts what may need any module (the network, the
+# workload, the power button). The child is a process like any other at shutdown: TERMed,
+# KILLed, reaped.
+TRANSPORT_MODULES = frozenset((
+    "virtio_pci", "virtio_mmio", "virtio_console",              # virtio-serial ports
+    "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
+    "vsock_loopback", "hv_vmbus", "hv_sock", "vmw_vsock_vmci_transport"))
+MODULES_TIMEOUT = 120.0           # a module load that hangs must not keep the workload forever
+
+
+def split_transports(names):
+    """(the transport modules, the rest), each in the order given."""
+    norm = [n.replace("-", "_") for n in names]
+    return ([n for n in norm if n in TRANSPORT_MODULES],
+            [n for n in norm if n not in TRANSPORT_MODULES])
+
+
+class ModuleLoader(Source):
+    """The background module load described above. `on_transports()` and then `on_done()`
+    are called once each, in that order, also when there is nothing to load, when the child
+    fails or when it outlives MODULES_TIMEOUT; stop() (at shutdown) calls neither again.
+    `load(names, optional)` is load_modules (a test passes a fake)."""
+
+    def __init__(self, names, optional, reaper, on_transports, on_done, load=None):
+        self.transports, self.rest = split_transports(names)
+        self.optional = list(optional)
+        self.reaper = reaper
+        self.on_transports, self.on_done = on_transports, on_done
+        self.load = load or load_modules
+        self.pid = None
+        self.pipe = -1
+        self.buf = b""
+        self.started = None
+        self.state = "idle"        # idle, transports (loading them), rest, done, stopped
+
+    def start(self):
+        self.started = time.monotonic()
+        if not (self.transports or self.rest or self.optional):
+            self._finish()
+            return
+        r, w = os.pipe()
+        os.set_inheritable(r, False)
+        self.pid = run_in_child(lambda: self._child(r, w))
+        os.close(w)
+        if self.pid is None:
+            os.close(r)
+            log("error", "cannot fork the module loader; loading the modules in PID 1")
+            self._child_steps(self.load, lambda mark: None)
+            self._finish()
+            return
+        self.pipe = r
+        self.state = "transports"
+        self.reaper.watch(self.pid, self._exited)
+        log("info", "loading modules in the background: %s"
+            % " ".join(self.transports + self.rest + self.optional))
+
+    def _child(self, r, w):
+        os.close(r)
+        signal.set_wakeup_fd(-1)
+        for sig in HANDLED_SIGNALS + [signal.SIGTERM, signal.SIGINT]:
+            signal.signal(sig, signal.SIG_DFL)   # a TERM at shutdown ends it, as anyone
+        self._child_steps(self.load, lambda mark: os.write(w, mark))
+        return 0
+
+    def _child_steps(self, load, mark):
+        failed = load(self.transports, ())
+        mark(b"T")
+        failed += load(self.rest, self.optional)
+        if failed:
+            log("warn", "modules not loaded: %s" % ", ".join(failed))
+        mark(b"D")
+
+    # the event loop's view
+    def wants(self, now):
+        if self.pipe >= 0:
+            yield self.pipe, select.POLLIN, self._read, None
+
+    def deadline(self):
+        if self.state in ("transports", "rest"):
+            return self.started + MODULES_TIMEOUT
+        return None
+
+    def tick(self, now):
+        if self.state in ("transports", "rest") and now >= self.started + MODULES_TIMEOUT:
+            log("warn", "modules still loading after %gs; going on without them"
+                % MODULES_TIMEOUT)
+            self._finish()
+
+    def _read(self, _, mask):
+        try:
+            data = os.read(self.pipe, 64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if b"T" in data and self.state == "transports":
+            self.state = "rest"
+            self.on_transports()
+        if b"D" in data or not data:
+            if not data and self.state in ("transports", "rest"):
+                log("warn", "the module loader ended before it was done")
+            self._finish()
+
+    def _exited(self, pid, status):
+        if status and self.state in ("transports", "rest"):
+            log("warn", "the module loader %s" % describe_status(status))
+
+    def _finish(self):
+        self._close_pipe()
+        if self.state == "stopped" or self.state == "done":
+            return
+        if self.state in ("idle", "transports"):
+            self.state = "rest"
+            self.on_transports()
+        self.state = "done"
+        if self.pid is not None:
+            log("info", "modules: all in after %.3fs" % (time.monotonic() - self.started))
+        self.on_done()
+
+    def stop(self):
+        """Shutdown: no more callbacks; the child is TERMed with everyone else."""
+        if self.state != "done":
+            self.state = "stopped"
+        self._close_pipe()
+
+    def _close_pipe(self):
+        if self.pipe >= 0:
+            os.close(self.pipe)
+            self.pipe = -1
+
+    close = stop
 
 
 # ---- supervised programs: the workload (--exec), udhcpc -------------------------------------
@@ -3729,6 +3871,15 @@ class Server(Source):
                 self.close_conn(conn)
 
     # ---- listeners --------------------------------------------------------------------------
+    def retry_now(self):
+        """Open every listener that is not open yet at once (its transport just came in),
+        instead of at its back-off's next turn."""
+        now = time.monotonic()
+        for listener in self.listeners:
+            if not listener.is_open:
+                listener.backoff = BIND_RETRY_FIRST
+                self._try_open(listener, now)
+
     def _try_open(self, listener, now):
         try:
             conn = listener.open(now)
@@ -4607,8 +4758,9 @@ class Agent:
     """Wires the parts into one loop: the signal inbox, the reaper, the server, the workload
     and the shutdown sequence, and decides what starts a shutdown. Guest side, one thread."""
 
-    def __init__(self, config, is_init, inbox=None):
+    def __init__(self, config, is_init, inbox=None, modules=None, load=None):
         self.is_init = is_init
+        self.net, self.dns = config["net"], config["dns"]
         self.action, self.grace = config["action"], config["grace"]   # what a stop means
         self.delegate = bool(config["delegate"]) and not is_init
         self.can_power_off = is_init or self.delegate
@@ -4616,6 +4768,12 @@ class Agent:
         self.inbox = inbox or SignalInbox()
         self.inbox.route = self.on_signal
         self.reaper = Reaper()
+        self.serving = False       # "ready" said (and READY=1 sent)
+        # PID 1 loads the cmdline's modules; `modules` ((names, optional)) and `load` (the
+        # loading function) let a test give any agent a fake
+        names, optional = boot_modules(config) if is_init else (modules or ([], []))
+        self.modules = ModuleLoader(names, optional, self.reaper, self.on_transports_in,
+                                    self.on_modules_in, load=load)
         policy = RequestPolicy(config["allow"], self.can_power_off, owns_clock=is_init)
         max_frame = config["max_frame"]
         spare = mounts_to_spare() if self.can_power_off or config["qga"] != "off" \
@@ -4648,8 +4806,8 @@ class Agent:
         # and the shutdown sequence (they read what it reaped: "nobody left" must be current
         # when the sequence steps), the sequence last (it acts on what the others did).
         self.loop = EventLoop()
-        for source in (self.inbox, self.reaper, self.server, self.buttons, self.notifier,
-                       self.freezer, self.workload, self.dhcp, self.shutdown):
+        for source in (self.inbox, self.reaper, self.modules, self.server, self.buttons,
+                       self.notifier, self.freezer, self.workload, self.dhcp, self.shutdown):
             if source is not None:
                 self.loop.add(source)
 
@@ -4664,16 +4822,32 @@ class Agent:
                                                   "now sends SIGINT"))
         # A signal that came during boot is acted on now, before the workload would start.
         self.inbox.tick(time.monotonic())
-        self.server.open()
-        if self.buttons is not None:
-            self.buttons.start()
-        self.dhcp.start()          # the agent serves while it asks for a lease
-        self.workload.start()
+        self.server.open()         # what can open already: Unix sockets, ports already there
+        if not self.shutdown.active:
+            self.modules.start()   # the rest follows from on_transports_in, on_modules_in
+
+    def on_transports_in(self):
+        """The modules the listeners need are in: open them now, and say we serve."""
+        self.server.retry_now()
+        if self.serving:
+            return
+        self.serving = True
         log("info", "ready (pid %d, version %s)" % (os.getpid(), __version__))
         listening = ",".join(l.text for l in self.server.listeners if l.is_open) or "nothing"
         self.notifier.send("READY=1\nSTATUS=arcbox-agent %s serving on %s\n"
                            "X_SYSTEMD_HOSTNAME=%s\n" % (__version__, listening,
                                                          socket.gethostname()))
+
+    def on_modules_in(self):
+        """Every module is in (or given up on): what may need one starts now."""
+        if self.shutdown.active:
+            return                  # a stop came while they loaded: start nothing
+        if self.is_init and sys.platform.startswith("linux"):
+            configure_network(self.net, self.dns)
+        if self.buttons is not None:
+            self.buttons.start()
+        self.dhcp.start()          # the agent serves while it asks for a lease
+        self.workload.start()
 
     def run(self):
         """Serve until exit_code is set (never as PID 1). Nothing escapes: an exception in
@@ -4704,6 +4878,7 @@ class Agent:
         if not self.can_power_off:
             log("error", "shutdown (%s) ignored: not PID 1 and not --delegate" % reason)
             return
+        self.modules.stop()        # the loader is just another process to TERM
         self.workload.stop()
         self.dhcp.stop()           # udhcpc is just another process to TERM
         if self.freezer.frozen:    # writers blocked on a frozen disk would outlive SIGKILL
@@ -4800,7 +4975,8 @@ def serve_main(argv, is_init, cmdline_path="/proc/cmdline"):
     if config is None:
         inbox.close()
         return status
-    # 4. Boot duties that need the configuration (PID 1): hostname, kernel modules.
+    # 4. Boot duties that need the configuration (PID 1): the hostname. (Kernel modules
+    #    load in the background while the agent serves; see ModuleLoader.)
     if is_init:
         boot_duties(config)
     # 5. Serve: one loop until power-off (PID 1) or a stop signal (not PID 1).
