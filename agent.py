@@ -68,6 +68,11 @@ import time
 from collections import namedtuple
 from struct import Struct
 
+# The start, step by step, on the boot clock: logged once the agent serves (start_report), so
+# that a slow start tells where its time went. The first step ends here, the imports done.
+_START_STEPS = [("interpreter, agent.pyc and imports", time.clock_gettime(
+    getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)))]
+
 
 # =============================================================================================
 # 1. Primitives: logging, files, the C library, child processes
@@ -179,6 +184,25 @@ def _since_boot():
         except OSError:
             pass
     return time.monotonic()
+
+
+def start_step(name):
+    """The step `name` of the start has just ended."""
+    _START_STEPS.append((name, _since_boot()))
+
+
+def start_report():
+    """'exec at T s; step +seconds, ...': the start's steps since the kernel ran us."""
+    try:
+        ticks = int(_read_text("/proc/self/stat").rsplit(")", 1)[1].split()[19])
+        previous = ticks / os.sysconf("SC_CLK_TCK")      # starttime: clock ticks since boot
+        text = "exec at %.3fs" % previous
+    except (ValueError, IndexError, OSError):
+        previous, text = _START_STEPS[0][1], "exec at ?"
+    for name, when in _START_STEPS:
+        text += ", %s +%.3fs" % (name, when - previous)
+        previous = when
+    return text
 
 
 def describe_exception(exc):
@@ -4832,7 +4856,9 @@ class Agent:
         if self.serving:
             return
         self.serving = True
-        log("info", "ready (pid %d, version %s)" % (os.getpid(), __version__))
+        start_step("transports and listeners")
+        log("info", "ready (pid %d, version %s); %s" % (os.getpid(), __version__,
+                                                         start_report()))
         listening = ",".join(l.text for l in self.server.listeners if l.is_open) or "nothing"
         self.notifier.send("READY=1\nSTATUS=arcbox-agent %s serving on %s\n"
                            "X_SYSTEMD_HOSTNAME=%s\n" % (__version__, listening,
@@ -4969,16 +4995,19 @@ def serve_main(argv, is_init, cmdline_path="/proc/cmdline"):
     # 2. Early boot (PID 1): stdio, /proc, /sys, /dev and friends, then the console again.
     if is_init:
         early_boot()
+    start_step("early boot")
     # 3. Configuration: defaults < kernel cmdline (needs /proc) < flags.
     config, status = read_configuration(argv, _read_text(cmdline_path) if cmdline_path else "",
                                         is_init)
     if config is None:
         inbox.close()
         return status
+    start_step("configuration")
     # 4. Boot duties that need the configuration (PID 1): the hostname. (Kernel modules
     #    load in the background while the agent serves; see ModuleLoader.)
     if is_init:
         boot_duties(config)
+    start_step("boot duties")
     # 5. Serve: one loop until power-off (PID 1) or a stop signal (not PID 1).
     return Agent(config, is_init, inbox).run()
 
@@ -5295,6 +5324,9 @@ def entry():
     if os.getpid() == 1:
         run_as_init()
     return main()
+
+
+start_step("agent module")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,19 @@ def guest_image(pyz, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def big_module_image(pyz, tmp_path_factory):
+    """The x86_64 image with btrfs in it too: a large module (with raid6_pq and xor, which
+    benchmark themselves at load) to load last, for the tests of serving while modules load."""
+    require_vm("x86_64")
+    out = str(tmp_path_factory.mktemp("guest-big-module") / "initramfs.cpio")
+    info = guestimage.build_initramfs(pyz, out, extra_files=guest_test_files(),
+                                      modules=guestimage.image_modules("x86_64") + ["btrfs"])
+    info["kernel"] = guestimage.kernel_image(guestimage.fetch_packages())
+    info["initramfs"] = out
+    return info
+
+
+@pytest.fixture(scope="session")
 def arm_image(pyz, tmp_path_factory):
     return make_image(pyz, tmp_path_factory, "aarch64")
 
