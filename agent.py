@@ -1279,11 +1279,16 @@ def write_resolv_conf(servers):
     return None
 
 
-def configure_network(net, dns):
-    """PID 1 at boot: lo up, always; then the static address, if that is the mode. DHCP
-    starts later, supervised (Agent.start). Failures are log lines."""
+def loopback_up():
+    """PID 1 at boot, before any module (lo needs none): 127.0.0.1 works from the start."""
     state = interface_up("lo")
     log("debug" if state in ("up", "already up") else "warn", "network: lo %s" % state)
+
+
+def configure_network(net, dns):
+    """PID 1 once the modules are in (a NIC's driver may be one): the static address, if
+    that is the mode, and the nameservers. DHCP starts then too, supervised (Agent).
+    Failures are log lines."""
     if net[0] == "static":
         _, iface, addr, prefix, gateway = net
         why = set_ipv4(iface, addr, prefix) or (
@@ -1383,10 +1388,11 @@ def udhcpc_script(event, env):
 
 def boot_duties(config):
     """PID 1's duties that need the configuration (early_boot() ran before it was read) and
-    no kernel module: the hostname. The modules load in the background while the agent
-    serves (ModuleLoader); the network is configured once they are in (Agent)."""
+    no kernel module: the hostname, lo. The modules load in the background while the agent
+    serves (ModuleLoader); the rest of the network is configured once they are in (Agent)."""
     if sys.platform.startswith("linux"):
         set_hostname(config["hostname"])
+        loopback_up()
 
 
 def boot_modules(config):
@@ -5003,7 +5009,7 @@ def serve_main(argv, is_init, cmdline_path="/proc/cmdline"):
         inbox.close()
         return status
     start_step("configuration")
-    # 4. Boot duties that need the configuration (PID 1): the hostname. (Kernel modules
+    # 4. Boot duties that need the configuration (PID 1): the hostname, lo. (Kernel modules
     #    load in the background while the agent serves; see ModuleLoader.)
     if is_init:
         boot_duties(config)

@@ -33,7 +33,7 @@ import guestimage  # noqa: E402
 import vm as vmtool  # noqa: E402
 from qgaclient import connect  # noqa: E402
 
-PEER_PORT = "org.qemu.guest_agent.peer"
+PEER_PORT = vmtool.QEMU_GA_PEER_PORT
 SCRIPT = b"""#!/bin/sh
 for p in /sys/class/virtio-ports/*; do
     [ "$(cat $p/name)" = %s ] && dev=/dev/${p##*/}

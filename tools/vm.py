@@ -21,6 +21,7 @@ from guestctl import GuestProcess
 
 SERIAL_PORT_NAME = "org.arcbox.agent"
 QGA_PORT_NAME = "org.qemu.guest_agent.0"      # what libvirt and Proxmox VE give the guest
+QEMU_GA_PEER_PORT = "org.qemu.guest_agent.peer"   # Debian's qemu-ga, beside the agent (tests)
 QEMU = "qemu-system-x86_64"
 QEMU_BY_ARCH = {"x86_64": (QEMU, "qemu-system-x86"),
                 "aarch64": ("qemu-system-aarch64", "qemu-system-arm")}

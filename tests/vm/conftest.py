@@ -45,6 +45,30 @@ def guest_image(pyz, tmp_path_factory):
     return make_image(pyz, tmp_path_factory, "x86_64")
 
 
+QEMU_GA_SCRIPT = b"""#!/bin/sh
+# qemu-ga on the second QGA port (the agent keeps org.qemu.guest_agent.0)
+for p in /sys/class/virtio-ports/*; do
+    [ "$(cat $p/name)" = %s ] && dev=/dev/${p##*/}
+done
+mkdir -p /data && mount -t ext4 /dev/vda /data
+exec /usr/sbin/qemu-ga -m virtio-serial -p "$dev" -t /run
+""" % vmtool.QEMU_GA_PEER_PORT.encode()
+
+
+@pytest.fixture(scope="session")
+def peer_image(pyz, tmp_path_factory):
+    """The x86_64 image with Debian's qemu-ga too, and /test/qemu-ga.sh, which mounts
+    /dev/vda on /data and runs qemu-ga on the port vm.QEMU_GA_PEER_PORT."""
+    require_vm("x86_64")
+    out = str(tmp_path_factory.mktemp("guest-qemu-ga") / "initramfs.cpio")
+    files = guest_test_files()
+    files["/test/qemu-ga.sh"] = QEMU_GA_SCRIPT
+    info = guestimage.build_initramfs(pyz, out, extra_files=files, qemu_ga=True)
+    info["kernel"] = guestimage.kernel_image(guestimage.fetch_packages())
+    info["initramfs"] = out
+    return info
+
+
 @pytest.fixture(scope="session")
 def big_module_image(pyz, tmp_path_factory):
     """The x86_64 image with btrfs in it too: a large module (with raid6_pq and xor, which

@@ -19,6 +19,7 @@ def test_aarch64_serves_loads_modules_and_shuts_down_in_order(boot, arm_image):
     vm.wait_ready(BOOT_TIMEOUT)
     info = agent.decode_message(agent.SYSTEM_INFO, vm.request(agent.MSG_GET_SYSTEM_INFO))
     assert info["arch"] == "aarch64" and info["hostname"] == "arcbox"
+    vm.wait_log("modules: all in", BOOT_TIMEOUT)               # they load while it serves
     lines = vm.messages()
     for module in ("virtio_console", "vsock_loopback", "gpio_keys"):
         assert "module %s loaded" % module in lines, lines   # finit_module, not a modprobe
@@ -45,6 +46,7 @@ def test_aarch64_gpio_power_button_powers_off_in_order(boot, arm_image):
     input events on a 64-bit guest, read through evdev."""
     vm = boot("arcbox.grace=2", image=arm_image)
     vm.wait_ready(BOOT_TIMEOUT)
+    vm.wait_log("power button: watching", BOOT_TIMEOUT)   # armed once its modules are in
     assert any(l.startswith("power button: watching") and "gpio-keys" in l
                for l in vm.messages()), vm.messages()
     vm.monitor_command("system_powerdown")

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-import guestimage
 from helpers import wait_for
+import vm as vmtool
 from qgaclient import connect, shape
 from vmchecks import assert_powered_off, fresh_disk
 
@@ -136,15 +136,6 @@ def test_the_clock_from_the_rtc_and_a_snapshot_restore_then_guest_shutdown(boot,
         in lines, lines[-3000:]
 
 
-QEMU_GA_PORT = "org.qemu.guest_agent.peer"
-QEMU_GA_SCRIPT = b"""#!/bin/sh
-# qemu-ga on the second QGA port (the agent keeps org.qemu.guest_agent.0)
-for p in /sys/class/virtio-ports/*; do
-    [ "$(cat $p/name)" = %s ] && dev=/dev/${p##*/}
-done
-mkdir -p /data && mount -t ext4 /dev/vda /data
-exec /usr/sbin/qemu-ga -m virtio-serial -p "$dev" -t /run -f /run/qemu-ga.pid
-""" % QEMU_GA_PORT.encode()
 
 # QEMU's user network, restricted: nothing leaves it; eth0 gets a static address
 NIC = ["-netdev", "user,id=n,restrict=on", "-device", "virtio-net-pci,netdev=n"]
@@ -154,26 +145,13 @@ COMPARED = ["guest-ping", "guest-get-time", "guest-get-host-name", "guest-get-os
             "guest-network-get-interfaces", "guest-get-fsinfo", "guest-fsfreeze-status"]
 
 
-@pytest.fixture(scope="module")
-def peer_image(pyz, tmp_path_factory):
-    from conftest import guest_test_files, require_vm
-    require_vm("x86_64")
-    out = str(tmp_path_factory.mktemp("guest-qemu-ga") / "initramfs.cpio")
-    files = guest_test_files()
-    files["/test/qemu-ga.sh"] = QEMU_GA_SCRIPT
-    info = guestimage.build_initramfs(pyz, out, extra_files=files, qemu_ga=True)
-    info["kernel"] = guestimage.kernel_image(guestimage.fetch_packages())
-    info["initramfs"] = out
-    return info
-
-
 def test_replies_have_qemu_ga_shapes_and_qemu_ga_cannot_shut_a_busybox_guest_down(
         boot, tmp_path, peer_image):
     disk = fresh_disk(tmp_path)
     vm = boot('arcbox.exec=/test/qemu-ga.sh arcbox.net=eth0:10.0.2.15/24', disk=disk,
-              image=peer_image, ports=[QEMU_GA_PORT], qemu_args=NIC)
+              image=peer_image, ports=[vmtool.QEMU_GA_PEER_PORT], qemu_args=NIC)
     ours = connect(vm.qga_sock, timeout=BOOT_TIMEOUT)
-    real = connect(vm.port_socket(QEMU_GA_PORT), timeout=BOOT_TIMEOUT)
+    real = connect(vm.port_socket(vmtool.QEMU_GA_PEER_PORT), timeout=BOOT_TIMEOUT)
     version = real.result("guest-info")["version"]
     differences = {}
     for name in COMPARED:
