@@ -191,14 +191,42 @@ def start_step(name):
     _START_STEPS.append((name, _since_boot()))
 
 
-def start_report():
-    """'exec at T s; step +seconds, ...': the start's steps since the kernel ran us."""
+def kernel_handoff():
+    """When the kernel ran init, on the boot clock: its "Run /init as init process" line in
+    the kernel log (also with `quiet`). PID 1's /proc starttime is no use: that is when the
+    kernel made the task, before it unpacked the initramfs and probed the devices."""
     try:
-        ticks = int(_read_text("/proc/self/stat").rsplit(")", 1)[1].split()[19])
-        previous = ticks / os.sysconf("SC_CLK_TCK")      # starttime: clock ticks since boot
-        text = "exec at %.3fs" % previous
-    except (ValueError, IndexError, OSError):
-        previous, text = _START_STEPS[0][1], "exec at ?"
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                return None                # the end of the log: no such line
+            except OSError:
+                continue                   # EPIPE: a record overwritten while we read
+            head, _, text = record.partition(b";")
+            if text.startswith(b"Run ") and b" as init process" in text:
+                return int(head.split(b",")[2]) / 1e6   # "prio,seq,usec since boot,flags"
+    except (ValueError, IndexError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def start_report(is_init):
+    """'exec at T s, step +seconds, ...': the start's steps since the kernel ran us."""
+    previous = kernel_handoff() if is_init else None
+    if previous is None and not is_init:
+        try:
+            ticks = int(_read_text("/proc/self/stat").rsplit(")", 1)[1].split()[19])
+            previous = ticks / os.sysconf("SC_CLK_TCK")  # starttime: clock ticks since boot
+        except (ValueError, IndexError, OSError):
+            pass
+    text = "exec at %.3fs" % previous if previous is not None else "exec at ?"
+    previous = previous if previous is not None else _START_STEPS[0][1]
     for name, when in _START_STEPS:
         text += ", %s +%.3fs" % (name, when - previous)
         previous = when
@@ -1637,9 +1665,10 @@ class Reaper(Source):
 # modules it does not need to talk to the guest (ext4 alone takes ~0.25 s under TCG). So a
 # child of PID 1 loads them while the loop serves: first the ones the listeners' transports
 # need (virtio-serial, vsock), in the order given; then the rest, in order. The child says on
-# a pipe when the transports are in ("T") and when everything is ("D"); the agent then opens
-# the listeners, and only after "D" starts what may need any module (the network, the
-# workload, the power button). The child is a process like any other at shutdown: TERMed,
+# a pipe when each transport module is in ("M": the listeners are tried again at once, so the
+# virtio-serial port opens without waiting for vsock's modules), when all are ("T": ready,
+# READY=1) and when everything is ("D"); only after "D" does the agent start what may need
+# any module (the network, the workload, the power button). The child is a process like any other at shutdown: TERMed,
 # KILLed, reaped.
 TRANSPORT_MODULES = frozenset((
     "virtio_pci", "virtio_mmio", "virtio_console",              # virtio-serial ports
@@ -1656,16 +1685,19 @@ def split_transports(names):
 
 
 class ModuleLoader(Source):
-    """The background module load described above. `on_transports()` and then `on_done()`
-    are called once each, in that order, also when there is nothing to load, when the child
-    fails or when it outlives MODULES_TIMEOUT; stop() (at shutdown) calls neither again.
-    `load(names, optional)` is load_modules (a test passes a fake)."""
+    """The background module load described above. `on_transport()` is called after each
+    transport module (a listener may open now); `on_transports()` and then `on_done()` once
+    each, in that order, also when there is nothing to load, when the child fails or when it
+    outlives MODULES_TIMEOUT; stop() (at shutdown) calls none again. `load(names,
+    optional)` is load_modules (a test passes a fake)."""
 
-    def __init__(self, names, optional, reaper, on_transports, on_done, load=None):
+    def __init__(self, names, optional, reaper, on_transports, on_done, load=None,
+                 on_transport=None):
         self.transports, self.rest = split_transports(names)
         self.optional = list(optional)
         self.reaper = reaper
         self.on_transports, self.on_done = on_transports, on_done
+        self.on_transport = on_transport or (lambda: None)
         self.load = load or load_modules
         self.pid = None
         self.pipe = -1
@@ -1703,7 +1735,10 @@ class ModuleLoader(Source):
         return 0
 
     def _child_steps(self, load, mark):
-        failed = load(self.transports, ())
+        failed = []
+        for name in self.transports:       # one at a time: a listener opens after its own
+            failed += load([name], ())
+            mark(b"M")
         mark(b"T")
         failed += load(self.rest, self.optional)
         if failed:
@@ -1733,6 +1768,8 @@ class ModuleLoader(Source):
             return
         except OSError:
             data = b""
+        if b"M" in data and self.state == "transports":
+            self.on_transport()            # one more transport module is in
         if b"T" in data and self.state == "transports":
             self.state = "rest"
             self.on_transports()
@@ -3578,6 +3615,7 @@ ACCEPT_BATCH = 64                 # accepts per wake-up, so one listener cannot 
 LISTEN_BACKLOG = 128
 ACCEPT_PAUSE = 0.25               # after EMFILE/ENFILE: no accept() for this long
 BIND_RETRY_FIRST, BIND_RETRY_MAX = 0.1, 5.0
+TRANSPORT_RETRY_FIRST = 0.01      # after a transport module: 10, 20, 40 ms, ... while it fails
 SERIAL_RECHECK = 0.1              # host side of a serial port not connected: look again then
 SERIAL_STALE_FRAME = 0.5          # a partial frame this old on a serial stream is garbage
 _SO_PEERCRED_SIZE = Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
@@ -3596,6 +3634,7 @@ class Listener:
 
     sock = None                    # a socket to accept() on (SocketListener), or none
     paused_until = 0.0             # accept() paused until then (out of descriptors)
+    warned = False                 # a failure to open was logged as a warning once
 
     def __init__(self, addr, protocol):
         self.addr = addr
@@ -3610,6 +3649,7 @@ class Listener:
 
     def opened(self):
         self.failures = 0
+        self.warned = False
         self.backoff = BIND_RETRY_FIRST
 
     def failed(self, now):
@@ -3851,11 +3891,14 @@ class Server(Source):
                           for addr, make in listen]
         self.conns = {}            # fd -> Connection, in accept order
         self.summary_at = None     # when suppressed log lines are next summarised
+        self.answered = False      # the first answer is logged (boot-to-answer, on the log)
+        self.transports_loading = False   # set by the agent while transport modules load
 
     def open(self):
         now = time.monotonic()
         for listener in self.listeners:
-            self._try_open(listener, now)
+            if not listener.is_open:
+                self._try_open(listener, now)
 
     def add_connection(self, conn):
         self.conns[conn.fd] = conn
@@ -3902,12 +3945,13 @@ class Server(Source):
 
     # ---- listeners --------------------------------------------------------------------------
     def retry_now(self):
-        """Open every listener that is not open yet at once (its transport just came in),
-        instead of at its back-off's next turn."""
+        """Open every listener that is not open yet at once (a transport module just came
+        in), instead of at its back-off's next turn; if it still fails, look again soon
+        (a virtio-serial port's name arrives from the host a moment after its driver)."""
         now = time.monotonic()
         for listener in self.listeners:
             if not listener.is_open:
-                listener.backoff = BIND_RETRY_FIRST
+                listener.backoff = TRANSPORT_RETRY_FIRST
                 self._try_open(listener, now)
 
     def _try_open(self, listener, now):
@@ -3915,9 +3959,12 @@ class Server(Source):
             conn = listener.open(now)
         except OSError as exc:
             listener.failed(now)
-            level = "warn" if listener.failures == 1 else "debug"
-            if level == "warn" and listener.addr[0] == "serial" and exc.errno == errno.ENOENT:
-                level = "info"      # a port the VMM may not give (QGA's, outside libvirt)
+            # said once, not while its transport module may still be loading (expected)
+            level = "debug" if listener.warned or self.transports_loading else "warn"
+            if level == "warn":
+                listener.warned = True
+                if listener.addr[0] == "serial" and exc.errno == errno.ENOENT:
+                    level = "info"  # a port the VMM may not give (QGA's, outside libvirt)
             log(level, "cannot listen on %s: %s; retrying in %gs"
                 % (listener.text, exc.strerror or exc, listener.retry_at - now))
             return
@@ -4013,6 +4060,9 @@ class Server(Source):
             consumed, reply, effect, close = turn
             del conn.inbuf[:consumed]
             conn.outbuf += reply
+            if not self.answered and reply:
+                self.answered = True
+                log("info", "first answer, to %s" % conn.peer_text)
             if close:
                 conn.closing = True
                 conn.inbuf = bytearray()
@@ -4803,7 +4853,8 @@ class Agent:
         # loading function) let a test give any agent a fake
         names, optional = boot_modules(config) if is_init else (modules or ([], []))
         self.modules = ModuleLoader(names, optional, self.reaper, self.on_transports_in,
-                                    self.on_modules_in, load=load)
+                                    self.on_modules_in, load=load,
+                                    on_transport=lambda: self.server.retry_now())
         policy = RequestPolicy(config["allow"], self.can_power_off, owns_clock=is_init)
         max_frame = config["max_frame"]
         spare = mounts_to_spare() if self.can_power_off or config["qga"] != "off" \
@@ -4852,23 +4903,32 @@ class Agent:
                                                   "now sends SIGINT"))
         # A signal that came during boot is acted on now, before the workload would start.
         self.inbox.tick(time.monotonic())
-        self.server.open()         # what can open already: Unix sockets, ports already there
         if not self.shutdown.active:
-            self.modules.start()   # the rest follows from on_transports_in, on_modules_in
+            # the module loader first (its child works while we go on), then the listeners
+            # that can open already (Unix sockets, ports already there); the rest follows
+            # from on_transport, on_transports_in and on_modules_in
+            self.server.transports_loading = True
+            self.modules.start()
+        if not self.serving:
+            self.server.open()
 
     def on_transports_in(self):
         """The modules the listeners need are in: open them now, and say we serve."""
-        self.server.retry_now()
+        self.server.transports_loading = False
+        if self.modules.pid is not None:  # something was loaded: try the listeners now
+            self.server.retry_now()
+        else:
+            self.server.open()
         if self.serving:
             return
         self.serving = True
         start_step("transports and listeners")
-        log("info", "ready (pid %d, version %s); %s" % (os.getpid(), __version__,
-                                                         start_report()))
+        log("info", "ready (pid %d, version %s)" % (os.getpid(), __version__))
         listening = ",".join(l.text for l in self.server.listeners if l.is_open) or "nothing"
         self.notifier.send("READY=1\nSTATUS=arcbox-agent %s serving on %s\n"
                            "X_SYSTEMD_HOSTNAME=%s\n" % (__version__, listening,
                                                          socket.gethostname()))
+        log("info", "start: %s" % start_report(self.is_init))   # after READY: it reads kmsg
 
     def on_modules_in(self):
         """Every module is in (or given up on): what may need one starts now."""

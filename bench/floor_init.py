@@ -12,6 +12,7 @@ import signal  # noqa: F401  (the card's five imports: their cost is the floor's
 import socket  # noqa: F401
 import time
 
+IMPORTS_DONE = time.clock_gettime(time.CLOCK_BOOTTIME)
 PORT = "org.arcbox.agent"
 TRANSPORT = ["virtio_pci", "virtio_console"]
 FINIT_MODULE = {"x86_64": 313, "aarch64": 273}[os.uname().machine]
@@ -39,14 +40,23 @@ def main():
     while device is None:
         for port in os.listdir("/sys/class/virtio-ports") if os.path.isdir(
                 "/sys/class/virtio-ports") else []:
-            with open("/sys/class/virtio-ports/%s/name" % port) as f:
-                if f.read().strip() == PORT:
-                    device = "/dev/" + port
+            try:
+                with open("/sys/class/virtio-ports/%s/name" % port) as f:
+                    if f.read().strip() == PORT:
+                        device = "/dev/" + port
+            except OSError:
+                pass                                   # a port whose name is not there yet
         if device is None:
             time.sleep(0.005)
-    fd = os.open(device, os.O_RDWR | os.O_NOCTTY)
+    while True:
+        try:
+            fd = os.open(device, os.O_RDWR | os.O_NOCTTY)
+            break
+        except OSError:
+            time.sleep(0.005)                          # /dev's node comes a moment later
     os.write(1, b"FLOOR-SERVING\n")
     buf = b""
+    answered = False
     while True:
         data = os.read(fd, 65536)
         if not data:
@@ -64,6 +74,32 @@ def main():
             body = (msg_type | 0x1000).to_bytes(4, "big") + len(trace).to_bytes(2, "big") \
                 + trace + PONG
             os.write(fd, len(body).to_bytes(4, "big") + body)
+            if not answered:
+                answered = True
+                report(time.clock_gettime(time.CLOCK_BOOTTIME))
+
+
+def report(first):
+    """Once answered: when, and when the kernel ran us ("Run /init as init process" in the
+    kernel log), both on the boot clock; on the console for bench/boot.py."""
+    exec_at = "?"
+    kmsg = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        while True:
+            try:
+                record = os.read(kmsg, 8192)
+            except BlockingIOError:
+                break
+            except OSError:
+                continue
+            head, _, text = record.partition(b";")
+            if text.startswith(b"Run ") and b" as init process" in text:
+                exec_at = "%.6f" % (int(head.split(b",")[2]) / 1e6)
+                break
+    finally:
+        os.close(kmsg)
+    os.write(1, ("FLOOR-FIRST-ANSWER %.6f EXEC-AT %s IMPORTS-DONE %.6f\n"
+                 % (first, exec_at, IMPORTS_DONE)).encode())
 
 
 main()

@@ -33,7 +33,8 @@ def run_loader(names, optional=(), loads=None, stop_after=None):
         time.sleep(0.05 * len(group))
         return [n for n in group if n == "broken"]
     loader = agent.ModuleLoader(names, optional, reaper, lambda: events.append("transports"),
-                                lambda: events.append("done"), load=loads or fake_load)
+                                lambda: events.append("done"), load=loads or fake_load,
+                                on_transport=lambda: events.append("one transport"))
     loop = agent.EventLoop()
     loop.add(reaper)
     loop.add(loader)
@@ -53,8 +54,8 @@ def run_loader(names, optional=(), loads=None, stop_after=None):
 def test_the_child_loads_transports_then_the_rest_and_reports_each_step():
     events, calls, loader = run_loader(["ext4", "virtio_console", "broken", "virtio_pci"],
                                        optional=["evdev"])
-    assert events == ["transports", "done"]
-    assert calls == ["load virtio_console virtio_pci |", "load ext4 broken | evdev"]
+    assert events == ["one transport", "one transport", "transports", "done"]
+    assert calls == ["load virtio_console |", "load virtio_pci |", "load ext4 broken | evdev"]
     assert loader.pid is not None and loader.state == "done"
 
 
@@ -66,7 +67,7 @@ def test_nothing_to_load_still_says_transports_then_done_at_once():
 def test_a_stop_while_loading_calls_nothing_more():
     events, _, loader = run_loader(["virtio_console", "ext4", "xfs", "btrfs"],
                                    stop_after="transports")
-    assert events == ["transports"] and loader.state == "stopped"
+    assert events == ["one transport", "transports"] and loader.state == "stopped"
 
 
 def test_a_loader_that_dies_does_not_keep_the_workload_waiting():
