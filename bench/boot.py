@@ -106,7 +106,10 @@ def first_answer(machine, timeout=180.0):
     try:
         sock.settimeout(0.05)
         while time.monotonic() < deadline:
-            sock.sendall(PING)
+            try:
+                sock.sendall(PING)
+            except socket.timeout:
+                pass                               # QEMU is not reading yet: it will
             try:
                 if sock.recv(4096):
                     return time.monotonic() - machine.started
