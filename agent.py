@@ -1424,9 +1424,14 @@ def boot_duties(config):
 
 
 def boot_modules(config):
-    """(the cmdline's modules, the optional power-button ones) for PID 1 to load."""
+    """(the cmdline's modules, the optional power-button ones) for PID 1 to load. The optional
+    ones only where a modules.dep could name them (elsewhere they are built in, or absent),
+    and not in a PID namespace (a container, our tests), whose kernel is the host's."""
     wanted = POWER_BUTTON_MODULES.get(os.uname().machine, ["evdev"]) \
         if config["power_button"] else []
+    if not (os.path.exists("/lib/modules/%s/modules.dep" % os.uname().release)
+            and is_initial_pid_namespace()):
+        wanted = []
     return list(config["modules"]), wanted
 
 
