@@ -57,7 +57,7 @@ def image_for(pyz, work, arch):
     return image, guestimage.kernel_image(guestimage.fetch_packages(arch), arch)
 
 
-STEP = re.compile(r", ([a-z][^,+]*) \+([0-9.]+)s")
+STEP_END = re.compile(r" \+([0-9.]+)s(?:, |$)")
 STAMP = re.compile(r"^\[\s*([0-9.]+)\] ")
 
 
@@ -67,8 +67,8 @@ def guest_side(machine, variant):
         machine.wait_log("FLOOR-FIRST-ANSWER", 30)
         m = re.search(r"FLOOR-FIRST-ANSWER ([0-9.]+) EXEC-AT ([0-9.]+) IMPORTS-DONE ([0-9.]+)",
                       machine.console())
-        return float(m.group(2)), float(m.group(1)), {
-            "interpreter and imports": float(m.group(3)) - float(m.group(2))}
+        return float(m.group(2)), float(m.group(1)), [
+            ["interpreter and imports", float(m.group(3)) - float(m.group(2))]]
     machine.wait_log("start: exec at", 30)
     machine.wait_log("first answer", 30)
     lines = machine.console().splitlines()
@@ -76,12 +76,11 @@ def guest_side(machine, variant):
                  if STAMP.match(l) and ": first answer" in l)
     start = next(l for l in lines if "start: exec at" in l)
     exec_at = float(re.search(r"exec at ([0-9.]+)s", start).group(1))
-    start = start.split("start: exec at", 1)[1]
-    steps = dict((name, float(value)) for name, value in STEP.findall(start)) \
-        if variant == "agent" else None
-    if steps is not None:
-        steps["first answer after the listeners' transports"] = first - exec_at - sum(
-            steps.values())
+    steps = None
+    if variant == "agent":         # "exec at Ts, NAME +Ss, NAME +Ss" (a name may hold commas)
+        parts = STEP_END.split(start.split("start: exec at", 1)[1].split("s, ", 1)[1].strip())
+        steps = [[parts[i].strip(), float(parts[i + 1])] for i in range(0, len(parts) - 1, 2)]
+        steps.append(["first answer after that", first - exec_at - sum(v for _, v in steps)])
     return exec_at, first, steps
 
 
@@ -141,7 +140,7 @@ def measure(pyz, work, arch, boots):
             host[variant].append(round(seconds, 4))
             guest[variant].append(round(userspace, 4))
             if its_steps:
-                steps[variant].append({k: round(v, 4) for k, v in its_steps.items()})
+                steps[variant].append([[k, round(v, 4)] for k, v in its_steps])
     return {"qemu_start_to_first_answer_s": host, "handoff_to_first_answer_s": guest,
             "agent_start_steps": steps["agent"], "floor_start_steps": steps["floor"],
             "modules": guestimage.guest_modules(arch)}
@@ -156,6 +155,42 @@ def summary(result):
         out[key + "_seed_minus_floor"] = round(med["seed"] - med["floor"], 3)
     out["met"] = out["handoff_to_first_answer_s_agent_minus_floor"] <= TARGET
     return out
+
+
+def median_steps(boots):
+    """[[name, seconds], ...] per boot -> [(name, median seconds)], in the start's order."""
+    return [(name, statistics.median(b[i][1] for b in boots))
+            for i, (name, _) in enumerate(boots[0])]
+
+
+def readme_paragraph(report):
+    """The README's boot figures, recomputed from the saved samples (a unit test checks that
+    the README says exactly this)."""
+    med = statistics.median
+    parts = []
+    for arch in ("x86_64", "aarch64"):
+        r = report.get(arch)
+        if not r:
+            continue
+        g, h = r["handoff_to_first_answer_s"], r["qemu_start_to_first_answer_s"]
+        parts.append(
+            "%s, %d boots each: from the kernel's hand-off to /init to the first answer, "
+            "median agent %.3f s, floor %.3f s, seed %.3f s — agent − floor %+.3f s (target "
+            "≤ %.2f s: %s), seed − floor %+.3f s; from QEMU's start (host clock, the kernel's "
+            "boot included, noisier): agent %.3f s, floor %.3f s, seed %.3f s"
+            % (arch, len(g["agent"]), med(g["agent"]), med(g["floor"]), med(g["seed"]),
+               med(g["agent"]) - med(g["floor"]), TARGET,
+               "met" if med(g["agent"]) - med(g["floor"]) <= TARGET else "missed",
+               med(g["seed"]) - med(g["floor"]), med(h["agent"]), med(h["floor"]),
+               med(h["seed"])))
+    steps = median_steps(report["x86_64"]["agent_start_steps"])
+    floor = median_steps(report["x86_64"]["floor_start_steps"])
+    return ("**Boot to first answer** (`bench/boot.py`, commit %s, %s; the same image, the VM "
+            "tests' module list, one QEMU at a time, the three interleaved): %s. The agent's "
+            "start on x86_64, median per step from the hand-off: %s; the floor's interpreter "
+            "and imports: %.3f s."
+            % (report["commit"], report["when"], "; ".join(parts), ", ".join(
+                "%s %.3f s" % (name, value) for name, value in steps), floor[0][1]))
 
 
 def main():
@@ -195,14 +230,16 @@ def main():
         print("  target (guest clock): agent - floor <= %.2f s: %s" % (
             TARGET, "met" if result["met"] else "MISSED"))
         for who in ("agent", "floor"):
-            steps = result[who + "_start_steps"]
             print("  the %s's start, median per step: %s" % (who, ", ".join(
-                "%s +%.3f s" % (n, statistics.median(s[n] for s in steps)) for n in steps[0])))
+                "%s +%.3f s" % (name, value)
+                for name, value in median_steps(result[who + "_start_steps"]))))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1, sort_keys=True)
         f.write("\n")
     print("saved %s" % args.out)
+    if "x86_64" in report:
+        print("\nfor the README:\n" + readme_paragraph(report))
 
 
 if __name__ == "__main__":
