@@ -1677,8 +1677,8 @@ class Reaper(Source):
 # virtio_pci took 0.22-0.39 s in PID 1 and 0.70-0.96 s in a forked child under TCG (the
 # child's copy-on-write faults), and nothing can be served before it is in anyway. The child
 # is a process like any other at shutdown: TERMed, KILLed, reaped.
-TRANSPORT_MODULES = frozenset((
-    "virtio_pci", "virtio_mmio", "virtio_console",              # virtio-serial ports
+SERIAL_TRANSPORT_MODULES = frozenset(("virtio_pci", "virtio_mmio", "virtio_console"))
+TRANSPORT_MODULES = SERIAL_TRANSPORT_MODULES | frozenset((
     "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
     "vsock_loopback", "hv_vmbus", "hv_sock", "vmw_vsock_vmci_transport"))
 MODULES_TIMEOUT = 120.0           # a module load that hangs must not keep the workload forever
@@ -1700,8 +1700,13 @@ class ModuleLoader(Source):
     fake)."""
 
     def __init__(self, names, optional, reaper, on_transports, on_done, load=None,
-                 on_transport=None):
+                 on_transport=None, serial_first=False):
         self.transports, self.rest = split_transports(names)
+        # with a virtio-serial listener, PID 1 loads only its transports and the child the
+        # vsock ones first: the host's first answer need not wait for vsock
+        self.later = [n for n in self.transports if n not in SERIAL_TRANSPORT_MODULES] \
+            if serial_first else []
+        self.transports = [n for n in self.transports if n not in self.later]
         self.optional = list(optional)
         self.reaper = reaper
         self.on_transports, self.on_done = on_transports, on_done
@@ -1715,22 +1720,23 @@ class ModuleLoader(Source):
 
     @property
     def loaded_any(self):
-        return bool(self.transports or self.rest or self.optional)
+        return bool(self.transports or self.later or self.rest or self.optional)
 
     def start(self):
         self.started = time.monotonic()
-        if self.loaded_any:
-            log("info", "loading modules: %s now, then in the background: %s"
-                % (" ".join(self.transports) or "none",
-                   " ".join(self.rest + self.optional) or "none"))
         for name in self.transports:
             self.failed += self.load([name], ())
             self.on_transport()
         self.state = "rest"
-        self.on_transports()
-        if self.state != "rest":
-            return                 # stopped meanwhile
-        if not (self.rest or self.optional):
+        if not self.later:
+            self.on_transports()
+            if self.state != "rest":
+                return             # stopped meanwhile
+        if self.loaded_any:
+            log("debug", "modules: %s loaded; in the background: %s"
+                % (" ".join(self.transports) or "none",
+                   " ".join(self.later + self.rest + self.optional) or "none"))
+        if not (self.later or self.rest or self.optional):
             self._finish()
             return
         r, w = os.pipe()
@@ -1741,6 +1747,8 @@ class ModuleLoader(Source):
             os.close(r)
             log("error", "cannot fork the module loader; loading the rest in PID 1")
             self._load_rest()
+            if self.later:
+                self.on_transports()
             self._finish()
             return
         self.pipe = r
@@ -1751,12 +1759,16 @@ class ModuleLoader(Source):
         signal.set_wakeup_fd(-1)
         for sig in HANDLED_SIGNALS + [signal.SIGTERM, signal.SIGINT]:
             signal.signal(sig, signal.SIG_DFL)   # a TERM at shutdown ends it, as anyone
-        self._load_rest()
+        self._load_rest(lambda data: os.write(w, data))
         os.write(w, b"D")
         return 0
 
-    def _load_rest(self):
-        failed = self.failed + self.load(self.rest, self.optional)
+    def _load_rest(self, mark=lambda data: None):
+        failed = list(self.failed)
+        if self.later:
+            failed += self.load(self.later, ())
+            mark(b"T")
+        failed += self.load(self.rest, self.optional)
         if failed:
             log("warn", "modules not loaded: %s" % ", ".join(failed))
 
@@ -1772,6 +1784,9 @@ class ModuleLoader(Source):
         if self.state == "rest" and now >= self.started + MODULES_TIMEOUT:
             log("warn", "modules still loading after %gs; going on without them"
                 % MODULES_TIMEOUT)
+            if self.later:
+                self.later = []
+                self.on_transports()
             self._finish()
 
     def _read(self, _, mask):
@@ -1781,6 +1796,11 @@ class ModuleLoader(Source):
             return
         except OSError:
             data = b""
+        if self.later and self.state == "rest" and (b"T" in data or b"D" in data or not data):
+            self.later = []
+            self.on_transports()           # the vsock transports are in: ready
+        if b"D" not in data and data:
+            return
         if not data and self.state == "rest":
             log("warn", "the module loader ended before it was done")
         self._finish()
@@ -4864,9 +4884,10 @@ class Agent:
         # PID 1 loads the cmdline's modules; `modules` ((names, optional)) and `load` (the
         # loading function) let a test give any agent a fake
         names, optional = boot_modules(config) if is_init else (modules or ([], []))
-        self.modules = ModuleLoader(names, optional, self.reaper, self.on_transports_in,
-                                    self.on_modules_in, load=load,
-                                    on_transport=lambda: self.server.retry_now())
+        self.modules = ModuleLoader(
+            names, optional, self.reaper, self.on_transports_in, self.on_modules_in,
+            load=load, on_transport=lambda: self.server.retry_now(),
+            serial_first=any(a[0] == "serial" for a in config["listen"]))
         policy = RequestPolicy(config["allow"], self.can_power_off, owns_clock=is_init)
         max_frame = config["max_frame"]
         spare = mounts_to_spare() if self.can_power_off or config["qga"] != "off" \

@@ -22,7 +22,7 @@ def test_transports_go_first_and_each_group_keeps_its_order():
         ["ext4", "loop", "overlay"])
 
 
-def run_loader(names, optional=(), loads=None, stop_after=None):
+def run_loader(names, optional=(), loads=None, stop_after=None, serial_first=False):
     """Run a ModuleLoader in an event loop until it is done; returns the events seen."""
     events = []
     reaper = agent.Reaper()
@@ -35,7 +35,8 @@ def run_loader(names, optional=(), loads=None, stop_after=None):
         return [n for n in group if n == "broken"]
     loader = agent.ModuleLoader(names, optional, reaper, lambda: events.append("transports"),
                                 lambda: events.append("done"), load=loads or fake_load,
-                                on_transport=lambda: events.append("one transport"))
+                                on_transport=lambda: events.append("one transport"),
+                                serial_first=serial_first)
     loop = agent.EventLoop()
     loop.add(reaper)
     loop.add(loader)
@@ -58,6 +59,15 @@ def test_the_child_loads_transports_then_the_rest_and_reports_each_step():
     assert events == ["one transport", "one transport", "transports", "done"]
     assert calls == ["load virtio_console |", "load virtio_pci |", "load ext4 broken | evdev"]
     assert loader.pid is not None and loader.state == "done"
+
+
+def test_with_a_serial_listener_vsock_transports_load_in_the_child_before_ready():
+    events, calls, loader = run_loader(["virtio_pci", "vsock_loopback", "ext4",
+                                        "virtio_console"], serial_first=True)
+    assert events == ["one transport", "one transport", "transports", "done"]
+    assert calls == ["load virtio_pci |", "load virtio_console |", "load vsock_loopback |",
+                     "load ext4 |"]
+    assert loader.pid is not None
 
 
 def test_nothing_to_load_still_says_transports_then_done_at_once():

@@ -1,0 +1,36 @@
+"""The README's boot-to-first-answer figures against the saved run, bench/results/boot.json:
+every median and difference is recomputed here from the raw samples, so a hand-edited figure
+or a re-run without updating the README fails; the run must have the size the issue asks
+(n >= 10 on x86_64, aarch64 measured too)."""
+
+import json
+import os
+import statistics
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.join(HERE, "..", "..")
+
+
+def load():
+    with open(os.path.join(REPO, "bench", "results", "boot.json")) as f:
+        data = json.load(f)
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    start = readme.index("**Boot to first answer**")
+    return data, " ".join(readme[start:readme.index("\n\n", start)].split())
+
+
+def test_the_readme_quotes_the_saved_boot_run():
+    data, text = load()
+    assert len(data["x86_64"]["handoff_to_first_answer_s"]["agent"]) >= 10
+    assert "aarch64" in data
+    assert "commit %s" % data["commit"] in text and not data["dirty"]
+    for arch in ("x86_64", "aarch64"):
+        guest = data[arch]["handoff_to_first_answer_s"]
+        med = {v: statistics.median(xs) for v, xs in guest.items()}
+        assert "median agent %.3f s, floor %.3f s, seed %.3f s" % (
+            med["agent"], med["floor"], med["seed"]) in text, arch
+        diff = med["agent"] - med["floor"]
+        assert "agent − floor %+.3f s (target ≤ 0.15 s: %s)" % (
+            diff, "met" if diff <= 0.15 else "missed") in text, arch
+        assert len(guest["floor"]) == len(guest["agent"]) == len(guest["seed"])
