@@ -23,10 +23,13 @@ def test_the_first_ping_is_answered_while_a_big_module_loads_and_the_workload_wa
     vm.wait_log("WORKLOAD-STARTED-42", BOOT_TIMEOUT)
     msgs = vm.messages()
     order = [first(msgs, start) for start in (
-        "module virtio_console loaded", "listening on serial:org.arcbox.agent", "ready (pid",
+        "module virtio_console loaded", "listening on serial:org.arcbox.agent",
         "Ping (0x0001) from serial port", "module btrfs loaded", "modules: all in after",
         "started /bin/sh")]
     assert None not in order and order == sorted(order), list(zip(order, msgs))
+    # ready (READY=1) once the vsock transports are in too, still before the big module
+    assert first(msgs, "listening on vsock:any:1024") < first(msgs, "ready (pid") \
+        < first(msgs, "module btrfs loaded"), msgs
     assert vm.shutdown(grace=1) is True
     assert_powered_off(vm, vm.wait(60))
 
