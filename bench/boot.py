@@ -190,7 +190,10 @@ def readme_paragraph(report):
             "start on x86_64, median per step from the hand-off: %s; the floor's interpreter "
             "and imports: %.3f s."
             % (report["commit"], report["when"], "; ".join(parts), ", ".join(
-                "%s %.3f s" % (name, value) for name, value in steps), floor[0][1]))
+                ("the first answer %.3f s before those steps ended (the virtio-serial port "
+                 "opened before the vsock transports were in)" % -value)
+                if name == "first answer after that" and value < 0
+                else "%s %.3f s" % (name, value) for name, value in steps), floor[0][1]))
 
 
 def main():
