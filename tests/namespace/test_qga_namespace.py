@@ -12,6 +12,7 @@ import pytest
 
 from helpers import wait_for
 from nsguest import POWER_OFF_RETURNCODE, REBOOT_RETURNCODE
+import storagecheck
 from qgaclient import connect
 
 pytestmark = pytest.mark.namespace
@@ -116,9 +117,7 @@ def test_guest_shutdown_is_refused_to_a_peer_not_allowed_and_runs_in_order_other
 @pytest.fixture
 def data_image(tmp_path):
     image = str(tmp_path / "data.img")
-    with open(image, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", image], check=True, timeout=60)
+    storagecheck.mkfs(image, 32 << 20)
     return image
 
 
