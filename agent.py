@@ -1668,12 +1668,13 @@ class Reaper(Source):
 
 # Loading the cmdline's modules one after another before serving kept the host waiting for
 # modules it does not need to talk to the guest (ext4 alone takes ~0.25 s under TCG). Now
-# PID 1 loads only the modules the listeners' transports need (virtio-serial, vsock), in the
-# order given, trying the listeners again after each (so the virtio-serial port opens
-# without waiting for vsock's modules), and says it is ready. A child then loads the rest, in
-# order, while the loop serves, and writes "D" on a pipe when it is done; only then does the
-# agent start what may need any module (the network, the workload, the power button). The
-# transports load in PID 1 itself, not in the child, because that is faster where it counts:
+# PID 1 loads only the modules the listeners' transports need (virtio-serial, vsock; with a
+# virtio-serial listener only its own, the vsock ones go first in the child), in the order
+# given, trying the listeners again after each, and says it is ready once all the transports
+# are in. A child loads the rest, in order, while the loop serves, and writes "D" on a pipe
+# when it is done; only then does the agent start what may need any module (the network, the
+# workload, the power button). The transports load in PID 1 itself, not in the child,
+# because that is faster where it counts:
 # virtio_pci took 0.22-0.39 s in PID 1 and 0.70-0.96 s in a forked child under TCG (the
 # child's copy-on-write faults), and nothing can be served before it is in anyway. The child
 # is a process like any other at shutdown: TERMed, KILLed, reaped.
@@ -1694,7 +1695,9 @@ def split_transports(names):
 class ModuleLoader(Source):
     """The module load described above. start() loads the transports, calling
     `on_transport()` after each (a listener may open now) and `on_transports()` after all,
-    then forks the child for the rest; `on_done()` follows once, also when there is nothing
+    then forks the child for the rest. With `serial_first` (a virtio-serial listener), the
+    vsock transports go to the child, first: it writes "T" when they are in, and
+    `on_transports()` waits for that. `on_done()` follows once, also when there is nothing
     more to load, when the child fails or when it outlives MODULES_TIMEOUT. stop() (at
     shutdown) calls none again. `load(names, optional)` is load_modules (a test passes a
     fake)."""
