@@ -1039,6 +1039,16 @@ def read_mountinfo():
     return parse_mountinfo(_read_text("/proc/self/mountinfo"))
 
 
+def is_guest_disk(entry, spare_ids=frozenset()):
+    """A parse_mountinfo entry that is one of this guest's disk filesystems: on a block
+    device (only those can be frozen; opening a network filesystem's mount point could hang
+    on a dead server), not a pseudo filesystem, not inherited from outside a PID namespace
+    (`spare_ids`)."""
+    mount_id, _, fstype, _, source = entry
+    return (mount_id not in spare_ids and fstype not in PSEUDO_FILESYSTEMS
+            and source.startswith("/dev/"))
+
+
 def mount_early_filesystems():
     """Mount what a minimal guest needs; skip what is mounted; never raise."""
     mounted = None                 # mount points, read once /proc is there
@@ -3372,9 +3382,9 @@ def disk_filesystems(spare_ids=frozenset(), writable_only=False):
     superblock: [(mount point, fstype, read-only, st_dev)]. Mounts inherited from outside a
     PID namespace (`spare_ids`) are not ours and left out."""
     found, seen = [], set()
-    for mount_id, target, fstype, readonly, source in read_mountinfo():
-        if (mount_id in spare_ids or fstype in PSEUDO_FILESYSTEMS
-                or not source.startswith("/dev/") or (writable_only and readonly)):
+    for entry in read_mountinfo():
+        _, target, fstype, readonly, _ = entry
+        if not is_guest_disk(entry, spare_ids) or (writable_only and readonly):
             continue
         try:
             dev = os.stat(target).st_dev
@@ -4529,14 +4539,13 @@ class KernelStorage:
 
 
 def thaw_filesystems(kernel, spare_ids=frozenset(), mounts=None):
-    """FITHAW every block-device filesystem of ours that is writable: a frozen one would hang
-    its writers (even through SIGKILL) and sync(). Only block devices can be frozen, and
-    opening a network filesystem's mount point could hang on a dead server. Returns the
-    mount points thawed."""
+    """FITHAW every disk filesystem of ours (is_guest_disk) that is writable: a frozen one
+    would hang its writers (even through SIGKILL) and sync(). Returns the mount points
+    thawed."""
     thawed = []
-    for mount_id, target, fstype, readonly, source in mounts or kernel.mounts():
-        if (readonly or mount_id in spare_ids or fstype in PSEUDO_FILESYSTEMS
-                or not source.startswith("/dev/")):
+    for entry in mounts or kernel.mounts():
+        target, readonly = entry[1], entry[3]
+        if readonly or not is_guest_disk(entry, spare_ids):
             continue
         if kernel.thaw(target) == 0:       # EINVAL: it was not frozen, the usual case
             log("warn", "shutdown: %s was frozen; thawed it" % target)
