@@ -111,17 +111,58 @@ def log(level, message):
     may be missing (fds 0-2 closed) or full."""
     if LOG_LEVELS[level] > _log_level:
         return
-    try:
-        line = "[%11.6f] %s %s: %s\n" % (_since_boot(), PROG, level, message)
-        os.write(_log_fd, line.encode("utf-8", "replace"))
-    except (OSError, ValueError):
-        pass
+    line = "[%11.6f] %s %s: %s\n" % (_since_boot(), PROG, level, message)
+    if _held_lines is not None and LOG_LEVELS[level] >= LOG_INFO:
+        _held_lines.append(line)   # written at release_console(); the stamp stays true
+    else:
+        release_console()          # a warning or an error goes out at once, in order
+        _write_console(line)
     if _kmsg_fd >= 0:
         try:
             os.write(_kmsg_fd, ("<%d>%s: %s\n" % (_KMSG_PRIORITY[level], PROG, message))
                      .encode("utf-8", "replace")[:1000])
         except OSError:
             pass
+
+
+def _write_console(text):
+    try:
+        os.write(_log_fd, text.encode("utf-8", "replace"))
+    except (OSError, ValueError):
+        pass
+
+
+# A VM's serial console is slow: every byte is a trap into the VMM (~30 ms for one line under
+# TCG, on the only vCPU). While PID 1 starts, its info and debug lines are held and written
+# in one go once the host has had its first answer, or the agent is ready, or START_HOLD has
+# passed (Agent), so that no console line stands between the kernel's hand-off and the first
+# answer. Warnings and errors are never held: they write what is held, then themselves.
+START_HOLD = 2.0                  # seconds: the longest a start-up line waits for the console
+LOG_INFO = LOG_LEVELS["info"]
+_held_lines = None                # a list while holding
+
+
+def hold_console():
+    global _held_lines
+    if _held_lines is None:
+        _held_lines = []
+
+
+def release_console():
+    """Write the held lines (one write) and stop holding; idempotent."""
+    global _held_lines
+    lines, _held_lines = _held_lines, None
+    if lines:
+        _write_console("".join(lines))
+
+
+def _forget_held():
+    global _held_lines
+    _held_lines = None             # a forked child: the parent writes them, once
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_held)
 
 
 def enable_kmsg():
@@ -994,11 +1035,17 @@ def _write(fd, text):
 # mount(2) flags, from <sys/mount.h>.
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT = 32
-EARLY_MOUNTS = (
+# What the agent itself needs, mounted at early boot: /proc (the cmdline), /sys (the serial
+# ports' names), /dev (the ports, the console). What the guest's programs need is mounted
+# once the modules are in, before the workload starts: nothing before it uses them, and each
+# mount here is time before the host's first answer.
+AGENT_MOUNTS = (
     # source, target, type, flags, data
     ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
     ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
     ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),
+)
+GUEST_MOUNTS = (
     ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666"),
     ("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
     ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
@@ -1049,10 +1096,10 @@ def is_guest_disk(entry, spare_ids=frozenset()):
             and source.startswith("/dev/"))
 
 
-def mount_early_filesystems():
-    """Mount what a minimal guest needs; skip what is mounted; never raise."""
+def mount_filesystems(table):
+    """Mount AGENT_MOUNTS or GUEST_MOUNTS; skip what is mounted; never raise."""
     mounted = None                 # mount points, read once /proc is there
-    for source, target, fstype, flags, data in EARLY_MOUNTS:
+    for source, target, fstype, flags, data in table:
         if mounted is None and os.path.exists("/proc/self"):
             mounted = {m[1] for m in read_mountinfo()}
         if target in (mounted or ()):
@@ -1090,11 +1137,11 @@ def ensure_stdio():
 
 
 def early_boot():
-    """PID 1, before the configuration is read: /proc (for /proc/cmdline) and the other
-    early filesystems, then stdio on /dev/console now that devtmpfs may have made it."""
+    """PID 1, before the configuration is read: /proc (for /proc/cmdline), /sys and /dev,
+    then stdio on /dev/console now that devtmpfs may have made it."""
     ensure_stdio()
     if sys.platform.startswith("linux"):
-        mount_early_filesystems()
+        mount_filesystems(AGENT_MOUNTS)
         ensure_stdio()
 
 
@@ -1318,15 +1365,17 @@ def write_resolv_conf(servers):
 
 
 def loopback_up():
-    """PID 1 at boot, before any module (lo needs none): 127.0.0.1 works from the start."""
+    """PID 1, before the workload starts: 127.0.0.1 works from its start."""
     state = interface_up("lo")
     log("debug" if state in ("up", "already up") else "warn", "network: lo %s" % state)
 
 
 def configure_network(net, dns):
-    """PID 1 once the modules are in (a NIC's driver may be one): the static address, if
-    that is the mode, and the nameservers. DHCP starts then too, supervised (Agent).
-    Failures are log lines."""
+    """PID 1 once the modules are in (a NIC's driver may be one): lo, the static address,
+    if that is the mode, and the nameservers. DHCP starts then too, supervised (Agent).
+    Failures are log lines. (lo needs no module, but bringing it up costs ~30 ms of kernel
+    time under TCG, and nothing before the workload needs it.)"""
+    loopback_up()
     if net[0] == "static":
         _, iface, addr, prefix, gateway = net
         why = set_ipv4(iface, addr, prefix) or (
@@ -1426,11 +1475,10 @@ def udhcpc_script(event, env):
 
 def boot_duties(config):
     """PID 1's duties that need the configuration (early_boot() ran before it was read) and
-    no kernel module: the hostname, lo. The modules load in the background while the agent
-    serves (ModuleLoader); the rest of the network is configured once they are in (Agent)."""
+    no kernel module: the hostname. The modules load in the background while the agent
+    serves (ModuleLoader); the network is configured once they are in (Agent)."""
     if sys.platform.startswith("linux"):
         set_hostname(config["hostname"])
-        loopback_up()
 
 
 def boot_modules(config):
@@ -1530,6 +1578,21 @@ class EventLoop:
             elif old != key[0]:
                 self.poller.modify(fd, key[0])
             registered[fd] = key[0]
+
+
+class ConsoleHold(Source):
+    """Releases the console lines held at start (hold_console) at the end of the loop turn in
+    which `served()` becomes true -- after the answer is written -- or at `until`."""
+
+    def __init__(self, until, served):
+        self.until, self.served = until, served
+
+    def deadline(self):
+        return self.until if _held_lines is not None else None
+
+    def tick(self, now):
+        if _held_lines is not None and (now >= self.until or self.served()):
+            release_console()
 
 
 # ---- signals --------------------------------------------------------------------------------
@@ -1693,6 +1756,10 @@ TRANSPORT_MODULES = SERIAL_TRANSPORT_MODULES | frozenset((
     "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
     "vsock_loopback", "hv_vmbus", "hv_sock", "vmw_vsock_vmci_transport"))
 MODULES_TIMEOUT = 120.0           # a module load that hangs must not keep the workload forever
+# The child is forked once the host has had its first answer (or this long after the
+# transports, if no host asks): under TCG the fork's copy-on-write faults and the child's
+# module loading took the one vCPU from PID 1 while it waited for the port, ~30 ms later.
+BACKGROUND_AFTER = 0.25
 
 
 def split_transports(names):
@@ -1705,7 +1772,8 @@ def split_transports(names):
 class ModuleLoader(Source):
     """The module load described above. start() loads the transports, calling
     `on_transport()` after each (a listener may open now) and `on_transports()` after all,
-    then forks the child for the rest. With `serial_first` (a virtio-serial listener), the
+    then forks the child for the rest once `served()` (the host has its first answer) or
+    BACKGROUND_AFTER has passed. With `serial_first` (a virtio-serial listener), the
     vsock transports go to the child, first: it writes "T" when they are in, and
     `on_transports()` waits for that. `on_done()` follows once, also when there is nothing
     more to load, when the child fails or when it outlives MODULES_TIMEOUT. stop() (at
@@ -1713,7 +1781,7 @@ class ModuleLoader(Source):
     fake)."""
 
     def __init__(self, names, optional, reaper, on_transports, on_done, load=None,
-                 on_transport=None, serial_first=False):
+                 on_transport=None, serial_first=False, served=None):
         self.transports, self.rest = split_transports(names)
         # with a virtio-serial listener, PID 1 loads only its transports and the child the
         # vsock ones first: the host's first answer need not wait for vsock
@@ -1725,6 +1793,8 @@ class ModuleLoader(Source):
         self.on_transports, self.on_done = on_transports, on_done
         self.on_transport = on_transport or (lambda: None)
         self.load = load or load_modules
+        self.served = served or (lambda: True)
+        self.fork_at = None        # the child is due then (or when served), not forked yet
         self.pid = None
         self.pipe = -1
         self.started = None
@@ -1752,6 +1822,10 @@ class ModuleLoader(Source):
         if not (self.later or self.rest or self.optional):
             self._finish()
             return
+        self.fork_at = time.monotonic() + BACKGROUND_AFTER   # the loop forks it (tick)
+
+    def _fork(self):
+        self.fork_at = None
         r, w = os.pipe()
         os.set_inheritable(r, False)
         self.pid = run_in_child(lambda: self._child(r, w))
@@ -1791,9 +1865,14 @@ class ModuleLoader(Source):
             yield self.pipe, select.POLLIN, self._read, None
 
     def deadline(self):
+        if self.fork_at is not None:
+            return self.started if self.served() else self.fork_at
         return self.started + MODULES_TIMEOUT if self.state == "rest" else None
 
     def tick(self, now):
+        if self.fork_at is not None and self.state == "rest" and (
+                self.served() or now >= self.fork_at):
+            self._fork()
         if self.state == "rest" and now >= self.started + MODULES_TIMEOUT:
             log("warn", "modules still loading after %gs; going on without them"
                 % MODULES_TIMEOUT)
@@ -1835,6 +1914,7 @@ class ModuleLoader(Source):
         """Shutdown: no more callbacks; the child is TERMed with everyone else."""
         if self.state != "done":
             self.state = "stopped"
+        self.fork_at = None
         self._close_pipe()
 
     def _close_pipe(self):
@@ -3652,7 +3732,11 @@ ACCEPT_BATCH = 64                 # accepts per wake-up, so one listener cannot 
 LISTEN_BACKLOG = 128
 ACCEPT_PAUSE = 0.25               # after EMFILE/ENFILE: no accept() for this long
 BIND_RETRY_FIRST, BIND_RETRY_MAX = 0.1, 5.0
-TRANSPORT_RETRY_FIRST = 0.01      # after a transport module: 10, 20, 40 ms, ... while it fails
+# After a transport module, a listener that fails is tried every 10 ms, TRANSPORT_RETRIES
+# times (a virtio-serial port's name comes from the host 20-60 ms after virtio_console under
+# TCG), then with the usual doubling back-off.
+TRANSPORT_RETRY_FIRST = 0.01
+TRANSPORT_RETRIES = 10
 SERIAL_RECHECK = 0.1              # host side of a serial port not connected: look again then
 SERIAL_STALE_FRAME = 0.5          # a partial frame this old on a serial stream is garbage
 _SO_PEERCRED_SIZE = Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
@@ -3678,6 +3762,7 @@ class Listener:
         self.protocol = protocol
         self.retry_at = 0.0        # monotonic time of the next open attempt
         self.backoff = BIND_RETRY_FIRST
+        self.steady = 0            # failures still retried after `backoff` without doubling
         self.failures = 0
 
     @property
@@ -3687,12 +3772,15 @@ class Listener:
     def opened(self):
         self.failures = 0
         self.warned = False
-        self.backoff = BIND_RETRY_FIRST
+        self.backoff, self.steady = BIND_RETRY_FIRST, 0
 
     def failed(self, now):
         self.failures += 1
         self.retry_at = now + self.backoff
-        self.backoff = min(self.backoff * 2, BIND_RETRY_MAX)
+        if self.steady > 0:
+            self.steady -= 1
+        else:
+            self.backoff = min(self.backoff * 2, BIND_RETRY_MAX)
 
 
 class SocketListener(Listener):
@@ -3768,19 +3856,21 @@ class SerialListener(Listener):
         pass                       # the stream is closed with the server's connections
 
 
+VIRTIO_PORTS = "/sys/class/virtio-ports"   # virtio_console's class: one entry per port
+
+
 def resolve_serial_port(name):
     """serial:/dev/PATH as given; serial:NAME through /sys/class/virtio-ports/*/name (a
     busybox guest has no udev to make /dev/virtio-ports/NAME). ENOENT until the port exists,
     so the listener retries while virtio_console loads."""
     if name.startswith("/"):
         return name
-    base = "/sys/class/virtio-ports"
     try:
-        ports = sorted(os.listdir(base))
+        ports = sorted(os.listdir(VIRTIO_PORTS))
     except OSError:
         ports = []
     for port in ports:
-        if _read_text("%s/%s/name" % (base, port)).strip() == name:
+        if _read_text("%s/%s/name" % (VIRTIO_PORTS, port)).strip() == name:
             return "/dev/" + port
     raise OSError(errno.ENOENT, "no virtio-serial port named %r (yet)" % name)
 
@@ -3940,10 +4030,16 @@ class Server(Source):
     def _may_try(self, listener):
         """While transport modules load, a vsock listener waits until AF_VSOCK exists:
         socket() of a family the kernel lacks makes it run modprobe (a usermode helper)
-        each time, which takes the guest's CPU from the module loading itself."""
-        if not self.transports_loading or listener.addr[0] != "vsock":
+        each time, which takes the guest's CPU from the module loading itself. A named
+        virtio-serial port waits for virtio_console's class: before it, no port can be
+        there, and each look costs ~10 ms under TCG."""
+        if not self.transports_loading:
             return True
-        return "AF_VSOCK" in _read_text("/proc/net/protocols")
+        if listener.addr[0] == "vsock":
+            return "AF_VSOCK" in _read_text("/proc/net/protocols")
+        if listener.addr[0] == "serial" and not listener.addr[1].startswith("/"):
+            return os.path.isdir(VIRTIO_PORTS)
+        return True
 
     def add_connection(self, conn):
         self.conns[conn.fd] = conn
@@ -3996,7 +4092,7 @@ class Server(Source):
         now = time.monotonic()
         for listener in self.listeners:
             if not listener.is_open and self._may_try(listener):
-                listener.backoff = TRANSPORT_RETRY_FIRST
+                listener.backoff, listener.steady = TRANSPORT_RETRY_FIRST, TRANSPORT_RETRIES
                 self._try_open(listener, now)
 
     def _try_open(self, listener, now):
@@ -4899,7 +4995,8 @@ class Agent:
         self.modules = ModuleLoader(
             names, optional, self.reaper, self.on_transports_in, self.on_modules_in,
             load=load, on_transport=lambda: self.server.retry_now(),
-            serial_first=any(a[0] == "serial" for a in config["listen"]))
+            serial_first=any(a[0] == "serial" for a in config["listen"]),
+            served=lambda: self.server.answered)
         policy = RequestPolicy(config["allow"], self.can_power_off, owns_clock=is_init)
         max_frame = config["max_frame"]
         spare = mounts_to_spare() if self.can_power_off or config["qga"] != "off" \
@@ -4931,9 +5028,13 @@ class Agent:
         # the inbox first (a signal may start the shutdown), the reaper before the workloads
         # and the shutdown sequence (they read what it reaped: "nobody left" must be current
         # when the sequence steps), the sequence last (it acts on what the others did).
+        # (the console's held start-up lines go out last, once the turn's answers are written)
         self.loop = EventLoop()
+        hold = ConsoleHold(time.monotonic() + START_HOLD,
+                           lambda: self.server.answered or self.serving)
         for source in (self.inbox, self.reaper, self.modules, self.server, self.buttons,
-                       self.notifier, self.freezer, self.workload, self.dhcp, self.shutdown):
+                       self.notifier, self.freezer, self.workload, self.dhcp, self.shutdown,
+                       hold):
             if source is not None:
                 self.loop.add(source)
 
@@ -4980,6 +5081,7 @@ class Agent:
         if self.shutdown.active:
             return                  # a stop came while they loaded: start nothing
         if self.is_init and sys.platform.startswith("linux"):
+            mount_filesystems(GUEST_MOUNTS)
             configure_network(self.net, self.dns)
         if self.buttons is not None:
             self.buttons.start()
@@ -5008,6 +5110,7 @@ class Agent:
     # ---- what starts a shutdown ---------------------------------------------------------
     def begin_shutdown(self, action, grace, reason, ack=None, exit_status=0):
         """The one door into the shutdown sequence: it starts once; later starts are logged."""
+        release_console()          # what led here is on the console before the stop is
         if self.shutdown.active:
             log("info", "%s: shutdown already in progress (phase %s); not restarting"
                 % (reason, self.shutdown.phase))
@@ -5103,24 +5206,29 @@ def serve_main(argv, is_init, cmdline_path="/proc/cmdline"):
     # 1. Take the signals before anything else: a PID 1 without handlers loses them, and a
     #    poweroff sent while we boot must end in a power-off once the loop runs.
     inbox = SignalInbox().install()
-    # 2. Early boot (PID 1): stdio, /proc, /sys, /dev and friends, then the console again.
-    if is_init:
-        early_boot()
-    start_step("early boot")
-    # 3. Configuration: defaults < kernel cmdline (needs /proc) < flags.
-    config, status = read_configuration(argv, _read_text(cmdline_path) if cmdline_path else "",
-                                        is_init)
-    if config is None:
-        inbox.close()
-        return status
-    start_step("configuration")
-    # 4. Boot duties that need the configuration (PID 1): the hostname, lo. (Kernel modules
-    #    load in the background while the agent serves; see ModuleLoader.)
-    if is_init:
-        boot_duties(config)
-    start_step("boot duties")
-    # 5. Serve: one loop until power-off (PID 1) or a stop signal (not PID 1).
-    return Agent(config, is_init, inbox).run()
+    # 2. Hold the console's info lines until the host has its first answer (ConsoleHold).
+    hold_console()
+    try:
+        # 3. Early boot (PID 1): stdio, /proc, /sys, /dev and friends, then the console again.
+        if is_init:
+            early_boot()
+        start_step("early boot")
+        # 4. Configuration: defaults < kernel cmdline (needs /proc) < flags.
+        config, status = read_configuration(
+            argv, _read_text(cmdline_path) if cmdline_path else "", is_init)
+        if config is None:
+            inbox.close()
+            return status
+        start_step("configuration")
+        # 5. Boot duties that need the configuration (PID 1): the hostname. (Kernel modules
+        #    load in the background while the agent serves; see ModuleLoader.)
+        if is_init:
+            boot_duties(config)
+        start_step("boot duties")
+        # 6. Serve: one loop until power-off (PID 1) or a stop signal (not PID 1).
+        return Agent(config, is_init, inbox).run()
+    finally:
+        release_console()
 
 
 # =============================================================================================

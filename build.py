@@ -56,15 +56,17 @@ def source_date_epoch():
 def compile_pyc(source, target, interpreter):
     """Compile agent.py to an unchecked-hash pyc, with the target interpreter when it
     exists here (its magic number must match, or zipimport ignores the pyc and compiles the
-    source at every start). Returns the interpreter used."""
+    source at every start). Returns the interpreter used. Docstrings are left out
+    (optimize=2; agent.py uses neither __doc__ nor assert): 10% fewer bytes to unmarshal,
+    ~10 ms of a guest's start under TCG; agent.py, in the same archive, keeps them."""
     exe = interpreter.split()[0]
     code = ("import py_compile, sys; py_compile.compile(sys.argv[1], sys.argv[2], "
-            "dfile='agent.py', doraise=True, "
+            "dfile='agent.py', doraise=True, optimize=2, "
             "invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)")
     if os.access(exe, os.X_OK):
         subprocess.run([exe, "-I", "-S", "-c", code, source, target], check=True)
         return exe
-    py_compile.compile(source, target, dfile="agent.py", doraise=True,
+    py_compile.compile(source, target, dfile="agent.py", doraise=True, optimize=2,
                        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
     return sys.executable
 

@@ -22,7 +22,8 @@ def test_transports_go_first_and_each_group_keeps_its_order():
         ["ext4", "loop", "overlay"])
 
 
-def run_loader(names, optional=(), loads=None, stop_after=None, serial_first=False):
+def run_loader(names, optional=(), loads=None, stop_after=None, serial_first=False,
+               served=None):
     """Run a ModuleLoader in an event loop until it is done; returns the events seen."""
     events = []
     reaper = agent.Reaper()
@@ -36,7 +37,7 @@ def run_loader(names, optional=(), loads=None, stop_after=None, serial_first=Fal
     loader = agent.ModuleLoader(names, optional, reaper, lambda: events.append("transports"),
                                 lambda: events.append("done"), load=loads or fake_load,
                                 on_transport=lambda: events.append("one transport"),
-                                serial_first=serial_first)
+                                serial_first=serial_first, served=served)
     loop = agent.EventLoop()
     loop.add(reaper)
     loop.add(loader)
@@ -143,3 +144,40 @@ def test_the_host_is_answered_while_a_big_module_loads_and_the_workload_waits_fo
             client.close()
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_child_waits_for_the_first_answer_or_background_after():
+    """The rest loads in a child forked only once the host has its first answer, or
+    BACKGROUND_AFTER after the transports when no host asks."""
+    reaper = agent.Reaper()
+    answered = []
+    loader = agent.ModuleLoader(["virtio_console", "ext4"], [], reaper, lambda: None,
+                                lambda: None, load=lambda group, opt: [],
+                                served=lambda: bool(answered))
+    loop = agent.EventLoop()
+    loop.add(reaper)
+    loop.add(loader)
+    loader.start()
+    for _ in range(3):
+        loop.run_once(0.01)
+    assert loader.pid is None, "the child came before the first answer"
+    answered.append(True)
+    loop.run_once(0.01)
+    assert loader.pid is not None
+    # nobody asks: the child comes at BACKGROUND_AFTER, not before
+    unasked = agent.ModuleLoader(["virtio_console", "ext4"], [], reaper, lambda: None,
+                                 lambda: None, load=lambda group, opt: [],
+                                 served=lambda: False)
+    loop.add(unasked)
+    unasked.start()
+    started = time.monotonic()
+    while unasked.pid is None and time.monotonic() - started < 5:
+        loop.run_once(0.5)
+    waited = time.monotonic() - started
+    assert unasked.pid is not None
+    assert agent.BACKGROUND_AFTER - 0.01 <= waited < agent.BACKGROUND_AFTER + 0.2, waited
+    for pid in (loader.pid, unasked.pid):
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass                       # the reaper had it

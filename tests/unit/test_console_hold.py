@@ -1,0 +1,114 @@
+"""Start-up console lines are held until the host has its first answer (or the agent is
+ready, or START_HOLD passes), with their true stamps; warnings and errors are never held and
+keep the order; a forked child never writes the parent's held lines; a listener whose
+transport just came in is retried every 10 ms for a while, not on a doubling back-off."""
+
+import os
+
+import pytest
+
+import agent
+
+
+@pytest.fixture
+def console(monkeypatch):
+    """The log's fd is a pipe; returns a function that reads what was written so far."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    monkeypatch.setattr(agent, "_log_fd", w)
+    monkeypatch.setattr(agent, "_log_level", agent.LOG_LEVELS["debug"])
+    monkeypatch.setattr(agent, "_held_lines", None)
+    writes = []
+
+    def read():
+        try:
+            data = os.read(r, 65536)
+        except BlockingIOError:
+            return writes
+        writes.append(data.decode())
+        return writes
+    yield read
+    os.close(r)
+    os.close(w)
+
+
+def messages(writes):
+    return [line.split(": ", 1)[1] for chunk in writes for line in chunk.splitlines()]
+
+
+def test_info_lines_wait_for_the_release_and_go_out_in_one_write(console):
+    agent.hold_console()
+    agent.log("info", "listening on serial:org.arcbox.agent")
+    agent.log("debug", "module virtio_pci loaded")
+    assert console() == []
+    agent.release_console()
+    writes = console()
+    assert len(writes) == 1
+    assert messages(writes) == ["listening on serial:org.arcbox.agent",
+                                "module virtio_pci loaded"]
+    agent.log("info", "after")                 # no longer held
+    assert messages(console())[-1] == "after"
+
+
+def test_the_stamp_is_when_it_was_logged_not_when_it_was_written(console, monkeypatch):
+    clock = iter([1.25, 9.5])
+    monkeypatch.setattr(agent, "_since_boot", lambda: next(clock))
+    agent.hold_console()
+    agent.log("info", "early")
+    agent.release_console()
+    agent.log("info", "late")
+    lines = "".join(console()).splitlines()
+    assert lines[0].startswith("[   1.250000]") and lines[1].startswith("[   9.500000]")
+
+
+def test_a_warning_writes_what_is_held_first_then_itself(console):
+    agent.hold_console()
+    agent.log("info", "one")
+    agent.log("warn", "two")
+    agent.log("info", "three")
+    assert messages(console()) == ["one", "two", "three"]
+
+
+def test_a_forked_child_does_not_write_the_parents_held_lines(console):
+    agent.hold_console()
+    agent.log("info", "held in the parent")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            agent.log("warn", "from the child")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    agent.release_console()
+    assert messages(console()) == ["from the child", "held in the parent"]
+
+
+def test_the_hold_source_releases_when_served_or_at_its_deadline(console):
+    served = []
+    hold = agent.ConsoleHold(100.0, lambda: bool(served))
+    agent.hold_console()
+    agent.log("info", "waiting")
+    assert hold.deadline() == 100.0
+    hold.tick(50.0)
+    assert console() == []
+    served.append(True)
+    hold.tick(50.0)
+    assert messages(console()) == ["waiting"] and hold.deadline() is None
+    agent.hold_console()
+    agent.log("info", "never served")
+    agent.ConsoleHold(100.0, lambda: False).tick(100.0)
+    assert messages(console())[-1] == "never served"
+
+
+def test_a_listener_whose_transport_came_in_is_retried_steadily_then_with_back_off():
+    listener = agent.Listener(("serial", "org.arcbox.agent"), None)
+    listener.backoff, listener.steady = agent.TRANSPORT_RETRY_FIRST, agent.TRANSPORT_RETRIES
+    now, waits = 0.0, []
+    for _ in range(agent.TRANSPORT_RETRIES + 3):
+        listener.failed(now)
+        waits.append(round(listener.retry_at - now, 3))
+        now = listener.retry_at
+    assert waits[:agent.TRANSPORT_RETRIES + 1] == [0.01] * (agent.TRANSPORT_RETRIES + 1)
+    assert waits[-2:] == [0.02, 0.04]
+    listener.opened()
+    assert listener.steady == 0 and listener.backoff == agent.BIND_RETRY_FIRST
