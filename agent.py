@@ -5201,11 +5201,12 @@ def read_configuration(argv, cmdline_text, is_init):
     return config, None
 
 
-def serve_main(argv, is_init, cmdline_path="/proc/cmdline"):
-    """The agent's life, in order. Each stage is best-effort: a failure is logged, never fatal."""
+def serve_main(argv, is_init, cmdline_path="/proc/cmdline", inbox=None):
+    """The agent's life, in order. Each stage is best-effort: a failure is logged, never fatal.
+    `inbox`: PID 1's, taken by run_as_init() before it called us."""
     # 1. Take the signals before anything else: a PID 1 without handlers loses them, and a
     #    poweroff sent while we boot must end in a power-off once the loop runs.
-    inbox = SignalInbox().install()
+    inbox = inbox or SignalInbox().install()
     # 2. Hold the console's info lines until the host has its first answer (ConsoleHold).
     hold_console()
     try:
@@ -5504,7 +5505,7 @@ def client_main(argv):
 
 # ---- which command; PID 1's entry, which never returns --------------------------------------
 
-def main(argv=None, is_init=False):
+def main(argv=None, is_init=False, inbox=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in CLIENT_COMMANDS:
         return client_main(argv)
@@ -5515,22 +5516,27 @@ def main(argv=None, is_init=False):
         return EXIT_OK
     if argv and argv[0] == "serve":
         argv = argv[1:]
-    return serve_main(argv, is_init)
+    return serve_main(argv, is_init, inbox=inbox)
 
 
 def run_as_init():
     """PID 1 must never return or raise: either would panic the kernel. If serving fails
-    outright, keep reaping and honour power-off signals with the defaults."""
+    outright, keep reaping and honour power-off signals with the defaults. One signal inbox
+    for PID 1's whole life: a poweroff that came while serving failed is still in it, and
+    the fallback acts on it."""
+    inbox = None
     try:
-        main(is_init=True)
+        inbox = SignalInbox().install()
+        main(is_init=True, inbox=inbox)
     except BaseException as exc:   # noqa: B902 - including SystemExit and KeyboardInterrupt
         log("error", "agent failed: %s" % describe_exception(exc))
     log("error", "serving stopped; falling back to reaping and signal handling only")
-    inbox = None                   # one for every retry: a retry must not leak a pipe
     while True:
         try:
             if inbox is None:
-                inbox = SignalInbox().install()
+                inbox = SignalInbox()
+            if inbox.wake_r < 0:
+                inbox.install()    # closed (or never opened): the pending signals stay
             Agent(dict(default_config(), listen=[]), is_init=True, inbox=inbox).run()
         except BaseException as exc:   # noqa: B902
             log("error", "fallback loop failed: %s" % describe_exception(exc))

@@ -20,19 +20,26 @@ def wait_for(predicate, timeout=15, what="condition"):
         time.sleep(0.02)
 
 
-# A log line's stamp is taken just after the event it reports (the signal is sent, then
-# the line is formatted and written), so the gap between two stamps can fall short of the
-# gap between the events by the time one write takes. 20 ms is far above that, far below
-# any grace a test uses.
-LOG_STAMP_SLACK = 0.02
+# A log line's stamp is taken just after the event it reports (the signal is sent, the
+# deadline set, then the line is formatted), so the gap between two stamps can fall short of
+# the gap between the events by the microseconds that takes. 1 ms is far above that, and
+# tight enough to catch a grace counted from the loop's wake-up instead of from SIGTERM
+# (1.998 s for 2 s, the bug fixed in f3d0ee0).
+LOG_STAMP_SLACK = 0.001
+# How late SIGKILL may come after the grace: the loop wakes within poll()'s millisecond
+# rounding plus scheduling (the bench measures ~2 ms on this machine); 50 ms leaves room for
+# a busy CI machine. A TCG guest needs more (VM_LATE).
+NAMESPACE_LATE = 0.05
+VM_LATE = 0.5
 
 
-def assert_grace_kept(events, grace, most=2.0):
-    """SIGKILL came after the whole grace (counted from SIGTERM), and not much later."""
+def assert_grace_kept(events, grace, most=NAMESPACE_LATE):
+    """SIGKILL came after the whole grace (counted from SIGTERM), and at most `most` later."""
     term = next(t for t, _, m in events if "SIGTERM sent" in m)
     kill = next(t for t, _, m in events if "SIGKILL sent" in m)
-    assert grace - LOG_STAMP_SLACK <= kill - term < grace + most, (
-        "SIGKILL %.3fs after SIGTERM, grace %gs" % (kill - term, grace))
+    assert grace - LOG_STAMP_SLACK <= kill - term <= grace + most, (
+        "SIGKILL %.4fs after SIGTERM, grace %gs" % (kill - term, grace))
+    return kill - term
 
 
 class RawClient:

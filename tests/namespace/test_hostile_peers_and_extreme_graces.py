@@ -190,3 +190,36 @@ def test_the_fallback_loop_after_serving_fails_still_powers_off(guest, tmp_path)
     log = g.messages()
     assert any("agent failed: RuntimeError: injected: serving failed" in m for m in log), log
     assert any("all processes gone after" in m for m in log)
+
+
+SIGNAL_THEN_FAIL = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import agent
+def broken(argv, is_init, cmdline_path="/proc/cmdline", inbox=None):
+    inbox = inbox or agent.SignalInbox().install()     # what serve_main does first
+    open(sys.argv[2], "w").close()                      # the test may signal now
+    deadline = time.monotonic() + 10
+    while not inbox.pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    raise RuntimeError("injected: serving failed with a signal pending")
+agent.serve_main = broken
+agent.run_as_init()
+"""
+
+
+def test_a_poweroff_that_comes_while_serving_fails_is_honoured_by_the_fallback(guest, tmp_path):
+    """The signal arrives in serve_main, which then fails before its loop turned: the fallback
+    loop takes over with the same inbox and powers off. (With an inbox of its own it lost
+    the signal and kept running: checked.)"""
+    script, marker = tmp_path / "signal_then_fail.py", tmp_path / "serving"
+    script.write_text(SIGNAL_THEN_FAIL)
+    g = guest("sleep 1000 &", wait_ready=False,
+              init="%s %s %s %s" % (shlex.quote(sys.executable), shlex.quote(str(script)),
+                                    shlex.quote(REPO), shlex.quote(str(marker))))
+    wait_for(marker.exists, what="serve_main")
+    os.kill(g.init_pid(), signal.SIGUSR2)                 # busybox poweroff, right then
+    assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
+    log = g.messages()
+    assert any("injected: serving failed with a signal pending" in m for m in log), log
+    assert any("all processes gone after" in m for m in log), log

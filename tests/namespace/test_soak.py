@@ -39,6 +39,8 @@ def ping_ms(g, count=20):
 
 
 def mutate(rnd, frame):
+    """Arbitrary bytes from a frame: flipped, cut, extended or replaced. The framing is
+    usually lost, so the stream ends after it (BREAKING_SHARE of the batches)."""
     data = bytearray(frame)
     for _ in range(rnd.randint(1, 4)):
         op = rnd.random()
@@ -53,44 +55,110 @@ def mutate(rnd, frame):
     return bytes(data)
 
 
+def mutate_framed(rnd, msg_type, trace, payload):
+    """A mutation that keeps the frame's length right, so that the agent decodes it: the type
+    (a known request, an unknown one, a response type, 0), the trace, the payload's bytes, or
+    a trace length that overruns the frame (a non-fatal error)."""
+    payload = bytearray(payload)
+    for _ in range(rnd.randint(1, 3)):
+        op = rnd.random()
+        if op < 0.2:
+            msg_type = rnd.choice([1, 2, 3, 0x000A, 0, rnd.getrandbits(16),
+                                   0x1001, 0xFFFF, rnd.getrandbits(32)])
+        elif op < 0.35:
+            trace = bytes(rnd.getrandbits(8) for _ in range(rnd.randint(0, 24)))
+        elif op < 0.6 and payload:
+            payload[rnd.randrange(len(payload))] = rnd.getrandbits(8)
+        elif op < 0.75:
+            payload = payload[:rnd.randrange(len(payload) + 1)]
+        elif op < 0.9:
+            payload += bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 16)))
+        else:
+            body = msg_type.to_bytes(4, "big") + (len(trace) + 1 + rnd.randrange(200)).to_bytes(
+                2, "big") + trace + bytes(payload)
+            return len(body).to_bytes(4, "big") + body
+    body = msg_type.to_bytes(4, "big") + len(trace).to_bytes(2, "big") + trace + bytes(payload)
+    return len(body).to_bytes(4, "big") + body
+
+
+def read_replies(sock, want, deadline):
+    """Read reply frames until `want` have come (None: until EOF); returns their types."""
+    buf, types = bytearray(), []
+    while want is None or len(types) < want:
+        timeout = deadline - time.monotonic()
+        if timeout <= 0 or not select.select([sock], [], [], timeout)[0]:
+            raise AssertionError("the agent did not answer: %d of %s replies" % (len(types), want))
+        try:
+            data = sock.recv(1 << 16)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            break
+        buf += data
+        while True:
+            frame = agent.decode_frame(buf, 1 << 24)
+            if frame is None:
+                break
+            types.append(frame[0])
+            del buf[:frame[3]]
+    return types
+
+
 def raise_fd_limit(n):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < n:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), hard))
 
 
+BREAKING_SHARE = 0.05              # batches that end in a frame whose framing is lost
+
+
 def test_100k_random_and_mutated_frames_then_ping_and_power_off(guest, figures):
+    """100,000 frames, and every one that is framed gets exactly one answer: most mutations
+    keep the length right (the agent decodes them and answers a response or an Error); a
+    batch in twenty ends with one that breaks the framing, after which the client closes its
+    side and reads to the end. Counted: what the agent decoded and answered, by the replies."""
     # Shutdown over the Unix socket is refused (--allow without uids), so that a mutated
     # frame that happens to be a valid Shutdown cannot end the soak early.
     g = guest(agent_args=["--idle-timeout", "5", "--allow", "cid:2"], log_level="info")
     before = pid1_state(g)
     rnd = random.Random(20261127)
-    seeds = [agent.encode_frame(agent.MSG_PING, b"\x0a\x02hi", b"t"),
-             agent.encode_frame(agent.MSG_GET_SYSTEM_INFO),
-             agent.encode_frame(agent.MSG_SHUTDOWN, b"\x08\x05"),
-             agent.encode_frame(0x0003, b"")]
-    sent = connections = 0
+    seeds = [(agent.MSG_PING, b"t", b"\x0a\x02hi"), (agent.MSG_GET_SYSTEM_INFO, b"", b""),
+             (agent.MSG_SHUTDOWN, b"", b"\x08\x05"), (0x0003, b"", b"")]
+    sent = framed = breaking = connections = 0
+    answered = {"response": 0, "error": 0, "after the framing broke": 0}
     started = time.perf_counter()
-    socks = []
+    pool = []
     while sent < 100000:
-        if len(socks) < 50:
+        if len(pool) < 50:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(g.sock)
-            s.setblocking(False)
-            socks.append(s)
+            pool.append(s)
             connections += 1
-        s = rnd.choice(socks)
-        batch = b"".join(mutate(rnd, rnd.choice(seeds)) for _ in range(20))
-        try:
-            s.send(batch)
-            sent += 20
-            s.recv(1 << 20)
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:                     # closed by the agent after a fatal frame
-            socks.remove(s)
+        s = rnd.choice(pool)
+        batch = [mutate_framed(rnd, *rnd.choice(seeds)) for _ in range(20)]
+        breaks = rnd.random() < BREAKING_SHARE
+        if breaks:
+            msg_type, trace, payload = rnd.choice(seeds)
+            batch[-1] = mutate(rnd, agent.encode_frame(msg_type, payload, trace))
+        s.sendall(b"".join(batch))
+        sent += len(batch)
+        framed += len(batch) - breaks
+        if breaks:                   # the client's side ends after it: read to the end
+            breaking += 1
+            s.shutdown(socket.SHUT_WR)
+            types = read_replies(s, None, time.monotonic() + 10)
+            pool.remove(s)
             s.close()
-    for s in socks:
+        else:
+            types = read_replies(s, len(batch), time.monotonic() + 10)
+        # one answer per framed frame: exactly, or at least (and in front) before a break
+        assert len(types) == len(batch) if not breaks else len(types) >= len(batch) - 1, (
+            len(types), len(batch), breaks)
+        for t in types[:len(batch) - breaks]:
+            answered["error" if t == agent.MSG_ERROR else "response"] += 1
+        answered["after the framing broke"] += len(types) - (len(batch) - breaks)
+    for s in pool:
         s.close()
     flood_s = time.perf_counter() - started
     time.sleep(0.5)
@@ -102,10 +170,16 @@ def test_100k_random_and_mutated_frames_then_ping_and_power_off(guest, figures):
     # a crash: PID 1 gone before the power-off signal, or an error escaping to the loop
     crashes = int(not alive) + g.log().count("internal error")
     assert crashes == 0, g.log()[-3000:]
+    decoded = answered["response"] + answered["error"]
+    assert decoded == framed and framed >= 0.99 * sent, (decoded, framed, sent)
+    assert answered["response"] > 1000 and answered["error"] > 10000, answered
     assert statistics.median(latency) < 50
     assert after["fds"] <= before["fds"] + 2, (before, after)
     assert after["rss_kib"] - before["rss_kib"] < 8 * 1024, (before, after)
-    figures.update(frames=sent, connections=connections, seconds=round(flood_s, 2),
+    figures.update(frames=sent, framed=framed, decoded_and_answered=decoded,
+                   answered_response=answered["response"], answered_error=answered["error"],
+                   breaking=breaking, breaking_answered=answered["after the framing broke"],
+                   connections=connections, seconds=round(flood_s, 2),
                    pid1_before=before, pid1_after=after,
                    ping_ms_median=round(statistics.median(latency), 2),
                    ping_ms_max=round(max(latency), 2), crashes=crashes)

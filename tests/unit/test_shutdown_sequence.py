@@ -118,3 +118,49 @@ def test_a_teardown_child_killed_before_its_report_is_run_again_once(monkeypatch
     poll_once(seq)
     seq.step(time.monotonic())
     assert len(fork.bodies) == 2 and len(finals) == 1       # then reboot() anyway
+
+
+@pytest.mark.parametrize("grace", [2**31 - 1, 2**32 - 1])
+def test_a_huge_grace_is_the_deadline_the_sequence_uses(monkeypatch, grace):
+    """The wire's largest graces (u32 seconds, ~136 years) are kept whole: on a fake clock,
+    SIGKILL is not sent a year on, and is sent when the grace is over. (The namespace test
+    watches the real agent for 2.5 s only; an agent that cut the grace to 3 s passes that.)"""
+    clock = [1000.0]
+    signals = []
+    monkeypatch.setattr(agent.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(agent, "kill_all", lambda sig: signals.append(sig) or True)
+    monkeypatch.setattr(agent, "thaw_filesystems", lambda *args, **kwargs: 0)
+    reaper = agent.Reaper()
+    monkeypatch.setattr(reaper, "reap", lambda: None)
+    reaper.no_children = False             # somebody ignores SIGTERM
+    child = agent.PowerOffChild(reaper, frozenset(), 0.5, fork=FakeFork(4242))
+    seq = agent.ShutdownSequence(reaper, TIMEOUTS, on_failure=lambda why: None, child=child)
+    seq.begin("poweroff", grace, "test")
+    seq.step(clock[0])
+    assert seq.phase == "term" and signals == [agent.signal.SIGTERM, agent.signal.SIGCONT]
+    assert seq.deadline() == 1000.0 + grace
+    for later in (3.0, 86400.0, 365 * 86400.0, grace - 0.001):
+        clock[0] = 1000.0 + later
+        seq.step(clock[0])
+        assert seq.phase == "term" and agent.signal.SIGKILL not in signals, later
+    clock[0] = 1000.0 + grace
+    seq.step(clock[0])
+    assert seq.phase == "kill" and signals[-1] == agent.signal.SIGKILL
+    # and the loop's wait for it fits poll()'s int: at most POLL_MAX_MS
+    waits = []
+
+    class Poller:
+        def register(self, *args):
+            pass
+
+        def poll(self, timeout):
+            waits.append(timeout)
+            return []
+    loop = agent.EventLoop()
+    loop.poller = Poller()
+    clock[0] = 1000.0
+    seq.deadline_at = 1000.0 + grace
+    loop.add(seq)
+    monkeypatch.setattr(seq, "tick", lambda now: None)
+    loop.run_once()
+    assert waits == [agent.POLL_MAX_MS]

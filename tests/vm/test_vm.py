@@ -17,7 +17,7 @@ import pytest
 
 import agent
 import guestimage
-from helpers import assert_grace_kept
+from helpers import VM_LATE, assert_grace_kept
 from vmchecks import assert_disk_intact, assert_powered_off, disk_writer, fresh_disk
 
 pytestmark = pytest.mark.vm
@@ -155,7 +155,7 @@ def test_the_acpi_power_button_powers_off_in_order(boot, tmp_path):
     assert sum(1 for l in lines if l.startswith("shutdown: SIGTERM sent")) == 1
     assert any(l.startswith("reaped pid") and "killed by signal 15" in l for l in lines)
     assert "shutdown: grace over, SIGKILL sent to the rest" in lines
-    assert_grace_kept(vm.events(), 2.0)
+    assert_grace_kept(vm.events(), 2.0, most=VM_LATE)   # TCG: a slow vCPU wakes late
     assert_disk_intact(disk, "button")
 
 
