@@ -33,7 +33,7 @@ defines it (tests/unit/test_structure.py checks both that and this table):
       - telling the host: systemd's VM notify protocol
       - the ArcBox wire protocol: message types, frames, Error payloads (pure functions)
       - proto3: a tiny encoder/decoder and the messages' schemas
-      - requests: Ping, GetSystemInfo, Shutdown, and who may ask (pure but for the clock)
+      - requests: Ping, GetSystemInfo, Shutdown, and who may ask (answers and effects)
       - the ArcBox protocol on one stream: bytes in, replies and effects out
       - the QEMU guest agent protocol: JSON commands for libvirt, Proxmox VE, KubeVirt
       - the QGA commands: what each reads or does
@@ -2662,7 +2662,7 @@ def _expect(wire, wanted, name):
         raise ProtocolError("field %s has wire type %d, expected %d" % (name, wire, wanted))
 
 
-# ---- requests: Ping, GetSystemInfo, Shutdown, and who may ask (pure but for the clock) ------
+# ---- requests: Ping, GetSystemInfo, Shutdown, and who may ask (answers and effects) ------
 
 def _meminfo():
     values = {}
@@ -2788,20 +2788,22 @@ _PLAIN_PONG = encode_message(PING_RESPONSE, {"message": "pong", "version": __ver
 
 
 def handle_request(msg_type, payload, peer, policy):
-    """One request -> (response type, response payload, effect). The effect is what the
-    caller should make happen once the answer is queued: None, or ("shutdown", seconds,
-    None) with 0 meaning the configured grace and None the configured action. Raises
+    """One request -> (response type, response payload, effect). It changes nothing: the
+    effect is what the caller should make happen once the answer is queued: None,
+    ("shutdown", seconds, None) with 0 meaning the configured grace and None the configured
+    action, or ("clock", seconds since the epoch) from a Ping's timestamp. Raises
     ProtocolError for bytes that do not decode and Refused for requests that are not
     allowed or not possible here."""
     if msg_type == MSG_PING:
         if not payload:           # the health check hosts send in a loop: answered as is
             return MSG_PING | RESPONSE_BIT, _PLAIN_PONG, None
         request = decode_message(PING_REQUEST, payload)
+        effect = None
         if request["timestamp_secs"] > 0:
-            set_clock_from_peer(request["timestamp_secs"], peer, policy)
+            effect = clock_effect(request["timestamp_secs"], peer, policy)
         message = "pong: " + request["message"] if request["message"] else "pong"
         return msg_type | RESPONSE_BIT, encode_message(
-            PING_RESPONSE, {"message": message, "version": __version__}), None
+            PING_RESPONSE, {"message": message, "version": __version__}), effect
     if msg_type == MSG_GET_SYSTEM_INFO:
         return msg_type | RESPONSE_BIT, encode_message(SYSTEM_INFO, gather_system_info()), None
     if msg_type == MSG_SHUTDOWN:
@@ -2837,20 +2839,26 @@ def check_shutdown_allowed(peer, policy):
                       % os.getpid())
 
 
-def set_clock_from_peer(seconds, peer, policy):
+def clock_effect(seconds, peer, policy):
     """A Ping's timestamp sets the clock only in PID 1, only from the VMM's side (a vsock or
     virtio-serial peer: the VMM owns the serial port) and only from an allowed peer. A
-    Unix-socket peer is ignored, never refused: tests run as root on real machines."""
+    Unix-socket peer is ignored, never refused: tests run as root on real machines.
+    -> ("clock", seconds), or None when ignored; raises Refused."""
     who = describe_peer(peer)
     if not (policy.owns_clock and peer[0] in ("vsock", "serial")):
         log("debug", "Ping timestamp from %s ignored (clock set only by the host as PID 1)"
             % who)
-        return
+        return None
     if not peer_allowed(policy.allow, peer):
         log_limited("refused", peer_group(peer), "warn",
                     "refused clock change from %s: not an allowed peer" % who)
         raise Refused(ERROR_FORBIDDEN, "clock change refused: %s is not allowed to set the "
                       "time (see --allow)" % who)
+    return ("clock", seconds)
+
+
+def set_clock(seconds):
+    """The ("clock", seconds) effect, applied by the agent."""
     try:
         time.clock_settime(time.CLOCK_REALTIME, float(seconds))
         log("debug", "clock set to %d from the host" % seconds)
@@ -5141,8 +5149,12 @@ class Agent:
         self.begin_shutdown(action, self.grace, "signal %d" % sig)
 
     def on_request_effect(self, effect, conn):
+        # ("clock", seconds): a Ping's timestamp, checked already (clock_effect);
         # ("shutdown", grace in seconds or 0 for the configured one, action or None for the
         # configured one): ArcBox's Shutdown, QGA's guest-shutdown
+        if effect[0] == "clock":
+            set_clock(effect[1])
+            return
         kind, grace, action = effect
         if kind == "shutdown":
             self.begin_shutdown(action or self.action, grace or self.grace,

@@ -66,14 +66,26 @@ def test_not_pid1_refuses_shutdown_with_503():
     assert err.value.code == 503
 
 
-def test_the_clock_is_set_only_by_an_allowed_vsock_or_serial_peer_of_pid1(monkeypatch):
+def test_the_clock_is_set_only_by_an_allowed_vsock_or_serial_peer_of_pid1():
+    pol = policy()
+    assert agent.clock_effect(1781740800, ("vsock", 2, 9), pol) == ("clock", 1781740800)
+    assert agent.clock_effect(1781740801, ("serial", "p"), pol) == ("clock", 1781740801)
+    assert agent.clock_effect(1781740802, ("unix", 1, 0, 0), pol) is None  # ignored, not refused
+    with pytest.raises(agent.Refused, match="clock change refused"):
+        agent.clock_effect(1781740803, ("vsock", 3, 9), pol)
+    assert agent.clock_effect(1781740804, ("vsock", 2, 9), policy(owns_clock=False)) is None
+
+
+def test_handle_request_sets_no_clock_itself_the_agent_applies_the_effect(monkeypatch):
     calls = []
     monkeypatch.setattr(agent.time, "clock_settime", lambda clock, t: calls.append(t))
-    pol = policy()
-    agent.set_clock_from_peer(1781740800, ("vsock", 2, 9), pol)
-    agent.set_clock_from_peer(1781740801, ("serial", "p"), pol)
-    agent.set_clock_from_peer(1781740802, ("unix", 1, 0, 0), pol)     # ignored, never refused
-    with pytest.raises(agent.Refused, match="clock change refused"):
-        agent.set_clock_from_peer(1781740803, ("vsock", 3, 9), pol)
-    agent.set_clock_from_peer(1781740804, ("vsock", 2, 9), policy(owns_clock=False))  # ignored
-    assert calls == [1781740800.0, 1781740801.0]
+    payload = agent.encode_message(agent.PING_REQUEST, {"timestamp_secs": 1781740800})
+    _, _, effect = agent.handle_request(agent.MSG_PING, payload, ("vsock", 2, 9), policy())
+    assert effect == ("clock", 1781740800) and calls == []
+    config = dict(agent.default_config(), listen=[])
+    a = agent.Agent(config, False)
+    try:
+        a.on_request_effect(effect, None)
+    finally:
+        a.inbox.close()
+    assert calls == [1781740800.0]

@@ -111,11 +111,11 @@ def test_handle_request_answers_the_ping_vector_like_the_rust_agent(monkeypatch)
     _, _, payload = decode_one(PING_REQ)
     rtype, rpayload, effect = agent.handle_request(agent.MSG_PING, payload, ("vsock", 2, 99),
                                                    policy)
-    assert effect is None
+    assert effect == ("clock", 1781740800)  # the host (CID 2) sets PID 1's clock: the agent
+    assert clock == []                      # applies the effect; handle_request changes nothing
     assert rtype == 0x1001
     assert agent.decode_message(agent.PING_RESPONSE, rpayload) == {
         "message": "pong: ping", "version": agent.__version__}
-    assert clock == [1781740800.0]          # the host (CID 2) set PID 1's clock
     rtype, rpayload, _ = agent.handle_request(agent.MSG_PING, b"", ("unix", 1, 0, 0), policy)
     assert agent.decode_message(agent.PING_RESPONSE, rpayload)["message"] == "pong"
     # Never field 3 (protocol_version): newer hosts would demand duties we do not have.

@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+import agent
+
 from helpers import wait_for
 import vm as vmtool
 from qgaclient import connect, shape
@@ -102,6 +104,12 @@ def test_the_clock_from_the_rtc_and_a_snapshot_restore_then_guest_shutdown(boot,
     assert 3590 < time.time() - guest < 3610
     assert c.result("guest-set-time") == {}                # from the RTC, like hwclock -s
     assert_clock_near_host(c, 1.0)
+    # an ArcBox Ping's timestamp (whole seconds) from the host's side of the serial port is
+    # the other way to set it: the agent applies the effect handle_request returns
+    assert c.result("guest-set-time", {"time": time.time_ns() - 3600 * 10 ** 9}) == {}
+    vm.request(0x0001, agent.encode_message(agent.PING_REQUEST,
+                                            {"timestamp_secs": int(time.time())}))
+    assert_clock_near_host(c, 2.0)
     c.close()
 
     # snapshot to a file, the way a host saves a VM; restore it in a new QEMU a while later
