@@ -59,6 +59,7 @@ the power-off. Host-side commands import argparse/json lazily.
 """
 
 import errno
+import gc
 import os
 import select
 import signal
@@ -5563,6 +5564,11 @@ def entry():
     return main()
 
 
+# Everything the module made lives as long as the process: moved out of the cyclic
+# collector's reach (gc.freeze, made for this), so that no collection ever walks it again --
+# nor writes to its pages, which a forked child (the module loader, the power-off child)
+# shares copy-on-write with PID 1 -- and the interpreter's exit does not either.
+gc.freeze()
 start_step("agent module")
 
 

@@ -68,6 +68,39 @@ def serving_rss(cmd, sock, env=None):
         proc.wait()
 
 
+README_MARK = "for the README (tests/unit/test_startup_figures.py checks it is there):"
+README_NAMES = ["`python3 -I -S -c pass` (baseline)", "`python3 -c pass`",
+                "**.pyz with agent.pyc, `-S` (default)**", ".pyz with agent.pyc, `-I -S`",
+                ".pyz with agent.pyc, with site", ".pyz source only, `-S`",
+                "shiv, `~/.shiv` already extracted", "shiv, first start (extracts)"]
+
+
+def readme_text(runs, rows, mem, sizes):
+    """The README's artifact table and the two lines under it, from this run."""
+    commit = subprocess.run(["git", "-C", os.path.dirname(HERE), "rev-parse", "--short",
+                             "HEAD"], capture_output=True, text=True).stdout.strip()
+    version = subprocess.run([PY, "-c", "import sys; print(sys.version.split()[0])"],
+                             capture_output=True, text=True).stdout.strip()
+    base = statistics.median(rows[0][1])
+    out = ["Measured with `python3 bench/startup.py --runs %d` (%s %s, %s, commit %s; the "
+           "output is saved in `bench/results/startup.txt`):" % (
+               runs, PY, version, time.strftime("%Y-%m-%d"), commit), "",
+           "| `ARTIFACT --version` | median | min–max | vs bare `python3 -I -S` |",
+           "|---|---|---|---|"]
+    for label, (_, times) in zip(README_NAMES, rows):
+        med = statistics.median(times)
+        bold = "**" if label.startswith("**") else ""
+        out.append("| %s | %s%.1f ms%s | %.1f–%.1f | %.2f× |" % (
+            label, bold, med * 1000, bold, min(times) * 1000, max(times) * 1000, med / base))
+    out += ["", "Serving memory (VmRSS after a Ping): bare interpreter %.1f MiB, `.pyz` %.1f MiB "
+            "(%+.1f), shiv %.1f MiB (%+.1f). Sizes: `.pyz` %s bytes (%s without the pyc), "
+            "shiv %s." % (mem[0][1] / 1024, mem[1][1] / 1024, (mem[1][1] - mem[0][1]) / 1024,
+                          mem[2][1] / 1024, (mem[2][1] - mem[0][1]) / 1024,
+                          "{:,}".format(sizes[0]), "{:,}".format(sizes[1]),
+                          "{:,}".format(sizes[2]))]
+    return "\n".join(out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
@@ -111,8 +144,9 @@ def main():
         for name, kib in mem:
             print("%-36s %7.1fMiB %+7.1fMiB vs baseline" % (name, kib / 1024,
                                                           (kib - mem[0][1]) / 1024))
-        print("sizes: .pyz %d bytes (pyc) / %d (source only), shiv %d"
-              % (os.path.getsize(pyc), os.path.getsize(nopyc), os.path.getsize(shiv)))
+        sizes = (os.path.getsize(pyc), os.path.getsize(nopyc), os.path.getsize(shiv))
+        print("sizes: .pyz %d bytes (pyc) / %d (source only), shiv %d" % sizes)
+        print("\n" + README_MARK + "\n" + readme_text(args.runs, rows, mem, sizes))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

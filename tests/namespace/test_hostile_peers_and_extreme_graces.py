@@ -77,7 +77,9 @@ def test_the_teardown_ends_within_50ms_of_the_last_exit(guest, tmp_path):
     assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
     exited = float(stamp.read_text().split()[1])
     gone = stamp_of(g, "all processes gone after")
-    assert 0 <= gone - exited < 0.05, "teardown ended %.3fs after the child's exit" % (
+    # 10 ms: a polling loop of 40 ms would wake at 360 ms here, 30 ms late (a 50 ms bound
+    # let that pass); the reaper, woken by SIGCHLD, takes ~1 ms
+    assert 0 <= gone - exited < 0.01, "teardown ended %.3fs after the child's exit" % (
         gone - exited)
     assert 0.33 <= exited - stamp_of(g, "SIGTERM sent") < 1.0
 
@@ -117,14 +119,16 @@ def test_the_host_is_never_locked_out_by_idle_connections_of_others(guest, tmp_p
     assert any("closing a new connection from unix peer" in m and "uid 65534" in m
                for m in log), log[-20:]
     assert any("closed the oldest connection of unix peer" in m for m in log), log[-20:]
-    assert sum(1 for m in log if "connection limit" in m) <= 2 * agent.LOG_BURST
+    # the first three of a kind per peer group in ten seconds (the README's promise; a literal
+    # here, not agent.LOG_BURST, so that raising the constant fails this test): two kinds
+    assert sum(1 for m in log if "connection limit" in m) <= 6
 
 
 def test_10000_bad_frames_log_a_bounded_number_of_lines(guest):
     """Every bad frame used to log a warning: on a serial console that is a flood that stalls
     PID 1. Now the first few of each kind are logged, the rest summarised."""
     g = guest(agent_args=["--allow", "cid:2"], log_level="info")      # root may not shut down
-    before = len(g.log().splitlines())
+    before, before_events = len(g.log().splitlines()), len(g.events())
     huge = b"\xff\xff\xff\xff" + b"\x00\x00\x00\x01"                 # fatal: length > limit
     refused = agent.encode_frame(agent.MSG_SHUTDOWN, b"")             # 403 for root here
     sent = 0
@@ -146,11 +150,21 @@ def test_10000_bad_frames_log_a_bounded_number_of_lines(guest):
     s.close()
     assert sent == 10000
     assert g.request(agent.MSG_PING) and g.proc.poll() is None
-    lines = g.log().splitlines()[before:]
-    assert len(lines) <= 100, "%d log lines for 10,000 bad frames" % len(lines)
-    text = "\n".join(lines)
-    assert "bad frame from unix peer" in text and "exceeds the limit" in text
-    assert "refused Shutdown from unix peer" in text
+    # each kind's window (10 s) ends with a line that counts what it did not log
+    wait_for(lambda: sum("suppressed" in line for line in g.log().splitlines()[before:]) >= 2,
+             timeout=25, what="the two summary lines")
+    lines = [m for _, _, m in g.events()][before_events:]
+    for kind, needle in (("bad frame", "bad frame from unix peer"),
+                         ("refused", "refused Shutdown from unix peer")):
+        said = [m for m in lines if m.startswith(needle)]
+        summaries = [int(m.split()[1]) for m in lines
+                     if m.startswith("suppressed") and "(%s, " % kind in m]
+        windows = max(1, len(summaries))
+        # the first three of each window are logged (a literal: see the lockout test above)
+        assert 1 <= len(said) <= 3 * windows, (kind, said)
+        assert len(said) + sum(summaries) == 5000, (kind, len(said), summaries)
+    assert len(lines) <= 16, "%d log lines for 10,000 bad frames: %s" % (len(lines), lines)
+    assert any("exceeds the limit" in m for m in lines)
     os.kill(g.init_pid(), signal.SIGUSR2)
     assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
 

@@ -101,6 +101,13 @@ def test_a_crashing_udhcpc_is_retried_with_back_off_and_nothing_else_suffers(gue
     backoffs = [m.split("respawning in ")[1] for m in g.messages()
                 if m.startswith("udhcpc exited with status 1") and "respawning in" in m]
     assert backoffs[:3] == ["0.5s", "1s", "2s"], backoffs
+    # and it waits that long: each exit to the next start, on the log's stamps
+    events = g.events()
+    exits = [t for t, _, m in events if m.startswith("udhcpc exited with status 1")]
+    starts = [t for t, _, m in events if m.startswith("started ") and "udhcpc" in m]
+    gaps = [next(s for s in starts if s > e) - e for e in exits[:2]]
+    for gap, wanted in zip(gaps, (0.5, 1.0)):
+        assert wanted - 0.001 <= gap <= wanted + 0.1, (gaps, exits, starts)
     assert g.request(agent.MSG_PING)
     assert g.shutdown(grace=5) is True
     assert g.wait(timeout=30) == -2

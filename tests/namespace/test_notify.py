@@ -86,3 +86,17 @@ def test_a_missing_or_stalled_receiver_costs_nothing(guest, tmp_path, receiver):
     if receiver == "missing":
         assert len(warnings) == 1 and "no further notify errors" in warnings[0], warnings
     assert "internal error" not in g.log()
+
+
+def test_a_workload_killed_by_a_signal_is_exit_status_128_plus_n(guest, tmp_path):
+    """The README's EXIT_STATUS rule: a workload that dies of signal N ends the guest with
+    EXIT_STATUS=128+N (here SIGKILL: 137), as a shell reports it."""
+    path = str(tmp_path / "notify.sock")
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(path)
+    g = guest(agent_args=["--notify", path, "--on-exit", "poweroff",
+                          "--exec", "sh", "-c", "sleep 0.5; kill -KILL $$"], wait_ready=False)
+    ready, down = messages_at(rx, 2)
+    assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
+    assert fields(down) == {"X_SYSTEMD_SHUTDOWN": "poweroff", "EXIT_STATUS": "137"}
+    assert "shutdown: poweroff, exit status 137" in g.messages()

@@ -164,3 +164,33 @@ def test_a_huge_grace_is_the_deadline_the_sequence_uses(monkeypatch, grace):
     monkeypatch.setattr(seq, "tick", lambda now: None)
     loop.run_once()
     assert waits == [agent.POLL_MAX_MS]
+
+
+def test_a_notify_connection_still_in_flight_is_waited_for_20ms_at_most(monkeypatch):
+    """The README's promise: at power-off, a stream connect to the notify receiver that is
+    still in progress holds the teardown back by NOTIFY_WAIT (20 ms) at most."""
+    clock = [500.0]
+    monkeypatch.setattr(agent.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(agent, "kill_all", lambda sig: False)
+    monkeypatch.setattr(agent, "thaw_filesystems", lambda *args, **kwargs: 0)
+
+    class StuckNotifier(agent.NoNotifier):
+        def busy(self):
+            return True                    # the connect never completes
+    reaper = agent.Reaper()
+    monkeypatch.setattr(reaper, "reap", lambda: None)
+    reaper.no_children = True
+    child = agent.PowerOffChild(reaper, frozenset(), 0.5, fork=FakeFork(4242, 4243))
+    seq = agent.ShutdownSequence(reaper, TIMEOUTS, on_failure=lambda why: None, child=child,
+                                 notifier=StuckNotifier())
+    seq.begin("poweroff", 5, "test")
+    seq.step(clock[0])                      # ack -> term (nobody to signal)
+    seq.step(clock[0])                      # nobody left -> the teardown, which waits
+    assert seq.phase == "notify_wait"
+    assert agent.NOTIFY_WAIT == 0.02 and seq.deadline() == 500.0 + agent.NOTIFY_WAIT
+    clock[0] = 500.0 + agent.NOTIFY_WAIT - 0.001
+    seq.step(clock[0])
+    assert seq.phase == "notify_wait"
+    clock[0] = 500.0 + agent.NOTIFY_WAIT
+    seq.step(clock[0])
+    assert seq.phase == "sync"

@@ -255,6 +255,10 @@ def test_the_main_job_demo_boots_and_powers_off_a_vm(guest_image, tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr
     assert "grace over: SIGKILL sent" in out.stdout and "reboot(POWER_OFF) called" in out.stdout
     assert "outcome: QEMU exited by itself (status 0)" in out.stdout
+    # one clock per list: the agent's timeline is in order and holds no other clock's line
+    timeline = out.stdout.split("timeline (agent log")[1].split("\n\n")[0]
+    stamps = [float(line.split()[0]) for line in timeline.splitlines()[1:] if line.strip()]
+    assert len(stamps) >= 5 and stamps == sorted(stamps), timeline
 
 
 def test_kmsg_logging_reaches_the_kernel_log(boot):

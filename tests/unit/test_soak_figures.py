@@ -1,0 +1,29 @@
+"""The README's soak table quotes the saved soak run (bench/results/soak-figures.json) cell
+for cell, as bench/soak_table.py makes the cells: a re-run without updating the README, or a
+figure typed by hand, fails here. The frames soak's own arithmetic is checked too."""
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import soak_table  # noqa: E402
+
+
+def test_the_readme_soak_column_is_the_saved_run():
+    with open(soak_table.SAVED) as f:
+        figures = json.load(f)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    rows = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[-1]
+            for line in readme.splitlines() if line.startswith("| ") and line.count(" | ") == 3}
+    cells = soak_table.cells(figures)
+    assert len(cells) == 7
+    for name, cell in cells.items():
+        assert rows.get(name) == cell, (name, rows.get(name), cell)
+    frames = figures["test_100k_random_and_mutated_frames_then_ping_and_power_off"]
+    assert frames["decoded_and_answered"] == frames["answered_response"] \
+        + frames["answered_error"] == frames["framed"]
+    assert frames["framed"] + frames["breaking"] == frames["frames"]
