@@ -85,7 +85,9 @@ def test_a_forked_child_does_not_write_the_parents_held_lines(console):
 
 def test_the_hold_source_releases_when_served_or_at_its_deadline(console):
     served = []
-    hold = agent.ConsoleHold(100.0, lambda: bool(served))
+    ran = []
+    hold = agent.AfterFirstAnswer(100.0, lambda: bool(served),
+                                  [agent.release_console, lambda: ran.append("lo")])
     agent.hold_console()
     agent.log("info", "waiting")
     assert hold.deadline() == 100.0
@@ -93,10 +95,12 @@ def test_the_hold_source_releases_when_served_or_at_its_deadline(console):
     assert console() == []
     served.append(True)
     hold.tick(50.0)
-    assert messages(console()) == ["waiting"] and hold.deadline() is None
+    assert messages(console()) == ["waiting"] and hold.deadline() is None and ran == ["lo"]
+    hold.tick(60.0)
+    assert ran == ["lo"]                       # once
     agent.hold_console()
     agent.log("info", "never served")
-    agent.ConsoleHold(100.0, lambda: False).tick(100.0)
+    agent.AfterFirstAnswer(100.0, lambda: False, [agent.release_console]).tick(100.0)
     assert messages(console())[-1] == "never served"
 
 

@@ -44,7 +44,8 @@ def test_libvirt_and_proxmox_clients_fsfreeze_and_a_shutdown_while_frozen(boot, 
     vm = boot('arcbox.exec="/bin/sh -c \'mkdir -p /data && %s\'" arcbox.grace=2' % WRITER,
               disk=disk, log_level="debug")
     libvirt = connect(vm.qga_sock, timeout=BOOT_TIMEOUT)       # guest-sync with an id
-    assert "listening on serial:org.qemu.guest_agent.0" in vm.messages()
+    # (start-up lines reach the console just after the first answer: AfterFirstAnswer)
+    vm.wait_log("listening on serial:org.qemu.guest_agent.0", 30)
     assert libvirt.result("guest-get-host-name") == {"host-name": "arcbox"}
     osinfo = libvirt.result("guest-get-osinfo")
     assert osinfo["kernel-release"] and osinfo["machine"] == "x86_64"
