@@ -15,7 +15,7 @@ and the host's, from QEMU's start to the answer:
   old order).
 The agent's own start, step by step, comes from its "ready" line (start_report()).
 
-    python3 bench/boot.py [--boots 15] [--arm-boots 3] [--out bench/results/boot.json]
+    python3 bench/boot.py [--boots 25] [--arm-boots 3] [--out bench/results/boot.json]
 """
 
 import argparse
@@ -134,8 +134,12 @@ def measure(pyz, work, arch, boots):
     host = {v: [] for v in VARIANTS}
     guest = {v: [] for v in VARIANTS}
     steps = {v: [] for v in VARIANTS}
+    import random
+    rnd = random.Random(20261202)
     for _ in range(boots):
-        for variant in VARIANTS:
+        # a new order each round (seeded): whatever the previous QEMU leaves behind (its
+        # exit, freed memory) falls on each variant alike
+        for variant in rnd.sample(list(VARIANTS), len(VARIANTS)):
             seconds, userspace, its_steps = one_boot(work, image, kernel, arch, variant)
             host[variant].append(round(seconds, 4))
             guest[variant].append(round(userspace, 4))
@@ -154,6 +158,9 @@ def summary(result):
         out[key + "_agent_minus_floor"] = round(med["agent"] - med["floor"], 3)
         out[key + "_seed_minus_floor"] = round(med["seed"] - med["floor"], 3)
     out["met"] = out["handoff_to_first_answer_s_agent_minus_floor"] <= TARGET
+    g = result["handoff_to_first_answer_s"]
+    out["met_per_round"] = statistics.median(
+        a - f for a, f in zip(g["agent"], g["floor"])) <= TARGET
     # the same difference per round (the agent and the floor booted one after the other, so
     # both saw the machine's load of that moment): a distribution, not one number
     g = result["handoff_to_first_answer_s"]
@@ -195,9 +202,10 @@ def readme_paragraph(report):
                "met" if med(g["agent"]) - med(g["floor"]) <= TARGET else "missed",
                med(g["seed"]) - med(g["floor"]), med(h["agent"]), med(h["floor"]),
                med(h["seed"]))
-            + "; per round (the agent and the floor booted one after the other), agent − "
-            "floor median %+.3f s, p10 %+.3f s, p90 %+.3f s" % percentiles(
-                [a - f for a, f in zip(g["agent"], g["floor"])]))
+            + "; per round (the agent and the floor booted in the same round, in a random "
+            "order), agent − floor median %+.3f s (target: %s), p10 %+.3f s, p90 %+.3f s"
+            % ((lambda p: (p[0], "met" if p[0] <= TARGET else "missed", p[1], p[2]))(
+                percentiles([a - f for a, f in zip(g["agent"], g["floor"])]))))
     steps = median_steps(report["x86_64"]["agent_start_steps"])
     floor = median_steps(report["x86_64"]["floor_start_steps"])
     return ("**Boot to first answer** (`bench/boot.py`, commit %s, %s; the same image, the VM "
@@ -213,7 +221,7 @@ def readme_paragraph(report):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--boots", type=int, default=15, help="x86_64 boots per variant")
+    parser.add_argument("--boots", type=int, default=25, help="x86_64 boots per variant")
     parser.add_argument("--arm-boots", type=int, default=3, help="aarch64 boots per variant")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "boot.json"))
     args = parser.parse_args()

@@ -46,18 +46,21 @@ def per_round(data, arch):
 def test_the_per_round_differences_and_the_verdict_are_recomputed():
     data, text = load()
     for arch in ("x86_64", "aarch64"):
-        assert ("agent − floor median %+.3f s, p10 %+.3f s, p90 %+.3f s"
-                % per_round(data, arch)) in text, arch
+        med, p10, p90 = per_round(data, arch)
+        assert ("agent − floor median %+.3f s (target: %s), p10 %+.3f s, p90 %+.3f s"
+                % (med, "met" if med <= 0.15 else "missed", p10, p90)) in text, arch
     with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
     start = readme.index("The target of issue 20")
     verdict = " ".join(readme[start:readme.index("\n\n", start)].split())
     x86, arm = (data[a]["handoff_to_first_answer_s"] for a in ("x86_64", "aarch64"))
     x86_diff = statistics.median(x86["agent"]) - statistics.median(x86["floor"])
-    arm_diff = statistics.median(arm["agent"]) - statistics.median(arm["floor"])
     assert ("is met on x86_64" if x86_diff <= 0.15 else "is missed on x86_64") in verdict
     assert "of %d boots each (%+.3f s)" % (len(x86["agent"]), x86_diff) in verdict
-    assert "(%+.3f s) while its per-round median is %+.3f s" % (
-        arm_diff, per_round(data, "aarch64")[0]) in verdict
-    assert "p10 %+.3f s to p90 %+.3f s" % per_round(data, "x86_64")[1:] in verdict.replace(
-        "−", "-")
+    assert "per-round median (%+.3f s)" % per_round(data, "x86_64")[0] in verdict
+    assert "ranged from %.3f to %.3f s" % (min(arm["floor"]), max(arm["floor"])) in verdict
+    # the earlier runs it quotes are in their saved output
+    with open(os.path.join(REPO, "bench", "results", "boot-runs.txt")) as f:
+        runs = f.read()
+    for figure in ("+0.105", "+0.216", "+0.115", "+0.110"):
+        assert figure + " s" in verdict and figure + " s" in runs, figure
