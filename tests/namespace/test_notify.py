@@ -22,15 +22,22 @@ def fields(message):
     return dict(line.split("=", 1) for line in message.splitlines() if "=" in line)
 
 
-def test_ready_then_shutdown_with_the_workloads_exit_status_to_a_datagram_receiver(
-        guest, tmp_path):
+def workload_ends_the_guest(guest, tmp_path, script):
+    """A guest whose workload (sh -c script) ends it, told to a datagram receiver: (the
+    guest, once powered off, the READY message, the shutdown message)."""
     path = str(tmp_path / "notify.sock")
     rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     rx.bind(path)
     g = guest(agent_args=["--notify", path, "--on-exit", "poweroff",
-                          "--exec", "sh", "-c", "sleep 0.5; exit 3"], wait_ready=False)
+                          "--exec", "sh", "-c", script], wait_ready=False)
     ready, down = messages_at(rx, 2)
     assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
+    return g, ready, down
+
+
+def test_ready_then_shutdown_with_the_workloads_exit_status_to_a_datagram_receiver(
+        guest, tmp_path):
+    g, ready, down = workload_ends_the_guest(guest, tmp_path, "sleep 0.5; exit 3")
     ready, down = fields(ready), fields(down)
     assert ready["READY"] == "1" and "serving on unix:" in ready["STATUS"]
     assert ready["X_SYSTEMD_HOSTNAME"]
@@ -91,12 +98,6 @@ def test_a_missing_or_stalled_receiver_costs_nothing(guest, tmp_path, receiver):
 def test_a_workload_killed_by_a_signal_is_exit_status_128_plus_n(guest, tmp_path):
     """The README's EXIT_STATUS rule: a workload that dies of signal N ends the guest with
     EXIT_STATUS=128+N (here SIGKILL: 137), as a shell reports it."""
-    path = str(tmp_path / "notify.sock")
-    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    rx.bind(path)
-    g = guest(agent_args=["--notify", path, "--on-exit", "poweroff",
-                          "--exec", "sh", "-c", "sleep 0.5; kill -KILL $$"], wait_ready=False)
-    ready, down = messages_at(rx, 2)
-    assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
+    g, _, down = workload_ends_the_guest(guest, tmp_path, "sleep 0.5; kill -KILL $$")
     assert fields(down) == {"X_SYSTEMD_SHUTDOWN": "poweroff", "EXIT_STATUS": "137"}
     assert "shutdown: poweroff, exit status 137" in g.messages()

@@ -38,20 +38,28 @@ def ping_ms(g, count=20):
     return times
 
 
+def edit(rnd, data, op, flip, cut, extend):
+    """One edit of a bytearray by the draw `op`: below `flip` a byte flipped (if any), below
+    `cut` cut short, below `extend` random bytes added; None above (the caller's own edit)."""
+    if op < flip and data:
+        data[rnd.randrange(len(data))] = rnd.getrandbits(8)
+    elif op < cut:
+        data = data[:rnd.randrange(len(data) + 1)]
+    elif op < extend:
+        data += bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 16)))
+    else:
+        return None
+    return data
+
+
 def mutate(rnd, frame):
     """Arbitrary bytes from a frame: flipped, cut, extended or replaced. The framing is
     usually lost, so the stream ends after it (BREAKING_SHARE of the batches)."""
     data = bytearray(frame)
     for _ in range(rnd.randint(1, 4)):
-        op = rnd.random()
-        if op < 0.4 and data:
-            data[rnd.randrange(len(data))] = rnd.getrandbits(8)
-        elif op < 0.6:
-            data = data[:rnd.randrange(len(data) + 1)]
-        elif op < 0.8:
-            data += bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 16)))
-        else:
-            data = bytearray(rnd.getrandbits(8) for _ in range(rnd.randint(1, 40)))
+        edited = edit(rnd, data, rnd.random(), 0.4, 0.6, 0.8)
+        data = edited if edited is not None else bytearray(
+            rnd.getrandbits(8) for _ in range(rnd.randint(1, 40)))
     return bytes(data)
 
 
@@ -67,16 +75,13 @@ def mutate_framed(rnd, msg_type, trace, payload):
                                    0x1001, 0xFFFF, rnd.getrandbits(32)])
         elif op < 0.35:
             trace = bytes(rnd.getrandbits(8) for _ in range(rnd.randint(0, 24)))
-        elif op < 0.6 and payload:
-            payload[rnd.randrange(len(payload))] = rnd.getrandbits(8)
-        elif op < 0.75:
-            payload = payload[:rnd.randrange(len(payload) + 1)]
-        elif op < 0.9:
-            payload += bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 16)))
         else:
-            body = msg_type.to_bytes(4, "big") + (len(trace) + 1 + rnd.randrange(200)).to_bytes(
-                2, "big") + trace + bytes(payload)
-            return len(body).to_bytes(4, "big") + body
+            edited = edit(rnd, payload, op, 0.6, 0.75, 0.9)
+            if edited is None:     # a trace length that overruns the frame
+                body = msg_type.to_bytes(4, "big") + (len(trace) + 1 + rnd.randrange(
+                    200)).to_bytes(2, "big") + trace + bytes(payload)
+                return len(body).to_bytes(4, "big") + body
+            payload = edited
     body = msg_type.to_bytes(4, "big") + len(trace).to_bytes(2, "big") + trace + bytes(payload)
     return len(body).to_bytes(4, "big") + body
 
