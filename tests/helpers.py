@@ -1,11 +1,35 @@
 """Test helpers (importable: tests never import from conftest): a raw frame client, a
-polling wait, and the agent started as a plain process (tools/guestctl.py drives it)."""
+polling wait, the agent started as a plain process (tools/guestctl.py drives it), and the
+saved benchmark runs and the README they are quoted in."""
 
+import json
+import os
 import socket
 import time
 
 import agent
 from guestctl import AgentProcess
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+
+
+def saved_result(name):
+    """bench/results/NAME: parsed if it is JSON, else its text."""
+    with open(os.path.join(RESULTS, name)) as f:
+        return json.load(f) if name.endswith(".json") else f.read()
+
+
+def readme(start=None, end="\n\n"):
+    """The README, or its part from `start` to the next `end`, with whitespace folded (the
+    README is wrapped, the figures are not)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    if start is None:
+        return text
+    begin = text.index(start)
+    return " ".join(text[begin:text.index(end, begin + len(start))].split())
 
 
 def start_agent(pyz, workdir, *args):

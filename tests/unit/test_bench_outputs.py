@@ -16,6 +16,7 @@ SAVED = os.path.join(ROOT, "bench", "results", "bench.json")
 
 import chart  # noqa: E402
 import run  # noqa: E402
+from helpers import readme  # noqa: E402
 
 
 def saved_run():
@@ -24,10 +25,8 @@ def saved_run():
 
 
 def test_the_readme_table_is_generated_from_the_saved_run():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
     table = run.markdown(saved_run())
-    assert run.README_BEGIN + "\n" + table + run.README_END in readme
+    assert run.README_BEGIN + "\n" + table + run.README_END in readme()
     data = saved_run()
     assert not data["meta"]["quick"], "the README must quote a full run"
     for target in data["targets"]:                      # missed targets say so
@@ -93,6 +92,4 @@ def test_the_run_says_what_it_measured():
     meta = saved_run()["meta"]
     assert re.fullmatch(r"[0-9a-f]{7,}", meta["commit"]) and not meta["dirty"]
     assert meta["agent_python"] and meta["runner_python"] and meta["cpu_model"]
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    assert "at commit %s on %s" % (meta["commit"], meta["cpu_model"]) in readme
+    assert "at commit %s on %s" % (meta["commit"], meta["cpu_model"]) in readme()

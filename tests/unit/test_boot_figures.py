@@ -3,21 +3,13 @@ every median and difference is recomputed here from the raw samples, so a hand-e
 or a re-run without updating the README fails; the run must have the size the issue asks
 (n >= 10 on x86_64, aarch64 measured too)."""
 
-import json
-import os
 import statistics
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.join(HERE, "..", "..")
+from helpers import readme, saved_result
 
 
 def load():
-    with open(os.path.join(REPO, "bench", "results", "boot.json")) as f:
-        data = json.load(f)
-    with open(os.path.join(REPO, "README.md")) as f:
-        readme = f.read()
-    start = readme.index("**Boot to first answer**")
-    return data, " ".join(readme[start:readme.index("\n\n", start)].split())
+    return saved_result("boot.json"), readme("**Boot to first answer**")
 
 
 def test_the_readme_quotes_the_saved_boot_run():
@@ -49,10 +41,7 @@ def test_the_per_round_differences_and_the_verdict_are_recomputed():
         med, p10, p90 = per_round(data, arch)
         assert ("agent − floor median %+.3f s (target: %s), p10 %+.3f s, p90 %+.3f s"
                 % (med, "met" if med <= 0.15 else "missed", p10, p90)) in text, arch
-    with open(os.path.join(REPO, "README.md")) as f:
-        readme = f.read()
-    start = readme.index("The target of issue 20")
-    verdict = " ".join(readme[start:readme.index("\n\n", start)].split())
+    verdict = readme("The target of issue 20")
     x86, arm = (data[a]["handoff_to_first_answer_s"] for a in ("x86_64", "aarch64"))
     x86_diff = statistics.median(x86["agent"]) - statistics.median(x86["floor"])
     assert ("is met on x86_64" if x86_diff <= 0.15 else "is missed on x86_64") in verdict
@@ -60,7 +49,6 @@ def test_the_per_round_differences_and_the_verdict_are_recomputed():
     assert "per-round median (%+.3f s)" % per_round(data, "x86_64")[0] in verdict
     assert "ranged from %.3f to %.3f s" % (min(arm["floor"]), max(arm["floor"])) in verdict
     # the earlier runs it quotes are in their saved output
-    with open(os.path.join(REPO, "bench", "results", "boot-runs.txt")) as f:
-        runs = f.read()
+    runs = saved_result("boot-runs.txt")
     for figure in ("+0.105", "+0.216", "+0.115", "+0.110"):
         assert figure + " s" in verdict and figure + " s" in runs, figure

@@ -4,21 +4,13 @@ readings, the side-by-side from the saved replies, so a hand-edited figure or a 
 without updating the README fails."""
 
 import json
-import os
 import statistics
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.join(HERE, "..", "..")
+from helpers import readme, saved_result
 
 
 def load():
-    with open(os.path.join(REPO, "bench", "results", "qga.json")) as f:
-        data = json.load(f)
-    with open(os.path.join(REPO, "README.md")) as f:
-        readme = f.read()
-    start = readme.index("## Management stacks")
-    section = readme[start:readme.index("\n## ", start + 1)]
-    return data, " ".join(section.split())
+    return saved_result("qga.json"), readme("## Management stacks", "\n## ")
 
 
 def test_the_round_trips_and_memory_in_the_readme_are_the_saved_run():

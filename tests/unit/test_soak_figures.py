@@ -2,23 +2,19 @@
 for cell, as bench/soak_table.py makes the cells: a re-run without updating the README, or a
 figure typed by hand, fails here. The frames soak's own arithmetic is checked too."""
 
-import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+from helpers import ROOT, readme, saved_result
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 import soak_table  # noqa: E402
 
 
 def test_the_readme_soak_column_is_the_saved_run():
-    with open(soak_table.SAVED) as f:
-        figures = json.load(f)
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
+    figures = saved_result("soak-figures.json")
     rows = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[-1]
-            for line in readme.splitlines() if line.startswith("| ") and line.count(" | ") == 3}
+            for line in readme().splitlines() if line.startswith("| ") and line.count(" | ") == 3}
     cells = soak_table.cells(figures)
     assert len(cells) == 7
     for name, cell in cells.items():

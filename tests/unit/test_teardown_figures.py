@@ -2,20 +2,15 @@
 quotes, bench/results/vm-teardown.json: every number is recomputed here from the raw samples,
 so a hand-edited figure or a re-run without updating the README fails."""
 
-import json
-import os
 import statistics
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.join(HERE, "..", "..")
+from helpers import readme, saved_result
 
 
 def load():
-    with open(os.path.join(REPO, "bench", "results", "vm-teardown.json")) as f:
-        data = json.load(f)
-    with open(os.path.join(REPO, "README.md")) as f:
-        readme = f.read()
-    return data, readme[readme.index("**What it costs**"):readme.index("Not handled: device")]
+    # (its own paragraph: the QGA section above has a "What it costs" too)
+    return saved_result("vm-teardown.json"), readme(
+        "**What it costs** (`bench/results/vm-teardown", "Not handled: device")
 
 
 def ms(xs):
@@ -25,7 +20,6 @@ def ms(xs):
 
 def test_the_readme_quotes_the_saved_teardown_run():
     data, text = load()
-    text = " ".join(text.split())
     mounts, simple = data["vm"]["mounts"], data["vm"]["ours"]["teardown_exits"]
     ours, busybox = mounts["ours"], mounts["busybox"]
     assert "commit %s" % data["meta"]["commit"] in text
