@@ -1367,19 +1367,17 @@ def write_resolv_conf(servers):
 
 def loopback_up():
     """PID 1, right after the host's first answer (bringing lo up costs ~30 ms of kernel time
-    under TCG: not before it) and again before the workload starts, so that 127.0.0.1 works
-    for QGA's interface list from the first answer on and for the workload from its start.
-    Idempotent."""
+    under TCG: not before it), or before the workload starts if that comes first
+    (AfterFirstAnswer), so that 127.0.0.1 works for QGA's interface list from the first
+    answer on and for the workload from its start."""
     state = interface_up("lo")
     log("debug" if state in ("up", "already up") else "warn", "network: lo %s" % state)
 
 
 def configure_network(net, dns):
-    """PID 1 once the modules are in (a NIC's driver may be one): lo (if the first answer
-    has not brought it up already: AfterFirstAnswer), the static address, if that is the
-    mode, and the nameservers. DHCP starts then too, supervised (Agent). Failures are log
-    lines."""
-    loopback_up()
+    """PID 1 once the modules are in (a NIC's driver may be one; lo is up already:
+    AfterFirstAnswer): the static address, if that is the mode, and the nameservers. DHCP
+    starts then too, supervised (Agent). Failures are log lines."""
     if net[0] == "static":
         _, iface, addr, prefix, gateway = net
         why = set_ipv4(iface, addr, prefix) or (
@@ -1587,8 +1585,9 @@ class EventLoop:
 class AfterFirstAnswer(Source):
     """What waits for the host's first answer: `actions` run once, at the end of the loop
     turn in which `served()` becomes true -- after the answer is written, before the next
-    request is read -- or at `until`. The agent's: the console lines held at start
-    (release_console) and, as PID 1, lo (~30 ms of kernel time under TCG)."""
+    request is read -- or at `until`, or when run_now() says the workload is about to start.
+    The agent's: the console lines held at start (release_console) and, as PID 1, lo (~30 ms
+    of kernel time under TCG)."""
 
     def __init__(self, until, served, actions):
         self.until, self.served, self.actions = until, served, list(actions)
@@ -1597,10 +1596,14 @@ class AfterFirstAnswer(Source):
         return self.until if self.actions else None
 
     def tick(self, now):
-        if self.actions and (now >= self.until or self.served()):
-            actions, self.actions = self.actions, []
-            for action in actions:
-                action()
+        if now >= self.until or self.served():
+            self.run_now()
+
+    def run_now(self):
+        """Run them now if they have not run (the workload is about to start)."""
+        actions, self.actions = self.actions, []
+        for action in actions:
+            action()
 
 
 # ---- signals --------------------------------------------------------------------------------
@@ -5046,13 +5049,13 @@ class Agent:
         # when the sequence steps), the sequence last (it acts on what the others did).
         # (what waits for the first answer goes last, once the turn's answers are written)
         self.loop = EventLoop()
-        later = AfterFirstAnswer(
+        self.after_first_answer = AfterFirstAnswer(
             time.monotonic() + START_HOLD, lambda: self.server.answered or self.serving,
             [release_console] + ([loopback_up] if is_init and sys.platform.startswith("linux")
                                  else []))
         for source in (self.inbox, self.reaper, self.modules, self.server, self.buttons,
                        self.notifier, self.freezer, self.workload, self.dhcp, self.shutdown,
-                       later):
+                       self.after_first_answer):
             if source is not None:
                 self.loop.add(source)
 
@@ -5098,6 +5101,7 @@ class Agent:
         """Every module is in (or given up on): what may need one starts now."""
         if self.shutdown.active:
             return                  # a stop came while they loaded: start nothing
+        self.after_first_answer.run_now()   # lo up, our lines out, before any of this
         if self.is_init and sys.platform.startswith("linux"):
             mount_filesystems(GUEST_MOUNTS)
             configure_network(self.net, self.dns)

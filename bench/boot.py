@@ -21,6 +21,7 @@ The agent's own start, step by step, comes from its "ready" line (start_report()
 import argparse
 import json
 import os
+import random
 import re
 import socket
 import statistics
@@ -134,7 +135,6 @@ def measure(pyz, work, arch, boots):
     host = {v: [] for v in VARIANTS}
     guest = {v: [] for v in VARIANTS}
     steps = {v: [] for v in VARIANTS}
-    import random
     rnd = random.Random(20261202)
     for _ in range(boots):
         # a new order each round (seeded): whatever the previous QEMU leaves behind (its
@@ -158,15 +158,21 @@ def summary(result):
         out[key + "_agent_minus_floor"] = round(med["agent"] - med["floor"], 3)
         out[key + "_seed_minus_floor"] = round(med["seed"] - med["floor"], 3)
     out["met"] = out["handoff_to_first_answer_s_agent_minus_floor"] <= TARGET
-    g = result["handoff_to_first_answer_s"]
-    out["met_per_round"] = statistics.median(
-        a - f for a, f in zip(g["agent"], g["floor"])) <= TARGET
-    # the same difference per round (the agent and the floor booted one after the other, so
+    # the same difference per round (the agent and the floor booted in the same round, so
     # both saw the machine's load of that moment): a distribution, not one number
-    g = result["handoff_to_first_answer_s"]
-    out["handoff_agent_minus_floor_per_round_s"] = [
-        round(a - f, 4) for a, f in zip(g["agent"], g["floor"])]
+    diffs = per_round(result["handoff_to_first_answer_s"])
+    out["handoff_agent_minus_floor_per_round_s"] = [round(d, 4) for d in diffs]
+    out["met_per_round"] = statistics.median(diffs) <= TARGET
     return out
+
+
+def per_round(guest):
+    """agent - floor for each round, from {variant: [seconds per round]}."""
+    return [a - f for a, f in zip(guest["agent"], guest["floor"])]
+
+
+def verdict(diff):
+    return "met" if diff <= TARGET else "missed"
 
 
 def median_steps(boots):
@@ -199,13 +205,13 @@ def readme_paragraph(report):
             "boot included, noisier): agent %.3f s, floor %.3f s, seed %.3f s"
             % (arch, len(g["agent"]), med(g["agent"]), med(g["floor"]), med(g["seed"]),
                med(g["agent"]) - med(g["floor"]), TARGET,
-               "met" if med(g["agent"]) - med(g["floor"]) <= TARGET else "missed",
+               verdict(med(g["agent"]) - med(g["floor"])),
                med(g["seed"]) - med(g["floor"]), med(h["agent"]), med(h["floor"]),
-               med(h["seed"]))
-            + "; per round (the agent and the floor booted in the same round, in a random "
-            "order), agent − floor median %+.3f s (target: %s), p10 %+.3f s, p90 %+.3f s"
-            % ((lambda p: (p[0], "met" if p[0] <= TARGET else "missed", p[1], p[2]))(
-                percentiles([a - f for a, f in zip(g["agent"], g["floor"])]))))
+               med(h["seed"])))
+        middle, p10, p90 = percentiles(per_round(g))
+        parts[-1] += ("; per round (the agent and the floor booted in the same round, in a "
+                      "random order), agent − floor median %+.3f s (target: %s), p10 %+.3f s, "
+                      "p90 %+.3f s" % (middle, verdict(middle), p10, p90))
     steps = median_steps(report["x86_64"]["agent_start_steps"])
     floor = median_steps(report["x86_64"]["floor_start_steps"])
     return ("**Boot to first answer** (`bench/boot.py`, commit %s, %s; the same image, the VM "

@@ -26,6 +26,7 @@ Baselines (each the strongest simple thing a user could run instead):
 import argparse
 import json
 import os
+import random
 import select
 import shlex
 import shutil
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipapp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -157,7 +159,6 @@ def bench_shutdown(report, pyz, runs):
     work = tempfile.mkdtemp(prefix="arcbox-bench-ns-")
     results = {}
     try:
-        import random
         rnd = random.Random(20261202)
         for delay in DELAYS:
             phases = [rnd.uniform(0, PHASE) for _ in range(runs)]
@@ -268,7 +269,6 @@ STARTUP_TARGET = 1.10             # .pyz --version <= 1.10x the card's floor (is
 def card_floor_pyz(path):
     """The card's floor as a zipapp: a __main__ that only imports the five modules of the
     design card. What any zipapp that keeps to the card pays before its first line."""
-    import zipapp
     stage = tempfile.mkdtemp(prefix="arcbox-floor-")
     try:
         with open(os.path.join(stage, "__main__.py"), "w") as f:

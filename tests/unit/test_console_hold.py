@@ -98,6 +98,10 @@ def test_the_hold_source_releases_when_served_or_at_its_deadline(console):
     assert messages(console()) == ["waiting"] and hold.deadline() is None and ran == ["lo"]
     hold.tick(60.0)
     assert ran == ["lo"]                       # once
+    pending = agent.AfterFirstAnswer(100.0, lambda: False, [lambda: ran.append("now")])
+    pending.run_now()                          # the workload is about to start
+    pending.tick(100.0)
+    assert ran == ["lo", "now"]
     agent.hold_console()
     agent.log("info", "never served")
     agent.AfterFirstAnswer(100.0, lambda: False, [agent.release_console]).tick(100.0)
@@ -116,3 +120,17 @@ def test_a_listener_whose_transport_came_in_is_retried_steadily_then_with_back_o
     assert waits[-2:] == [0.02, 0.04]
     listener.opened()
     assert listener.steady == 0 and listener.backoff == agent.BIND_RETRY_FIRST
+
+
+def test_what_waits_for_the_first_answer_runs_before_the_workload_starts(monkeypatch):
+    """A workload may start before any host asks (no modules to wait for): lo and the held
+    lines must not wait for an answer that has not come."""
+    a = agent.Agent(dict(agent.default_config(), listen=[]), False)
+    order = []
+    try:
+        a.after_first_answer.actions.append(lambda: order.append("after the first answer"))
+        monkeypatch.setattr(a.workload, "start", lambda: order.append("workload"))
+        a.on_modules_in()
+    finally:
+        a.inbox.close()
+    assert order == ["after the first answer", "workload"]
