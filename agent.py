@@ -22,10 +22,11 @@ defines it (tests/unit/test_structure.py checks both that and this table):
       - kernel modules: finit_module(2) in modules.dep order, modprobe as the fallback
       - network: loopback up, a static address, or DHCP through busybox's udhcpc
       - boot duties: what needs the configuration
-  4. The event loop: one thread, one poll(); signals; reaping
+  4. The event loop: one thread, one poll(); signals; reaping; errands
       - the loop and its sources
       - signals
       - reaping: every child, and every orphan when PID 1
+      - errands: calls that may block, in a child with a deadline
   5. The sources: modules, programs, the power button, notify, two protocols, the server
       - kernel modules in the background: the transports first, then the rest
       - supervised programs: the workload (--exec), udhcpc
@@ -59,7 +60,9 @@ the power-off. Host-side commands import argparse/json lazily.
 """
 
 import errno
+import _thread
 import gc
+import marshal
 import os
 import select
 import signal
@@ -429,6 +432,18 @@ def _close_fds_but(*keep):
                 os.close(fd)
             except OSError:
                 pass               # the listing's own descriptor, already closed
+
+
+def describe_process(pid):
+    """'pid N (name) in D at WCHAN': who a process is and where the kernel holds it (its
+    state letter, and the kernel function it sleeps in, /proc/PID/wchan). Reading /proc
+    never waits on the process, even one stuck on a dead disk."""
+    stat = _read_text("/proc/%d/stat" % pid)
+    name, _, rest = stat.partition(" (")[2].rpartition(")")
+    state = rest.split()[0] if rest.split() else "?"
+    wchan = _read_text("/proc/%d/wchan" % pid).strip()
+    return "pid %d (%s) in %s%s" % (pid, name or "?", state,
+                                     " at " + wchan if wchan and wchan != "0" else "")
 
 
 def run_in_child(body):
@@ -1496,7 +1511,7 @@ def boot_modules(config):
 
 
 # =============================================================================================
-# 4. The event loop: one thread, one poll(); signals; reaping
+# 4. The event loop: one thread, one poll(); signals; reaping; errands
 # =============================================================================================
 
 
@@ -1677,6 +1692,15 @@ class SignalInbox(Source):
         self.wake_r = self.wake_w = -1
 
 
+def child_signals():
+    """In a child forked by PID 1 that stays Python (the module loader, an errand): the
+    default action for every signal PID 1 handles -- a SIGTERM at shutdown ends it, as it
+    ends anyone -- and no wake-up pipe, which is PID 1's."""
+    signal.set_wakeup_fd(-1)
+    for sig in HANDLED_SIGNALS + [signal.SIGTERM, signal.SIGINT, signal.SIGALRM]:
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _drain(fd, mask=0):
     try:
         while os.read(fd, 4096):
@@ -1741,6 +1765,125 @@ class Reaper(Source):
             callback = self.watched.pop(pid, None)
             if callback is not None:
                 callback(pid, status)
+
+
+# ---- errands: calls that may block, in a child with a deadline ------------------------------
+
+# PID 1's loop must keep turning. A call that can wait on a disk or a device -- a freeze that
+# flushes a slow disk, a thaw that writes a superblock to a suspended device, the RTC's wait
+# for the edge of its second, statvfs of a mount, a netlink dump -- runs in a child forked for
+# it, an errand, whose outcome comes back on a pipe (marshal: a C built-in, no .py file to
+# ship). Meanwhile the loop reaps, answers both protocols and honours a stop. Past its
+# deadline the errand is over for PID 1: its requester is told, and the child is logged with
+# where the kernel holds it and left there. A child in an uninterruptible sleep cannot be
+# killed, and nothing waits for it: it is not a process left for the power-off either
+# (Reaper.ours).
+#
+# An outcome is ("ok", value), ("error", class or None, text) when the body raised (an
+# exception's `klass`, QGA's error class, travels with it), or ("timeout", text).
+ERRAND_MAX_OUTCOME = 16 << 20     # bytes: an outcome is a small answer; more is a bug
+
+Errand = namedtuple("Errand", "what body timeout finish")   # finish(outcome) runs in PID 1
+
+
+class Errands(Source):
+    """The errands under way: run(errand, on_done) forks the child; on_done(outcome) is
+    called once, from the loop, with what the child sent, or with a timeout."""
+
+    def __init__(self, reaper, fork=None):
+        self.reaper = reaper
+        self.fork = fork or run_in_child
+        self.running = {}          # read fd -> [errand, pid, deadline, chunks, on_done]
+
+    def run(self, errand, on_done):
+        try:
+            r, w = os.pipe()
+        except OSError as exc:
+            on_done(("error", None, "%s: no pipe: %s" % (errand.what, exc.strerror)))
+            return
+        pid = self.fork(lambda: self._child(errand, r, w))
+        os.close(w)
+        if pid is None:
+            os.close(r)
+            on_done(("error", None, "%s: cannot fork" % errand.what))
+            return
+        os.set_blocking(r, False)
+        self.reaper.watch(pid, self._exited, ours=True)
+        self.running[r] = [errand, pid, time.monotonic() + errand.timeout, [], on_done]
+
+    @staticmethod
+    def _child(errand, r, w):
+        os.close(r)
+        child_signals()
+        _close_fds_but(2, _kmsg_fd, w)     # no dup of a connection outlives PID 1's
+        try:
+            outcome = ("ok", errand.body())
+            data = marshal.dumps(outcome)
+        except OSError as exc:
+            data = marshal.dumps(("error", getattr(exc, "klass", None),
+                                  exc.strerror or str(exc)))
+        except Exception as exc:           # the body's own error, or an unmarshallable value
+            data = marshal.dumps(("error", getattr(exc, "klass", None), str(exc)))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(w, view):]
+        return 0
+
+    def _exited(self, pid, status):
+        pass                       # the pipe's end says it all; the reaper only reaps it
+
+    # the event loop's view
+    def wants(self, now):
+        return [(fd, select.POLLIN, self._read, fd) for fd in self.running]
+
+    def deadline(self):
+        return min((entry[2] for entry in self.running.values()), default=None)
+
+    def tick(self, now):
+        for fd, entry in list(self.running.items()):
+            if now >= entry[2]:
+                errand, pid = entry[0], entry[1]
+                log("warn", "%s did not finish within %gs: %s; left behind"
+                    % (errand.what, errand.timeout, describe_process(pid)))
+                self._end(fd, ("timeout", "%s did not finish within %gs (a disk or device "
+                                          "that does not answer?)" % (errand.what,
+                                                                       errand.timeout)))
+
+    def _read(self, fd, mask):
+        entry = self.running.get(fd)
+        if entry is None:
+            return
+        try:
+            data = os.read(fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            entry[3].append(data)
+            if sum(len(c) for c in entry[3]) <= ERRAND_MAX_OUTCOME:
+                return
+        try:
+            outcome = marshal.loads(b"".join(entry[3]))
+        except (EOFError, ValueError, TypeError):
+            outcome = None
+        if not (isinstance(outcome, tuple) and len(outcome) >= 2 and outcome[0] in ("ok", "error")):
+            outcome = ("error", None, "%s ended without an answer" % entry[0].what)
+        self._end(fd, outcome)
+
+    def _end(self, fd, outcome):
+        entry = self.running.pop(fd)
+        os.close(fd)
+        try:
+            entry[4](outcome)
+        except Exception as exc:   # one errand's bug must not stop the others
+            log("error", "internal error finishing %s: %s"
+                % (entry[0].what, describe_exception(exc)))
+
+    def close(self):
+        for fd in list(self.running):
+            os.close(fd)
+        self.running.clear()
 
 
 # =============================================================================================
@@ -1854,9 +1997,7 @@ class ModuleLoader(Source):
 
     def _child(self, r, w):
         os.close(r)
-        signal.set_wakeup_fd(-1)
-        for sig in HANDLED_SIGNALS + [signal.SIGTERM, signal.SIGINT]:
-            signal.signal(sig, signal.SIG_DFL)   # a TERM at shutdown ends it, as anyone
+        child_signals()
         self._load_rest(lambda data: os.write(w, data))
         os.write(w, b"D")
         return 0
@@ -3267,9 +3408,27 @@ class QgaMachine:
             return self._with_id({"error": {"class": "GenericError", "desc": "internal error: "
                                             "%s: %s" % (type(exc).__name__, exc)}},
                                  request), None
+        if isinstance(value, Errand):         # its work may block: off the loop, answered later
+            return b"", value._replace(finish=lambda outcome: self._answer_later(
+                value, outcome, request, command, peer_text))
         if not command.success_response:
             return b"", value                 # guest-shutdown: the value is the effect
         return self._with_id({"return": value}, request, command.prefix), None
+
+    def _answer_later(self, errand, outcome, request, command, peer_text):
+        """The answer line for an errand's outcome: its finish(outcome) gives the value or
+        raises QgaError (qga_outcome does both)."""
+        try:
+            value = errand.finish(outcome)
+        except QgaError as exc:
+            log("debug", "QGA error for %s: %s: %s" % (peer_text, exc.klass, exc))
+            return self._with_id({"error": {"class": exc.klass, "desc": str(exc)}}, request)
+        except Exception as exc:   # a bug in one command: answer it, keep serving
+            log("error", "internal error answering QGA %s: %s"
+                % (errand.what, describe_exception(exc)))
+            return self._with_id({"error": {"class": "GenericError", "desc": "internal error: "
+                                            "%s: %s" % (type(exc).__name__, exc)}}, request)
+        return self._with_id({"return": value}, request, command.prefix)
 
     @staticmethod
     def _with_id(answer, request, prefix=b""):
@@ -3348,8 +3507,8 @@ def read_rtc(path="/dev/rtc0", bound=1.1):
     """The hardware clock's time in seconds since the epoch (UTC, as QEMU keeps it by
     default), read the moment its seconds change, as hwclock does: read between two ticks
     it is up to a second behind. The tick is the RTC's update interrupt (RTC_UIE_ON, then
-    poll), or, where the driver has none, the value seen changing. Blocks PID 1 for at most
-    `bound` seconds; only an allowed host asks for it."""
+    poll), or, where the driver has none, the value seen changing. Waits up to `bound`
+    seconds: run as an errand, never in PID 1's loop."""
     import ctypes
     buf = ctypes.create_string_buffer(_RTC_TIME.size)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -3496,6 +3655,29 @@ def disk_filesystems(spare_ids=frozenset(), writable_only=False):
     return found
 
 
+# The commands whose work may block on a disk or a device run as errands (a child with a
+# deadline; see "errands"), their answers sent when done; a deadline passed is a
+# GenericError. A freeze flushes every dirty page first: tens of MB on a throttled disk take
+# tens of seconds, and qemu-ga's hosts wait for it (libvirt blocks on fsfreeze).
+QGA_ERRAND_TIMEOUT = 10.0
+QGA_FREEZE_TIMEOUT = 300.0
+
+
+def qga_outcome(outcome):
+    """An errand's outcome as a command's value, or the QgaError to answer."""
+    if outcome[0] == "ok":
+        return outcome[1]
+    if outcome[0] == "error":
+        raise QgaError(outcome[2], outcome[1] or "GenericError")
+    raise QgaError(outcome[1])
+
+
+def qga_errand(what, body, then=None, timeout=QGA_ERRAND_TIMEOUT):
+    """A command's work as an errand: body() in the child, then(value) back in PID 1."""
+    return Errand(what, body, timeout,
+                  lambda outcome: (then or (lambda value: value))(qga_outcome(outcome)))
+
+
 def qga_sync(machine, peer, args):
     return args["id"]
 
@@ -3534,20 +3716,28 @@ def qga_set_time(machine, peer, args):
     if not (machine.policy.owns_clock and peer[0] in ("vsock", "serial")):
         raise QgaError("guest-set-time refused: the clock is set only by the host (a vsock "
                        "or virtio-serial peer) of an agent that is PID 1")
-    if "time" in args:
-        nanoseconds, source = args["time"], "the host"
-    else:
+    given = args.get("time")
+
+    def body():                    # the RTC waits for its second's edge: off the loop
+        if given is not None:
+            nanoseconds, source = given, "the host"
+        else:
+            try:
+                nanoseconds, source = read_rtc() * 10 ** 9, "the hardware clock (/dev/rtc0)"
+            except OSError as exc:
+                raise QgaError("cannot read the hardware clock /dev/rtc0: %s"
+                               % (exc.strerror or exc))
         try:
-            nanoseconds, source = read_rtc() * 10 ** 9, "the hardware clock (/dev/rtc0)"
-        except OSError as exc:
-            raise QgaError("cannot read the hardware clock /dev/rtc0: %s"
-                           % (exc.strerror or exc))
-    try:
-        time.clock_settime_ns(time.CLOCK_REALTIME, nanoseconds)
-    except (OSError, OverflowError, ValueError) as exc:
-        raise QgaError("Failed to set time to guest: %s" % (getattr(exc, "strerror", 0) or exc))
-    log("info", "clock set from %s by %s" % (source, describe_peer(peer)))
-    return {}
+            time.clock_settime_ns(time.CLOCK_REALTIME, nanoseconds)
+        except (OSError, OverflowError, ValueError) as exc:
+            raise QgaError("Failed to set time to guest: %s"
+                           % (getattr(exc, "strerror", 0) or exc))
+        return source
+
+    def then(source):
+        log("info", "clock set from %s by %s" % (source, describe_peer(peer)))
+        return {}
+    return qga_errand("guest-set-time", body, then)
 
 
 def qga_host_name(machine, peer, args):
@@ -3595,6 +3785,11 @@ def qga_vcpus(machine, peer, args):
 
 
 def qga_interfaces(machine, peer, args):
+    return qga_errand("guest-network-get-interfaces", network_interfaces)
+
+
+def network_interfaces():
+    """guest-network-get-interfaces' answer (a netlink dump, and sysfs)."""
     by_index = {}
     for index, family, address, prefix in netlink_addresses():
         by_index.setdefault(index, []).append({
@@ -3621,8 +3816,15 @@ def qga_interfaces(machine, peer, args):
 
 
 def qga_fsinfo(machine, peer, args):
+    spare_ids = machine.freezer.spare_ids
+    return qga_errand("guest-get-fsinfo", lambda: filesystems_info(spare_ids))
+
+
+def filesystems_info(spare_ids):
+    """guest-get-fsinfo's answer: stat and statvfs of every mount point, which wait on a
+    disk that does not answer."""
     answer = []
-    for target, fstype, _, dev in reversed(disk_filesystems(machine.freezer.spare_ids)):
+    for target, fstype, _, dev in reversed(disk_filesystems(spare_ids)):
         name, disks = _block_device_disk(dev)
         entry = {"name": name, "mountpoint": target, "type": fstype, "disk": disks}
         try:
@@ -3678,30 +3880,46 @@ QGA_COMMANDS = {
 
 class Freezer(Source):
     """guest-fsfreeze-*: FIFREEZE the writable disk filesystems in mount order, FITHAW them
-    in reverse. Beyond qemu-ga: a freeze the host forgets (a backup job that died between
-    freeze and thaw) is thawed after `timeout` seconds (0: never), logged, so that the
-    guest's writers are not blocked for good; and the power-off thaws first."""
+    in reverse, each batch as an errand: a freeze flushes the disk first and a thaw may write
+    to it, which takes long on a slow disk and forever on one that does not answer. Beyond
+    qemu-ga: a freeze the host forgets (a backup job that died between freeze and thaw) is
+    thawed after `timeout` seconds (0: never), logged, so that the guest's writers are not
+    blocked for good. The power-off thaws every disk itself (ShutdownSequence) and tells
+    the freezer to forget()."""
 
-    def __init__(self, timeout, spare_ids=frozenset(), freeze=None, thaw=None):
+    def __init__(self, timeout, errands, spare_ids=frozenset(), freeze=None, thaw=None):
         self.timeout = timeout
+        self.errands = errands
         self.spare_ids = spare_ids
         self._freeze = freeze or (lambda target: _ioctl_on(target, _DIRECTORY, FIFREEZE))
         self._thaw = thaw or (lambda target: _ioctl_on(target, _DIRECTORY, FITHAW))
         self.frozen = []           # mount points, in the order they were frozen
         self.frozen_at = None
+        self.busy = None           # "freeze" or "thaw" while its errand runs
 
     def deadline(self):
-        if self.frozen and self.timeout:
+        if self.frozen and self.timeout and not self.busy:
             return self.frozen_at + self.timeout
         return None
 
     def tick(self, now):
-        if self.frozen and self.timeout and now >= self.frozen_at + self.timeout:
+        if self.frozen and self.timeout and not self.busy and now >= self.frozen_at + self.timeout:
             log("warn", "the host froze %d filesystem(s) %gs ago and did not thaw them; "
                 "thawing (--freeze-timeout)" % (len(self.frozen), self.timeout))
-            self.thaw("freeze timeout")
+            errand = self.thaw("freeze timeout")
+            self.errands.run(errand, lambda outcome: self._unasked(errand, outcome))
+
+    @staticmethod
+    def _unasked(errand, outcome):
+        try:
+            errand.finish(outcome)
+        except QgaError as exc:
+            log("warn", "%s" % exc)
 
     def freeze(self, wanted, who):
+        """The errand that freezes; its value is how many were frozen."""
+        if self.busy:
+            raise QgaError("a guest-fsfreeze-%s is still under way" % self.busy)
         if self.frozen:
             raise QgaError("the filesystems are frozen already (guest-fsfreeze-thaw first)")
         candidates = disk_filesystems(self.spare_ids, writable_only=True)
@@ -3712,36 +3930,63 @@ class Freezer(Source):
                     raise QgaError("%s is not a mounted, writable disk filesystem of this "
                                    "guest" % target)
             candidates = [c for c in candidates if c[0] in wanted]
-        for target, _, _, _ in candidates:
-            err = self._freeze(target)
-            if err == errno.EOPNOTSUPP:
-                continue               # this filesystem cannot be frozen; qemu-ga skips it too
-            if err:
-                self.thaw("a freeze failed")
-                raise QgaError("failed to freeze %s: %s" % (target, os.strerror(err)))
-            self.frozen.append(target)
-            self.frozen_at = time.monotonic()
-        if self.frozen:
-            log("info", "froze %s for %s%s" % (", ".join(self.frozen), who, (
-                " (thawed after %gs if the host forgets)" % self.timeout) if self.timeout
-                else ""))
-        return len(self.frozen)
+        targets = [target for target, _, _, _ in candidates]
+        freeze_one, thaw_one = self._freeze, self._thaw
+
+        def body():
+            frozen = []
+            for target in targets:
+                err = freeze_one(target)
+                if err == errno.EOPNOTSUPP:
+                    continue           # this filesystem cannot be frozen; qemu-ga skips it too
+                if err:
+                    for done in reversed(frozen):
+                        thaw_one(done)
+                    raise QgaError("failed to freeze %s: %s" % (target, os.strerror(err)))
+                frozen.append(target)
+            return frozen
+
+        def finish(outcome):
+            self.busy = None
+            if outcome[0] == "timeout":    # it may freeze them yet: thawed when asked, or
+                self.frozen, self.frozen_at = list(targets), time.monotonic()  # at the timeout
+            frozen = qga_outcome(outcome)
+            self.frozen, self.frozen_at = frozen, time.monotonic()
+            if frozen:
+                log("info", "froze %s for %s%s" % (", ".join(frozen), who, (
+                    " (thawed after %gs if the host forgets)" % self.timeout) if self.timeout
+                    else ""))
+            return len(frozen)
+        self.busy = "freeze"
+        return Errand("guest-fsfreeze-freeze", body, QGA_FREEZE_TIMEOUT, finish)
 
     def thaw(self, why):
-        """Thaw what we froze, last first, and any other frozen disk filesystem (frozen by
-        fsfreeze(8) in the guest, say): the host asked for none of them to stay frozen.
-        Returns how many were thawed."""
+        """The errand that thaws what we froze, last first, and any other frozen disk
+        filesystem (frozen by fsfreeze(8) in the guest, say): the host asked for none of
+        them to stay frozen. Its value is how many were thawed."""
+        if self.busy:
+            raise QgaError("a guest-fsfreeze-%s is still under way" % self.busy)
         order = list(reversed(self.frozen))
         order += [target for target, _, _, _ in disk_filesystems(self.spare_ids, True)
                   if target not in order]
-        count = 0
-        for target in order:
-            if self._thaw(target) == 0:    # EINVAL: it was not frozen
-                count += 1
-        if self.frozen or count:
-            log("info", "thawed %d filesystem(s) (%s)" % (count, why))
+        thaw_one, had = self._thaw, bool(self.frozen)
+
+        def body():                    # EINVAL: it was not frozen
+            return sum(1 for target in order if thaw_one(target) == 0)
+
+        def finish(outcome):
+            self.busy = None
+            count = qga_outcome(outcome)
+            if had or count:
+                log("info", "thawed %d filesystem(s) (%s)" % (count, why))
+            self.frozen, self.frozen_at = [], None
+            return count
+        self.busy = "thaw"
+        return Errand("guest-fsfreeze-thaw", body, QGA_ERRAND_TIMEOUT, finish)
+
+    def forget(self):
+        """The power-off thaws every disk itself: nothing is ours to thaw any more."""
         self.frozen, self.frozen_at = [], None
-        return count
 
 
 # ---- the server: listeners and connections, two kinds of each -------------------------------
@@ -3923,6 +4168,7 @@ class Connection:
         self.closing = False       # close once outbuf is flushed
         self.closed = False
         self.eof = False
+        self.waiting = None        # an Errand whose answer comes before any other request
 
     def unflushed(self):
         """True while something queued for the peer has not been written yet."""
@@ -3938,6 +4184,8 @@ class SocketConnection(Connection):
         self.sock = sock
 
     def deadline(self, limits):
+        if self.waiting is not None:
+            return None            # not idle: the agent owes it an answer
         when = self.last_active + limits.idle_timeout
         if self.partial_since is not None:
             when = min(when, self.partial_since + limits.frame_timeout)
@@ -3945,6 +4193,8 @@ class SocketConnection(Connection):
 
     def expired(self, now, limits):
         """True when the connection is to be closed now (logged why)."""
+        if self.waiting is not None:
+            return False
         if now - self.last_active >= limits.idle_timeout:
             log("debug", "closing idle connection from %s" % self.peer_text)
             return True
@@ -3985,7 +4235,8 @@ class SerialStream(Connection):
     def expired(self, now, limits):
         if self.paused_until and now >= self.paused_until:
             self.paused_until = 0.0
-        if self.partial_since is not None and now - self.partial_since >= SERIAL_STALE_FRAME:
+        if self.partial_since is not None and now - self.partial_since >= SERIAL_STALE_FRAME \
+                and self.waiting is None:
             log("debug", "%s: dropping a partial frame of %d bytes after %gs of silence"
                 % (self.peer_text, len(self.inbuf), SERIAL_STALE_FRAME))
             self.protocol.forget(len(self.inbuf))
@@ -4026,13 +4277,16 @@ class Server(Source):
     """Owns the listeners and the connections: opens listeners (with retries), accepts,
     reads, hands the bytes to each connection's protocol, writes the replies, closes, and
     keeps the limits. What a request wants done to the machine goes to
-    `on_effect(effect, conn)`. `listen` is [(address, protocol maker)]; `policy` decides who
-    may take the host's place when the connections run out."""
+    `on_effect(effect, conn)`; an Errand (a request whose work may block) goes to `errands`,
+    and its connection waits for the answer before its next request is read. `listen` is
+    [(address, protocol maker)]; `policy` decides who may take the host's place when the
+    connections run out."""
 
-    def __init__(self, listen, limits, policy, on_effect):
+    def __init__(self, listen, limits, policy, on_effect, errands):
         self.limits = limits
         self.policy = policy
         self.on_effect = on_effect
+        self.errands = errands
         self.listeners = [(SerialListener if addr[0] == "serial" else SocketListener)(addr, make)
                           for addr, make in listen]
         self.conns = {}            # fd -> Connection, in accept order
@@ -4073,7 +4327,8 @@ class Server(Source):
             if conn.paused_until > now:
                 continue            # poll() reports POLLHUP even for an empty mask
             mask = 0
-            if not conn.closing and not conn.eof and len(conn.outbuf) < out_limit:
+            if not conn.closing and not conn.eof and len(conn.outbuf) < out_limit \
+                    and conn.waiting is None:
                 mask |= _POLLIN
             if conn.outbuf:
                 mask |= _POLLOUT
@@ -4213,7 +4468,8 @@ class Server(Source):
         """Hand the bytes to the protocol, one request at a time, until none is complete or
         the peer is not reading (back-pressure: go on when it has read)."""
         out_limit, take = self.limits.max_output, conn.protocol.take
-        while not conn.closing and conn.inbuf and len(conn.outbuf) < out_limit:
+        while not conn.closing and conn.inbuf and len(conn.outbuf) < out_limit \
+                and conn.waiting is None:
             turn = take(conn.inbuf)
             if turn is None:
                 break
@@ -4226,14 +4482,28 @@ class Server(Source):
             if close:
                 conn.closing = True
                 conn.inbuf = bytearray()
-            if effect is not None:  # after the answer is queued: the ack goes out first
+            if isinstance(effect, Errand):   # answered when it is done, off the loop
+                conn.waiting = effect
+                self.errands.run(effect, lambda outcome: self._answer_later(conn, outcome))
+            elif effect is not None:  # after the answer is queued: the ack goes out first
                 self.on_effect(effect, conn)
-        conn.partial_since = (conn.partial_since or time.monotonic()) if conn.inbuf else None
-        if conn.eof and not conn.closing:
+        conn.partial_since = (conn.partial_since or time.monotonic()) \
+            if conn.inbuf and conn.waiting is None else None
+        if conn.eof and not conn.closing and conn.waiting is None:
             if conn.inbuf:
                 log("debug", "%s closed mid-frame (%d bytes dropped)"
                     % (conn.peer_text, len(conn.inbuf)))
             conn.closing = True     # answer what came, flush, then close
+
+    def _answer_later(self, conn, outcome):
+        """An errand's outcome: its answer goes out, then the requests that waited."""
+        reply = conn.waiting.finish(outcome)
+        conn.waiting = None
+        if conn.closed:
+            return
+        conn.outbuf += reply
+        conn.last_active = time.monotonic()
+        self._write_out(conn)      # and takes what waited behind it
 
     def _write_out(self, conn):
         while True:
@@ -4287,8 +4557,10 @@ class Server(Source):
 
 # What happens on Shutdown, in order (each step bounded, none blocks the loop):
 #   ack   - the ShutdownResponse is written and flushed (bounded by HOST_REPLY_BUDGET);
-#   term  - thaw frozen filesystems (their writers would outlive SIGKILL), then
-#           kill(-1, SIGTERM) and kill(-1, SIGCONT), so stopped processes can run their
+#   thaw  - where the guest has disks: thaw the frozen ones (their writers would outlive
+#           SIGKILL), as an errand bounded by THAW_BUDGET: a thaw can hang for good (a
+#           filesystem on a suspended device-mapper disk writes its superblock to it);
+#   term  - kill(-1, SIGTERM) and kill(-1, SIGCONT), so stopped processes can run their
 #           TERM handler; tell the host (X_SYSTEMD_SHUTDOWN, EXIT_STATUS) if it listens;
 #           fork the sync/reboot child now, waiting on a pipe, so the fork is off the path;
 #           reap on every SIGCHLD; leave as soon as no process is left (ECHILD, or only
@@ -4310,6 +4582,7 @@ class Server(Source):
 # Delegate mode (not PID 1, --delegate): instead of term/kill, signal PID 1 the busybox way
 # and, if the guest is still up when the grace is over, go on with sync and final ourselves.
 HOST_REPLY_BUDGET = 2.0           # ArcBox host waits 2 s for the ShutdownResponse
+THAW_BUDGET = 0.5                 # seconds before SIGTERM goes out, thawed or not
 
 # The sequence's bounds, read from the configuration once (a tuple: frozen).
 ShutdownTimeouts = namedtuple("ShutdownTimeouts", "kill_wait sync_timeout power_timeout")
@@ -4326,11 +4599,13 @@ class ShutdownSequence(Source):
 
     Collaborators: the reaper (who is left), the frozen timeouts, `delegate` (not PID 1: ask
     PID 1 instead of signalling everyone), the mounts to spare from the teardown, what to do
-    if power-off fails, the notifier, and the power-off child (made here if not given)."""
+    if power-off fails, the notifier, the power-off child (made here if not given), and the
+    errands (the thaw; none: no thaw before SIGTERM)."""
 
     def __init__(self, reaper, timeouts, delegate=False, spare_mounts=frozenset(),
-                 on_failure=None, notifier=None, child=None):
+                 on_failure=None, notifier=None, child=None, errands=None):
         self.reaper = reaper
+        self.errands = errands
         self.notifier = notifier or NoNotifier()
         self.timeouts = timeouts
         self.delegate = delegate
@@ -4339,7 +4614,8 @@ class ShutdownSequence(Source):
         # the teardown's passes stop halfway through PID 1's bound on the child, so the
         # final sync() and the report still fit in it
         self.child = child or PowerOffChild(reaper, spare_mounts, timeouts.sync_timeout / 2)
-        self.steps = {"idle": self._step_idle, "ack": self._step_ack, "term": self._step_term,
+        self.steps = {"idle": self._step_idle, "ack": self._step_ack,
+                      "thaw": self._step_thaw, "term": self._step_term,
                       "delegate": self._step_delegate, "kill": self._step_kill,
                       "notify_wait": self._step_notify_wait, "sync": self._step_sync,
                       "final": self._step_final, "failed": self._step_failed}
@@ -4352,6 +4628,7 @@ class ShutdownSequence(Source):
         self.phase_started = None
         self.exit_status = 0       # told to the host: the workload's, when it ended the guest
         self.notify_waited = False  # the notifier had its chance before the teardown
+        self.thawed = False        # the thaw before SIGTERM is over (done, failed, timed out)
         self.sync_retried = False
 
     @property
@@ -4403,8 +4680,28 @@ class ShutdownSequence(Source):
         if self.delegate:
             self._ask_pid1(now)
             return
-        # A writer blocked on a frozen filesystem outlives even SIGKILL: thaw first.
-        thaw_filesystems(KernelStorage(), self.spare_mounts)
+        # A writer blocked on a frozen filesystem outlives even SIGKILL: thaw first, off the
+        # loop (the guest's disks only: elsewhere there is nothing to thaw)
+        self._enter("thaw", now + THAW_BUDGET)
+        spare = self.spare_mounts
+        if self.errands is None or not any(is_guest_disk(m, spare) and not m[3]
+                                           for m in read_mountinfo()):
+            self.thawed = True
+            return
+        self.errands.run(Errand("the thaw before SIGTERM",
+                                lambda: thaw_filesystems(KernelStorage(), spare),
+                                THAW_BUDGET, None), self._thaw_over)
+
+    def _thaw_over(self, outcome):
+        self.thawed = True
+        if outcome[0] == "error":
+            log("warn", "shutdown: the thaw before SIGTERM failed: %s" % outcome[2])
+        elif outcome[0] == "timeout":
+            log("warn", "shutdown: %s; sending SIGTERM all the same" % outcome[1])
+
+    def _step_thaw(self, now):
+        if not self.thawed and now < self.deadline_at:
+            return
         signalled = kill_all(signal.SIGTERM)
         # The grace is counted from the moment every process has its SIGTERM, not from the
         # loop's wake-up before it: signalling can take milliseconds on a slow (TCG) guest.
@@ -4549,10 +4846,19 @@ class ShutdownSequence(Source):
 # runs passes -- swapoff every swap area; remount every writable filesystem read-only,
 # deepest first, unmounting the stacked ones (overlay, a filesystem on a loop device) so that
 # what they sit on lets go; clear every loop device that nothing mounts -- and repeats while a
-# pass changes anything, at most TEARDOWN_PASSES times and within its time limit (a device
-# that hangs a call is bounded by PID 1, which goes on to reboot() without this child). Then
-# sync(), always, so that a filesystem that stayed writable still has its data written; each
-# one is logged with what held it. Device-mapper and md devices are not detached: their
+# pass changes anything, at most TEARDOWN_PASSES times and within its time limit. Then the
+# filesystems that stayed writable are flushed again and sync() runs, always, so that their
+# data is written all the same (and a raw block device's too); each one is logged with what
+# held it.
+#
+# One dead disk must not cost the others their clean state. A disk whose I/O never completes
+# (a suspended device-mapper disk, a dead SAN) hangs every call that waits on it -- and
+# sync() waits on every disk. So each filesystem is flushed on its own (thaw, then
+# syncfs(2)), all at once, each call in a thread of its own with a bound; a filesystem whose
+# call does not return in time is left alone from then on, named in the log with the
+# processes stuck on it, while the others are remounted read-only. (Threads, not children:
+# this child forks no more, and a thread stuck in the kernel costs nothing but itself.) PID 1
+# bounds the whole child too, and goes on to reboot() without it. Device-mapper and md devices are not detached: their
 # filesystems are remounted read-only like any other, and they buffer nothing of their own
 # (dm-cache and dm-writecache aside, which this agent does not handle).
 LOOP_CLR_FD = 0x4C01          # <linux/loop.h>: unbind a loop device from its backing file
@@ -4561,6 +4867,34 @@ LOOP_CLR_FD = 0x4C01          # <linux/loop.h>: unbind a loop device from its ba
 # go. (A filesystem whose source is a loop device is treated the same way.)
 STACKED_FILESYSTEMS = frozenset(("overlay",))
 TEARDOWN_PASSES = 16          # systemd-shutdown also stops early when a pass changes nothing
+TEARDOWN_FLUSH_SHARE = 0.4    # of the time limit: the first flush, every filesystem at once
+TEARDOWN_OP_SHARE = 0.2       # of the time limit: the most any one later call may take
+TEARDOWN_OP_MIN = 0.2         # seconds: the least any call gets, however late it starts
+
+
+def start_bounded(call):
+    """call() in a thread of its own, started now -> wait(seconds): (True, its result) once
+    it returned, else (False, None). A call stuck in the kernel holds only its thread. For
+    the power-off child only: it calls reboot() next and forks no more."""
+    done = _thread.allocate_lock()
+    done.acquire()
+    box = [errno.EIO]
+
+    def run():
+        try:
+            box[0] = call()
+        except Exception as exc:   # the kernel's calls return an errno; this is a bug
+            log("error", "shutdown: %s" % describe_exception(exc))
+        finally:
+            done.release()
+    _thread.start_new_thread(run, ())
+
+    def wait(seconds):
+        if done.acquire(True, max(0.001, seconds)):
+            done.release()             # so that it can be asked again
+            return True, box[0]
+        return False, None
+    return wait
 
 
 def parse_swaps(text):
@@ -4633,8 +4967,22 @@ class KernelStorage:
         os.sync()
 
     @staticmethod
+    def syncfs(target):
+        """syncfs(2) on the filesystem of target: that one disk, not every disk as sync()."""
+        import ctypes
+        try:
+            fd = os.open(target, _DIRECTORY | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK)
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        try:
+            return libc_call("syncfs", ctypes.c_int(fd))   # int syncfs(int fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
     def holders(target):
-        """'pid N (name)' for each process with a file open under target."""
+        """'pid N (name) in STATE at WCHAN' for each process with a file open under
+        target."""
         found = []
         for pid in (p for p in os.listdir("/proc") if p.isdigit()):
             try:
@@ -4647,8 +4995,7 @@ class KernelStorage:
                 except OSError:
                     continue
                 if path == target or path.startswith(target.rstrip("/") + "/"):
-                    name = _read_text("/proc/%s/comm" % pid).strip()
-                    found.append("pid %s (%s)" % (pid, name))
+                    found.append(describe_process(int(pid)))
                     break
         return found
 
@@ -4686,11 +5033,13 @@ class Teardown:
         self.failures = {}         # mount point -> the errno its last remount failed with
         self.our_loops = set()     # loop devices that one of our mounts sat on
         self.passes_run = 0
+        self.hung = {}             # mount point -> the call that did not return there
+        self.ends = None           # time.monotonic() when the time limit is over
 
     def _ours(self, mounts):
-        """Our real filesystems, in mount order."""
-        return [m for m in mounts
-                if m[0] not in self.spare_ids and m[2] not in PSEUDO_FILESYSTEMS]
+        """Our real filesystems, in mount order (but those whose disk does not answer)."""
+        return [m for m in mounts if m[0] not in self.spare_ids
+                and m[2] not in PSEUDO_FILESYSTEMS and m[1] not in self.hung]
 
     def _on_ours(self, path, mounts):
         """May the teardown touch a swap area or loop device at `path`? In a real guest any;
@@ -4711,9 +5060,9 @@ class Teardown:
         filesystem of ours that stayed writable. The usual case reads mountinfo once: a pass
         in which every remount and unmount worked leaves nothing writable."""
         started = self.clock()
+        self.ends = time.monotonic() + self.time_limit
         mounts = self.kernel.mounts()
-        thaw_filesystems(self.kernel, self.spare_ids, mounts)
-        self._timed_sync("sync()")
+        self._flush_each(mounts, "sync()", thaw=True)
         state, left = None, []
         while self.passes_run < self.passes:
             self.passes_run += 1
@@ -4737,14 +5086,60 @@ class Teardown:
         for target, fstype, why in left:
             log("warn", "shutdown: %s (%s) stays writable: %s (its data is synced all the same)"
                 % (target, fstype, why))
-        self._timed_sync("final sync()")   # always: whatever stayed writable gets its data out
-        return left
-
-    def _timed_sync(self, what):
+        # always: whatever stayed writable gets its data out, each on its own, then sync()
+        # for the rest (a raw block device's writes), bounded: it waits on every disk
+        self._flush_each([m for m in mounts if m[1] in {t for t, _, _ in left}], None)
         began = self.clock()
-        self.kernel.sync()
-        # the disks' time, not ours: the benchmarks report it apart from the agent's overhead
-        log("info", "shutdown: %s took %.2f ms" % (what, (self.clock() - began) * 1000))
+        if self._bounded(self.kernel.sync, "the final sync()", None)[0]:
+            log("info", "shutdown: final sync() took %.2f ms" % ((self.clock() - began) * 1000))
+        fstypes = {m[1]: m[2] for m in mounts}
+        return left + [(target, fstypes.get(target, "?"), "%s did not return: the disk does "
+                        "not answer" % what) for target, what in self.hung.items()]
+
+    def _flush_each(self, mounts, what, thaw=False):
+        """syncfs every writable filesystem of ours in `mounts` (after a thaw if asked) at
+        once, each in a thread; wait for them all within TEARDOWN_FLUSH_SHARE of the limit;
+        one that has not returned by then is hung, and left alone from now on."""
+        began = self.clock()
+        waits = []
+        for entry in self._ours(mounts):
+            if entry[3]:
+                continue
+            target, kernel = entry[1], self.kernel
+            thaw_it = thaw and is_guest_disk(entry, self.spare_ids)
+
+            def flush(target=target, thaw_it=thaw_it):
+                if thaw_it and kernel.thaw(target) == 0:   # EINVAL: not frozen, as usual
+                    log("warn", "shutdown: %s was frozen; thawed it" % target)
+                return kernel.syncfs(target)
+            waits.append((target, start_bounded(flush)))
+        bound = max(TEARDOWN_OP_MIN, self.time_limit * TEARDOWN_FLUSH_SHARE)
+        until = time.monotonic() + bound
+        for target, wait in waits:
+            if not wait(until - time.monotonic())[0]:
+                self._hung(target, "its sync", bound)
+        if what:
+            # the disks' time, not ours: the benchmarks report it apart from the agent's
+            log("info", "shutdown: %s took %.2f ms" % (what, (self.clock() - began) * 1000))
+
+    def _bounded(self, call, what, target):
+        """(True, call()) if it returns within the time left (at least TEARDOWN_OP_MIN, at
+        most TEARDOWN_OP_SHARE of the limit), else (False, None), the target hung."""
+        seconds = max(TEARDOWN_OP_MIN, min(self.ends - time.monotonic(),
+                                           self.time_limit * TEARDOWN_OP_SHARE))
+        done = start_bounded(call)(seconds)
+        if not done[0]:
+            self._hung(target, what, seconds)
+        return done
+
+    def _hung(self, target, what, seconds):
+        """A call that did not return: its disk does not answer. Named, with who is stuck."""
+        if target is not None:
+            self.hung[target] = what
+        stuck = self.kernel.holders(target) if target is not None else []
+        log("warn", "shutdown: %s%s did not finish within %.1fs: the disk does not answer; "
+            "left as it is%s" % (what, " on " + target if target else "", seconds,
+                                 "; stuck on it: " + ", ".join(stuck) if stuck else ""))
 
     def _left_writable(self, mounts):
         return [m for m in self._ours(mounts) if not m[3]]
@@ -4756,17 +5151,19 @@ class Teardown:
         ours = self._ours(mounts)
         # the loop devices under our own mounts, remembered before those are unmounted
         self.our_loops.update(m[4] for m in ours if m[4].startswith("/dev/loop"))
-        for path in self.kernel.swaps():
+        kernel = self.kernel
+        for path in kernel.swaps():
             if self._on_ours(path, mounts):
-                self._report(self.kernel.swapoff(path), "swapoff %s" % path)
+                self._report(self._call(kernel.swapoff, path, None, "swapoff"),
+                             "swapoff %s" % path)
         # what sits on another filesystem goes away whole: it and every mount below it
         stacked = [m[1].rstrip("/") + "/" for m in ours if m[1] != "/" and (
             m[2] in STACKED_FILESYSTEMS or m[4].startswith("/dev/loop"))]
         for mount_id, target, fstype, readonly, source in reversed(mounts):
-            if mount_id in self.spare_ids:
+            if mount_id in self.spare_ids or target in self.hung:
                 continue
             if fstype not in PSEUDO_FILESYSTEMS and not readonly:
-                err = self.kernel.remount_read_only(target)
+                err = self._call(kernel.remount_read_only, target, target, "remount read-only")
                 if err:
                     self.failures[target] = err
                     ok = False
@@ -4774,7 +5171,7 @@ class Teardown:
                 self.failures.pop(target, None)
                 log("debug", "shutdown: remounted %s (%s) read-only" % (target, fstype))
             if target != "/" and any((target + "/").startswith(s) for s in stacked):
-                err = self.kernel.unmount(target)
+                err = self._call(kernel.unmount, target, target, "unmount")
                 ok = ok and not err
                 self._report(err, "unmount %s (%s on %s)" % (target, fstype, source))
         if ok and not self.our_loops:
@@ -4786,9 +5183,14 @@ class Teardown:
             for device, backing in sorted(loops.items()):
                 if device not in sources and device not in swaps and (
                         device in self.our_loops or self._on_ours(backing, mounts)):
-                    self._report(self.kernel.clear_loop(device), "detach %s from %s"
-                                 % (device, backing))
+                    self._report(self._call(kernel.clear_loop, device, None, "detach"),
+                                 "detach %s from %s" % (device, backing))
         return ok
+
+    def _call(self, action, arg, target, what):
+        """A kernel action, bounded (_bounded): its errno, or EIO when it did not return."""
+        done, err = self._bounded(lambda: action(arg), "%s %s" % (what, arg), target)
+        return err if done else errno.EIO
 
     @staticmethod
     def _report(err, what):
@@ -5007,6 +5409,7 @@ class Agent:
         self.inbox = inbox or SignalInbox()
         self.inbox.route = self.on_signal
         self.reaper = Reaper()
+        self.errands = Errands(self.reaper)   # what may block runs there, never in the loop
         self.serving = False       # "ready" said (and READY=1 sent)
         # PID 1 loads the cmdline's modules; `modules` ((names, optional)) and `load` (the
         # loading function) let a test give any agent a fake
@@ -5020,7 +5423,7 @@ class Agent:
         max_frame = config["max_frame"]
         spare = mounts_to_spare() if self.can_power_off or config["qga"] != "off" \
             else frozenset()
-        self.freezer = Freezer(config["freeze_timeout"], spare)
+        self.freezer = Freezer(config["freeze_timeout"], self.errands, spare)
         qga_machine = QgaMachine(policy, self.freezer)
 
         # Each listener speaks one protocol: an (address, maker) pair (see "the ArcBox
@@ -5032,7 +5435,7 @@ class Agent:
             return QgaProtocol(qga_machine, max_frame, peer, shared)
         self.server = Server([(addr, arcbox) for addr in config["listen"]]
                              + [(addr, qga) for addr in qga_addresses(config["qga"], is_init)],
-                             server_limits(config), policy, self.on_request_effect)
+                             server_limits(config), policy, self.on_request_effect, self.errands)
         self.workload = Supervised(config["exec"], config["on_exit"], self.reaper,
                                    self.on_workload_finished)
         self.dhcp = Supervised(dhcp_client_argv(config["net"]) if is_init else [],
@@ -5042,7 +5445,8 @@ class Agent:
             if config["power_button"] and self.can_power_off else None
         self.shutdown = ShutdownSequence(
             self.reaper, shutdown_timeouts(config), delegate=self.delegate,
-            spare_mounts=spare if self.can_power_off else frozenset(), notifier=self.notifier)
+            spare_mounts=spare if self.can_power_off else frozenset(), notifier=self.notifier,
+            errands=self.errands)
         # The loop ticks the sources in this order after every wake-up, and the order matters:
         # the inbox first (a signal may start the shutdown), the reaper before the workloads
         # and the shutdown sequence (they read what it reaped: "nobody left" must be current
@@ -5053,9 +5457,9 @@ class Agent:
             time.monotonic() + START_HOLD, lambda: self.server.answered or self.serving,
             [release_console] + ([loopback_up] if is_init and sys.platform.startswith("linux")
                                  else []))
-        for source in (self.inbox, self.reaper, self.modules, self.server, self.buttons,
-                       self.notifier, self.freezer, self.workload, self.dhcp, self.shutdown,
-                       self.after_first_answer):
+        for source in (self.inbox, self.reaper, self.errands, self.modules, self.server,
+                       self.buttons, self.notifier, self.freezer, self.workload, self.dhcp,
+                       self.shutdown, self.after_first_answer):
             if source is not None:
                 self.loop.add(source)
 
@@ -5124,7 +5528,7 @@ class Agent:
             except Exception as exc:   # a bug must not kill init: log it and keep serving
                 errors += 1
                 log("error", "internal error (kept serving): %s" % describe_exception(exc))
-        for part in (self.server, self.buttons, self.notifier, self.inbox):
+        for part in (self.server, self.errands, self.buttons, self.notifier, self.inbox):
             if part is not None:
                 part.close()
         return self.exit_code
@@ -5143,8 +5547,7 @@ class Agent:
         self.modules.stop()        # the loader is just another process to TERM
         self.workload.stop()
         self.dhcp.stop()           # udhcpc is just another process to TERM
-        if self.freezer.frozen:    # writers blocked on a frozen disk would outlive SIGKILL
-            self.freezer.thaw("power-off")
+        self.freezer.forget()      # the sequence thaws every disk before SIGTERM
         self.shutdown.begin(action, grace, reason, ack, exit_status)
 
     def on_signal(self, sig):

@@ -210,6 +210,24 @@ class FakeDisks:
         return 0
 
 
+def outcome_of(errand):
+    """An errand's outcome, its body run here and now (a test's stand-in for the child)."""
+    try:
+        return ("ok", errand.body())
+    except agent.QgaError as exc:
+        return ("error", exc.klass, str(exc))
+
+
+def done(errand):
+    """An errand run here: its finish() on its body's outcome."""
+    return errand.finish(outcome_of(errand))
+
+
+class InlineErrands:
+    def run(self, errand, on_done):
+        on_done(outcome_of(errand))
+
+
 @pytest.fixture
 def three_disks(monkeypatch):
     mounts = [("/", "ext4", False, 1), ("/data", "ext4", False, 2), ("/data/x", "xfs", False, 3),
@@ -219,37 +237,37 @@ def three_disks(monkeypatch):
 
 def test_freeze_in_mount_order_thaw_in_reverse_and_skip_what_cannot_freeze(three_disks):
     disks = FakeDisks(unsupported={"/odd"})
-    freezer = agent.Freezer(600, freeze=disks.freeze, thaw=disks.thaw)
-    assert freezer.freeze(None, "test") == 3
+    freezer = agent.Freezer(600, InlineErrands(), freeze=disks.freeze, thaw=disks.thaw)
+    assert done(freezer.freeze(None, "test")) == 3
     assert freezer.frozen == ["/", "/data", "/data/x"]
     with pytest.raises(agent.QgaError):            # frozen already
         freezer.freeze(None, "test")
-    assert freezer.thaw("test") == 3
+    assert done(freezer.thaw("test")) == 3
     thaws = [t for kind, t in disks.calls if kind == "thaw"]
     assert thaws[:3] == ["/data/x", "/data", "/"] and freezer.frozen == []
 
 
 def test_a_failed_freeze_thaws_what_was_frozen_and_says_which(three_disks):
     disks = FakeDisks(fail="/data/x")
-    freezer = agent.Freezer(600, freeze=disks.freeze, thaw=disks.thaw)
+    freezer = agent.Freezer(600, InlineErrands(), freeze=disks.freeze, thaw=disks.thaw)
     with pytest.raises(agent.QgaError, match="failed to freeze /data/x"):
-        freezer.freeze(None, "test")
+        done(freezer.freeze(None, "test"))
     assert freezer.frozen == [] and ("thaw", "/data") in disks.calls
 
 
 def test_freeze_list_names_only_guest_disks(three_disks):
     disks = FakeDisks()
-    freezer = agent.Freezer(600, freeze=disks.freeze, thaw=disks.thaw)
+    freezer = agent.Freezer(600, InlineErrands(), freeze=disks.freeze, thaw=disks.thaw)
     with pytest.raises(agent.QgaError, match="/proc is not a mounted"):
         freezer.freeze(["/data", "/proc"], "test")
     assert disks.calls == []
-    assert freezer.freeze(["/data"], "test") == 1 and freezer.frozen == ["/data"]
+    assert done(freezer.freeze(["/data"], "test")) == 1 and freezer.frozen == ["/data"]
 
 
 def test_a_forgotten_freeze_is_thawed_at_its_deadline(three_disks, monkeypatch):
     disks = FakeDisks()
-    freezer = agent.Freezer(30, freeze=disks.freeze, thaw=disks.thaw)
-    freezer.freeze(["/data"], "test")
+    freezer = agent.Freezer(30, InlineErrands(), freeze=disks.freeze, thaw=disks.thaw)
+    done(freezer.freeze(["/data"], "test"))
     due = freezer.deadline()
     assert due == pytest.approx(freezer.frozen_at + 30)
     freezer.tick(due - 0.01)
@@ -257,8 +275,8 @@ def test_a_forgotten_freeze_is_thawed_at_its_deadline(three_disks, monkeypatch):
     freezer.tick(due)
     assert freezer.frozen == [] and ("thaw", "/data") in disks.calls
     assert freezer.deadline() is None
-    never = agent.Freezer(0, freeze=disks.freeze, thaw=disks.thaw)
-    never.freeze(["/data"], "test")
+    never = agent.Freezer(0, InlineErrands(), freeze=disks.freeze, thaw=disks.thaw)
+    done(never.freeze(["/data"], "test"))
     assert never.deadline() is None
 
 

@@ -85,6 +85,10 @@ class FakeKernel:
     def sync(self):
         self.calls.append(("sync",))
 
+    def syncfs(self, target):
+        self.calls.append(("syncfs", target))
+        return 0
+
 
 BASE = [(1, "/", "rootfs", False, "rootfs"), (2, "/proc", "proc", False, "proc"),
         (3, "/dev", "devtmpfs", False, "devtmpfs")]
@@ -136,7 +140,9 @@ def test_the_last_pass_is_always_followed_by_sync_even_when_something_stays_writ
     assert left == [("/data", "ext4", "Device or resource busy: pid 7 (writer) has a file "
                                       "open on it")]
     assert k.calls[-1] == ("sync",)
-    assert k.calls.count(("sync",)) == 2                  # before the passes and after
+    # each filesystem flushed on its own before the passes, and again after them
+    assert k.calls.count(("syncfs", "/data")) == 2
+    assert k.calls.index(("syncfs", "/data")) < k.calls.index(("remount", "/data"))
 
 
 def test_a_pass_that_changes_nothing_ends_the_passes():
@@ -209,7 +215,7 @@ def test_a_frozen_filesystem_is_thawed_before_the_first_sync():
     k = FakeKernel(BASE + [(10, "/data", "ext4", False, "/dev/vda"),
                            (11, "/net", "nfs4", False, "server:/export")], frozen={"/data"})
     agent.Teardown(k).run()
-    assert k.calls.index(("thaw", "/data")) < k.calls.index(("sync",))
+    assert k.calls.index(("thaw", "/data")) < k.calls.index(("syncfs", "/data"))
     assert ("thaw", "/net") not in k.calls       # not a block device: never opened
 
 
@@ -253,3 +259,61 @@ def test_the_filesystem_holding_a_path_is_its_deepest_mount(path, expected):
     mounts = [(1, "/", "ext4", False, "/dev/vda"), (2, "/data", "ext4", False, "/dev/vdb"),
               (3, "/data/inner", "ext4", False, "/dev/vdc")]
     assert agent.owning_mount(path, mounts)[1] == expected
+
+
+class DeadDisk(FakeKernel):
+    """/dead is on a disk whose I/O never completes: every call that touches it waits for good
+    (here: until the test ends), sync() too, since it waits on every disk."""
+
+    def __init__(self, frozen_dead=False):
+        import threading
+        FakeKernel.__init__(self, BASE + [(10, "/data", "ext4", False, "/dev/vda"),
+                                          (11, "/dead", "ext4", False, "/dev/mapper/dead"),
+                                          (12, "/data/inner", "ext4", False, "/dev/vdb")],
+                            frozen={"/dead"} if frozen_dead else (),
+                            holders={"/dead": ["pid 40 (dd) in D at folio_wait_bit"]})
+        self.never = threading.Event()
+
+    def _wait_if_dead(self, target):
+        if target == "/dead" or target is None:
+            self.never.wait(30)
+
+    def thaw(self, target):
+        self._wait_if_dead(target if target in self.frozen else "")
+        return FakeKernel.thaw(self, target)
+
+    def syncfs(self, target):
+        self.calls.append(("syncfs", target))
+        self._wait_if_dead(target)
+        return 0
+
+    def remount_read_only(self, target):
+        self._wait_if_dead(target)
+        return FakeKernel.remount_read_only(self, target)
+
+    def sync(self):
+        self.calls.append(("sync",))
+        self._wait_if_dead(None)
+
+
+@pytest.mark.parametrize("frozen_dead", [False, True], ids=["nolockfs", "lockfs"])
+def test_a_dead_disk_does_not_stop_the_others_going_read_only_in_bounded_time(
+        frozen_dead, capfd):
+    import time
+    k = DeadDisk(frozen_dead)
+    t = agent.Teardown(k, time_limit=1.0)
+    began = time.monotonic()
+    left = t.run()
+    took = time.monotonic() - began
+    k.never.set()
+    mounts = {m[1]: m for m in k.mounts()}
+    assert mounts["/data"][3] and mounts["/data/inner"][3]      # the healthy ones: read-only
+    assert ("syncfs", "/data") in k.calls and ("syncfs", "/data/inner") in k.calls
+    assert [target for target, _, _ in left] == ["/dead"]
+    assert "the disk does not answer" in left[0][2]
+    assert ("remount", "/dead") not in k.calls                  # left alone once it hung
+    # the first flush, its bound; then the final sync(), its own: nothing waits for good
+    assert took < 1.0 * agent.TEARDOWN_FLUSH_SHARE + 1.0 * agent.TEARDOWN_OP_SHARE + 1.0
+    err = capfd.readouterr().err
+    assert "on /dead did not finish within" in err
+    assert "stuck on it: pid 40 (dd) in D at folio_wait_bit" in err
