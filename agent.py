@@ -115,12 +115,20 @@ def log(level, message):
     may be missing (fds 0-2 closed) or full."""
     if LOG_LEVELS[level] > _log_level:
         return
+    global _in_log
     line = "[%11.6f] %s %s: %s\n" % (_since_boot(), PROG, level, message)
-    if _held_lines is not None and LOG_LEVELS[level] >= LOG_INFO:
-        _held_lines.append(line)   # written at release_console(); the stamp stays true
-    else:
+    _in_log, held = True, False    # the hold's alarm waits while the list is in use
+    try:
+        if _held_lines is not None and LOG_LEVELS[level] >= LOG_INFO:
+            _held_lines.append(line)   # written at release_console(); the stamp stays true
+            held = True
+    finally:
+        _in_log = False
+    if not held:
         release_console()          # a warning or an error goes out at once, in order
         _write_console(line)
+    elif _release_due:
+        release_console()          # the alarm came while the line was being held
     if _kmsg_fd >= 0:
         try:
             os.write(_kmsg_fd, ("<%d>%s: %s\n" % (_KMSG_PRIORITY[level], PROG, message))
@@ -140,22 +148,44 @@ def _write_console(text):
 # TCG, on the only vCPU). While PID 1 starts, its info and debug lines are held and written
 # in one go once the host has had its first answer, or the agent is ready, or START_HOLD has
 # passed (Agent), so that no console line stands between the kernel's hand-off and the first
-# answer. Warnings and errors are never held: they write what is held, then themselves.
+# answer. Warnings and errors are never held: they write what is held, then themselves. The
+# loop ends the hold; should the start hang before the loop turns, an alarm (SIGALRM, at
+# START_HOLD) writes them all the same.
 START_HOLD = 2.0                  # seconds: the longest a start-up line waits for the console
 LOG_INFO = LOG_LEVELS["info"]
 _held_lines = None                # a list while holding
+_in_log = False                   # log() is using the list: the alarm leaves it to log()
+_release_due = False              # the alarm came while log() was using the list
 
 
 def hold_console():
     global _held_lines
     if _held_lines is None:
         _held_lines = []
+        try:
+            signal.signal(signal.SIGALRM, _hold_alarm)
+            signal.setitimer(signal.ITIMER_REAL, START_HOLD)
+        except (ValueError, OSError):
+            pass                   # not the main thread (a test): the loop ends the hold
+
+
+def _hold_alarm(signum, frame):
+    global _release_due
+    if _in_log:
+        _release_due = True
+    else:
+        release_console()
 
 
 def release_console():
     """Write the held lines (one write) and stop holding; idempotent."""
-    global _held_lines
-    lines, _held_lines = _held_lines, None
+    global _held_lines, _release_due
+    lines, _held_lines, _release_due = _held_lines, None, False
+    if lines is not None:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)     # the alarm is not needed any more
+        except (ValueError, OSError):
+            pass
     if lines:
         _write_console("".join(lines))
 
@@ -630,6 +660,13 @@ def _iface(text):
     name = str(text).strip()
     if not 0 < len(name) < IFNAMSIZ or any(c in name for c in "/: \t"):
         raise ConfigError("%r is not an interface name" % (text,))
+    try:
+        size = len(name.encode("utf-8"))   # a flag's bytes that are not UTF-8 arrive as
+    except UnicodeEncodeError:             # surrogates, which no ioctl can name
+        raise ConfigError("%r is not an interface name (not UTF-8)" % (text,))
+    if size >= IFNAMSIZ or not name.isprintable():
+        raise ConfigError("%r is not an interface name (printable, at most %d bytes)"
+                          % (text, IFNAMSIZ - 1))
     return name
 
 
@@ -5630,9 +5667,10 @@ def read_configuration(argv, cmdline_text, is_init):
     return config, None
 
 
-def serve_main(argv, is_init, cmdline_path="/proc/cmdline", inbox=None):
+def serve_main(argv, is_init, cmdline_path="/proc/cmdline", inbox=None, kept=None):
     """The agent's life, in order. Each stage is best-effort: a failure is logged, never fatal.
-    `inbox`: PID 1's, taken by run_as_init() before it called us."""
+    `inbox`: PID 1's, taken by run_as_init() before it called us; `kept` (a dict) receives
+    the configuration, for PID 1's fallback should serving fail."""
     # 1. Take the signals before anything else: a PID 1 without handlers loses them, and a
     #    poweroff sent while we boot must end in a power-off once the loop runs.
     inbox = inbox or SignalInbox().install()
@@ -5649,6 +5687,8 @@ def serve_main(argv, is_init, cmdline_path="/proc/cmdline", inbox=None):
         if config is None:
             inbox.close()
             return status
+        if kept is not None:
+            kept["config"] = config
         start_step("configuration")
         # 5. Boot duties that need the configuration (PID 1): the hostname. (Kernel modules
         #    load in the background while the agent serves; see ModuleLoader.)
@@ -5934,7 +5974,7 @@ def client_main(argv):
 
 # ---- which command; PID 1's entry, which never returns --------------------------------------
 
-def main(argv=None, is_init=False, inbox=None):
+def main(argv=None, is_init=False, inbox=None, kept=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in CLIENT_COMMANDS:
         return client_main(argv)
@@ -5945,28 +5985,45 @@ def main(argv=None, is_init=False, inbox=None):
         return EXIT_OK
     if argv and argv[0] == "serve":
         argv = argv[1:]
-    return serve_main(argv, is_init, inbox=inbox)
+    return serve_main(argv, is_init, inbox=inbox, kept=kept)
+
+
+def fallback_configs(config):
+    """What PID 1 serves with after serving failed outright, in order: the user's
+    configuration -- the action, the grace, who may ask, notify, the listeners, the power
+    button -- but nothing that starts something (the workload, the network, the modules):
+    one of those may be what failed; then the same without listeners; with no configuration
+    read at all, the defaults without listeners."""
+    if config is None:
+        return [dict(default_config(), listen=[], qga="off")]
+    calm = dict(config, exec=[], net=("none",), dns=[], modules=[])
+    return [calm, dict(calm, listen=[], qga="off")]
 
 
 def run_as_init():
     """PID 1 must never return or raise: either would panic the kernel. If serving fails
-    outright, keep reaping and honour power-off signals with the defaults. One signal inbox
-    for PID 1's whole life: a poweroff that came while serving failed is still in it, and
-    the fallback acts on it."""
-    inbox = None
+    outright, fall back to reaping, signals, the power button and the listeners with the
+    user's configuration (fallback_configs). One signal inbox for PID 1's whole life: a
+    poweroff that came while serving failed is still in it, and the fallback acts on it."""
+    inbox, kept = None, {}
     try:
         inbox = SignalInbox().install()
-        main(is_init=True, inbox=inbox)
+        main(is_init=True, inbox=inbox, kept=kept)
     except BaseException as exc:   # noqa: B902 - including SystemExit and KeyboardInterrupt
         log("error", "agent failed: %s" % describe_exception(exc))
-    log("error", "serving stopped; falling back to reaping and signal handling only")
+    configs = fallback_configs(kept.get("config"))
     while True:
+        config = configs.pop(0) if len(configs) > 1 else configs[0]
+        log("error", "serving stopped; falling back to reaping, signals%s with action %s, "
+            "grace %gs; no workload, network or modules" % (
+                " and " + ",".join(format_address(a) for a in config["listen"])
+                if config["listen"] else "", config["action"], config["grace"]))
         try:
             if inbox is None:
                 inbox = SignalInbox()
             if inbox.wake_r < 0:
                 inbox.install()    # closed (or never opened): the pending signals stay
-            Agent(dict(default_config(), listen=[]), is_init=True, inbox=inbox).run()
+            Agent(config, is_init=True, inbox=inbox).run()
         except BaseException as exc:   # noqa: B902
             log("error", "fallback loop failed: %s" % describe_exception(exc))
             time.sleep(1)

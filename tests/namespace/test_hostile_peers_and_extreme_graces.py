@@ -15,7 +15,7 @@ import pytest
 
 import agent
 from helpers import assert_grace_kept, wait_for
-from nsguest import POWER_OFF_RETURNCODE
+from nsguest import POWER_OFF_RETURNCODE, REBOOT_RETURNCODE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -210,7 +210,7 @@ SIGNAL_THEN_FAIL = r"""
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
 import agent
-def broken(argv, is_init, cmdline_path="/proc/cmdline", inbox=None):
+def broken(argv, is_init, cmdline_path="/proc/cmdline", inbox=None, kept=None):
     inbox = inbox or agent.SignalInbox().install()     # what serve_main does first
     open(sys.argv[2], "w").close()                      # the test may signal now
     deadline = time.monotonic() + 10
@@ -237,3 +237,34 @@ def test_a_poweroff_that_comes_while_serving_fails_is_honoured_by_the_fallback(g
     log = g.messages()
     assert any("injected: serving failed with a signal pending" in m for m in log), log
     assert any("all processes gone after" in m for m in log), log
+
+
+BOOT_DUTIES_FAIL = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import agent
+def broken(config):
+    raise RuntimeError("injected: a boot duty failed")
+agent.boot_duties = broken
+sys.argv = ["arcbox-agent"] + sys.argv[2:]
+agent.run_as_init()
+"""
+
+
+def test_the_fallback_keeps_the_users_action_grace_and_listeners(guest, tmp_path):
+    """Serving fails after the configuration was read: the fallback answers on the user's
+    listener, and Ctrl-Alt-Del (SIGINT, the configured action) reboots after the user's
+    1 s grace -- not a power-off after the default 25 s (it did both before: checked)."""
+    script = tmp_path / "boot_duties_fail.py"
+    script.write_text(BOOT_DUTIES_FAIL)
+    sock = tmp_path / "agent.sock"
+    g = guest("trap '' TERM; sleep 1000 &", wait_ready=False, init=" ".join(
+        shlex.quote(a) for a in [sys.executable, str(script), REPO, "--listen", "unix:%s" % sock,
+                                 "--log", "debug", "--action", "reboot", "--grace", "1"]))
+    g.wait_ready(20)                                      # the user's listener answers
+    assert any("falling back to reaping, signals and unix:" in m and "action reboot, grace 1s"
+               in m for m in g.messages()), g.messages()
+    os.kill(g.init_pid(), signal.SIGINT)                  # Ctrl-Alt-Del: the configured action
+    assert g.wait(timeout=30) == REBOOT_RETURNCODE
+    events = g.events()
+    assert_grace_kept(events, 1.0)

@@ -231,3 +231,16 @@ def test_any_cmdline_and_argv_give_a_config_as_pid1(argv, cmdline):
     assert status is None and set(config) == set(agent.default_config())
     for name in config:                     # every value can be described in a log line
         agent._describe(name, config[name])
+
+
+def test_an_interface_name_no_ioctl_can_name_is_refused_when_read():
+    """A flag's bytes that are not UTF-8 arrive as surrogates: such a --net used to parse,
+    then make configure_network raise at start and drop PID 1 into its fallback."""
+    bad = b"eth\xff".decode("utf-8", "surrogateescape")
+    for text in (bad + ":10.0.0.2/24", "dhcp:" + bad, "eth\x01:10.0.0.2/24",
+                 "\u00e9" * 8 + ":10.0.0.2/24"):              # 16 bytes: too long for IFNAMSIZ
+        with pytest.raises(agent.ConfigError, match="not an interface name"):
+            agent.parse_net(text)
+    config, problems = agent.build_config({"net": [bad + ":10.0.0.2/24"]}, {})
+    assert config["net"] == ("none",)
+    assert problems and "not an interface name (not UTF-8)" in problems[0][1]

@@ -4,6 +4,10 @@ keep the order; a forked child never writes the parent's held lines; a listener 
 transport just came in is retried every 10 ms for a while, not on a doubling back-off."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -28,6 +32,7 @@ def console(monkeypatch):
         writes.append(data.decode())
         return writes
     yield read
+    signal.setitimer(signal.ITIMER_REAL, 0)        # a hold's alarm must not outlive the test
     os.close(r)
     os.close(w)
 
@@ -134,3 +139,34 @@ def test_what_waits_for_the_first_answer_runs_before_the_workload_starts(monkeyp
     finally:
         a.inbox.close()
     assert order == ["after the first answer", "workload"]
+
+
+HANGING_START = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import agent
+def hang(self):
+    agent.log("info", "the start goes on")
+    time.sleep(30)                 # a start that hangs before its loop ever turns
+agent.Agent.run = hang
+agent.main(["--listen", "unix:" + sys.argv[2], "--log", "info"])
+"""
+
+
+def test_held_lines_reach_the_console_when_the_start_hangs(tmp_path):
+    """The loop ends the hold; a start that hangs before the loop turns would keep the lines
+    forever, so an alarm at START_HOLD writes them (without it: nothing in 6 s, checked)."""
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_START, agent.__file__.rsplit("/", 1)[0],
+                             str(tmp_path / "agent.sock")], stderr=subprocess.PIPE)
+    try:
+        os.set_blocking(proc.stderr.fileno(), False)
+        began, seen = time.monotonic(), b""
+        while b"the start goes on" not in seen and time.monotonic() - began < 6:
+            seen += proc.stderr.read() or b""
+            time.sleep(0.05)
+        took = time.monotonic() - began
+    finally:
+        proc.kill()
+        proc.wait()
+    assert b"the start goes on" in seen, seen
+    assert took >= agent.START_HOLD - 0.5      # held until the alarm, not written at once
