@@ -31,6 +31,7 @@ defines it (tests/unit/test_structure.py checks both that and this table):
       - kernel modules in the background: the transports first, then the rest
       - supervised programs: the workload (--exec), udhcpc
       - the power button: evdev devices that can report KEY_POWER
+      - the watchdog: petted from the loop, armed across the stop
       - telling the host: systemd's VM notify protocol
       - the ArcBox wire protocol: message types, frames, Error payloads (pure functions)
       - proto3: a tiny encoder/decoder and the messages' schemas
@@ -572,6 +573,25 @@ def _choice(*names):
     return parse
 
 
+def parse_watchdog(text):
+    """off | stop | SECONDS | SECONDS:STOP | stop:STOP -> (seconds petted at run time or
+    None, seconds armed across the stop: a number, "auto", or None)."""
+    value = str(text).strip().lower()
+    if value in ("off", "0", "no", "none"):
+        return (None, None)
+    run, _, stop = value.partition(":")
+    try:
+        running = None if run == "stop" else parse_seconds(run)
+        stopping = "auto" if stop in ("", "auto") else None if stop == "off" \
+            else parse_seconds(stop)
+    except ConfigError:
+        raise ConfigError("%r: expected off, stop, SECONDS, SECONDS:STOP_SECONDS or "
+                          "stop:STOP_SECONDS" % (text,))
+    if running is not None and not 1 <= running <= 3600:
+        raise ConfigError("%r: the watchdog's period is 1 to 3600 seconds" % (text,))
+    return (running, stopping)
+
+
 def _parse_bool(text):
     value = str(text).strip().lower()
     if value in ("1", "yes", "true", "on"):
@@ -890,6 +910,12 @@ SERVE_OPTIONS = (
      "answers buffered for a peer that does not read; past it the agent stops reading "
      "from that peer"),
     ("kill_wait", "SECONDS", parse_seconds, "0.5", "how long to reap after SIGKILL"),
+    ("watchdog", "SPEC", parse_watchdog, "stop",
+     "PID 1 and /dev/watchdog (QEMU's i6300esb, a VMM's): stop arms it as the teardown "
+     "begins, to end the guest should the stop hang past --sync-timeout + --power-timeout "
+     "+ 5s; SECONDS also opens it at start and pets it from the loop (a wedged PID 1 is "
+     "reset after SECONDS); SECONDS:STOP or stop:STOP arms STOP seconds across the stop; "
+     "off leaves it alone"),
     ("sync_timeout", "SECONDS", parse_seconds, "10",
      "bound on sync + remount read-only + sync before power-off (done in a child)"),
     ("power_timeout", "SECONDS", parse_seconds, "10",
@@ -1030,6 +1056,12 @@ def _describe(name, value):
     if name == "net":
         return value[0] if value[0] != "static" else "%s:%s/%d%s" % (
             value[1], value[2], value[3], ":" + value[4] if value[4] else "")
+    if name == "watchdog":
+        if value == (None, None):
+            return "off"
+        running = "stop" if value[0] is None else "%g" % value[0]
+        return running if value[1] == "auto" else "%s:%s" % (
+            running, "off" if value[1] is None else "%g" % value[1])
     if name == "allow":
         if value["any"]:
             return "any"
@@ -2367,6 +2399,99 @@ class PowerButtons(Source):
         if self.uevents is not None:
             self.uevents.close()
             self.uevents = None
+
+
+# ---- the watchdog: petted from the loop, armed across the stop ------------------------------
+
+# A hardware watchdog (QEMU's i6300esb, offered by Proxmox VE and libvirt guests) resets the
+# VM when nobody pets it in time: the one guard against a PID 1 wedged where no code of its own
+# can help. Its timer starts only when the device is opened, so opening it is the guest's
+# choice. Two uses, as systemd has them (RuntimeWatchdogSec, off by default; RebootWatchdogSec,
+# on by default): the loop pets it while the guest runs, if asked (--watchdog SECONDS), and,
+# by default, it is armed as the teardown begins (after every process is gone, so a watchdog
+# daemon of the guest's has let go of it), so that a stop that hangs past every bound PID 1
+# keeps still ends. A clean exit (not PID 1) disarms it with the magic close ("V").
+WATCHDOG_DEVICE = "/dev/watchdog"
+WDIOC_SETTIMEOUT = 0xC0045706     # <linux/watchdog.h> _IOWR('W', 6, int)
+WDIOC_GETTIMEOUT = 0x80045707     # <linux/watchdog.h> _IOR('W', 7, int)
+WATCHDOG_STOP_MARGIN = 5.0        # seconds past the stop's own bounds (sync, reboot)
+
+
+class Watchdog(Source):
+    """/dev/watchdog for PID 1: start() opens and pets it from the loop every half period
+    (run time, when configured); arm_for_stop(seconds) sets the stop's time and pets no
+    more; close() is the clean exit."""
+
+    def __init__(self, spec, path=WATCHDOG_DEVICE):
+        self.running, self.stopping = spec
+        self.path = path
+        self.fd = -1
+        self.period = None
+        self.next_pet = None
+
+    def start(self):
+        if self.running is None or self.fd >= 0:
+            return
+        if self._open(self.running):
+            self.next_pet = time.monotonic() + self.period / 2
+            log("info", "watchdog: %s armed for %gs, petted every %gs from the loop"
+                % (self.path, self.period, self.period / 2))
+
+    def _open(self, seconds):
+        import ctypes
+        if self.fd < 0:
+            try:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                log("info" if exc.errno == errno.ENOENT else "warn", "watchdog: cannot open "
+                    "%s: %s; going on without it" % (self.path, exc.strerror))
+                return False
+        value = ctypes.c_int(int(round(seconds)))
+        # int ioctl(int fd, WDIOC_SETTIMEOUT, int *seconds): the driver may round it
+        err = libc_call("ioctl", self.fd, ctypes.c_ulong(WDIOC_SETTIMEOUT), ctypes.byref(value))
+        if err:
+            libc_call("ioctl", self.fd, ctypes.c_ulong(WDIOC_GETTIMEOUT), ctypes.byref(value))
+            log("warn", "watchdog: cannot set %gs (%s); it keeps %ds"
+                % (seconds, os.strerror(err), value.value))
+        self.period = float(value.value or seconds)
+        self._pet()
+        return True
+
+    def _pet(self):
+        try:
+            os.write(self.fd, b"\0")
+        except OSError as exc:
+            log_limited("watchdog", self.path, "warn", "watchdog: pet failed: %s" % exc.strerror)
+
+    def deadline(self):
+        return self.next_pet
+
+    def tick(self, now):
+        if self.next_pet is not None and now >= self.next_pet:
+            self._pet()
+            self.next_pet = now + self.period / 2
+
+    def arm_for_stop(self, bounds):
+        """The teardown begins: from now on the stop has `stopping` seconds (auto: `bounds`,
+        the stop's own, + WATCHDOG_STOP_MARGIN) before the watchdog ends the guest."""
+        if self.stopping is None:
+            return
+        seconds = bounds + WATCHDOG_STOP_MARGIN if self.stopping == "auto" else self.stopping
+        self.next_pet = None
+        if self._open(seconds):
+            log("info", "watchdog: armed for the stop: the guest is reset if it is still up "
+                "in %gs" % self.period)
+
+    def close(self):
+        """The clean exit (not PID 1): the magic close disarms it."""
+        if self.fd >= 0:
+            try:
+                os.write(self.fd, b"V")
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = -1
+            self.next_pet = None
 
 
 # ---- telling the host: systemd's VM notify protocol -----------------------------------------
@@ -4636,13 +4761,15 @@ class ShutdownSequence(Source):
 
     Collaborators: the reaper (who is left), the frozen timeouts, `delegate` (not PID 1: ask
     PID 1 instead of signalling everyone), the mounts to spare from the teardown, what to do
-    if power-off fails, the notifier, the power-off child (made here if not given), and the
-    errands (the thaw; none: no thaw before SIGTERM)."""
+    if power-off fails, the notifier, the power-off child (made here if not given), the
+    errands (the thaw; none: no thaw before SIGTERM) and the watchdog (armed as the teardown
+    begins; none: no watchdog)."""
 
     def __init__(self, reaper, timeouts, delegate=False, spare_mounts=frozenset(),
-                 on_failure=None, notifier=None, child=None, errands=None):
+                 on_failure=None, notifier=None, child=None, errands=None, watchdog=None):
         self.reaper = reaper
         self.errands = errands
+        self.watchdog = watchdog
         self.notifier = notifier or NoNotifier()
         self.timeouts = timeouts
         self.delegate = delegate
@@ -4730,15 +4857,18 @@ class ShutdownSequence(Source):
                                 THAW_BUDGET, None), self._thaw_over)
 
     def _thaw_over(self, outcome):
+        if self.thawed:
+            return                 # too late: SIGTERM went out at the budget
         self.thawed = True
-        if outcome[0] == "error":
-            log("warn", "shutdown: the thaw before SIGTERM failed: %s" % outcome[2])
-        elif outcome[0] == "timeout":
-            log("warn", "shutdown: %s; sending SIGTERM all the same" % outcome[1])
+        if outcome[0] != "ok":
+            log("warn", "shutdown: %s; sending SIGTERM all the same" % outcome[-1])
 
     def _step_thaw(self, now):
-        if not self.thawed and now < self.deadline_at:
-            return
+        if not self.thawed:
+            if now < self.deadline_at:
+                return
+            self._thaw_over(("timeout", "the thaw before SIGTERM did not finish within %gs"
+                             % THAW_BUDGET))
         signalled = kill_all(signal.SIGTERM)
         # The grace is counted from the moment every process has its SIGTERM, not from the
         # loop's wake-up before it: signalling can take milliseconds on a slow (TCG) guest.
@@ -4810,6 +4940,10 @@ class ShutdownSequence(Source):
             self._enter("notify_wait", now + NOTIFY_WAIT)
             return
         self._enter("sync", now + self.timeouts.sync_timeout)
+        if self.watchdog is not None and not self.sync_retried:
+            # from here on nothing of the guest's runs: a stop that hangs past the bounds
+            # PID 1 keeps (a wedged kernel, a reboot() that never returns) is the watchdog's
+            self.watchdog.arm_for_stop(self.timeouts.sync_timeout + self.timeouts.power_timeout)
         if self.child.start(self.action, self.started):
             return
         os.sync()                  # no fork possible: sync here, unbounded but still done
@@ -5478,12 +5612,13 @@ class Agent:
         self.dhcp = Supervised(dhcp_client_argv(config["net"]) if is_init else [],
                                "respawn", self.reaper, None, name="udhcpc")
         self.notifier = Notifier(config["notify"]) if config["notify"] else NoNotifier()
+        self.watchdog = Watchdog(config["watchdog"]) if is_init else None
         self.buttons = PowerButtons(self.on_power_button) \
             if config["power_button"] and self.can_power_off else None
         self.shutdown = ShutdownSequence(
             self.reaper, shutdown_timeouts(config), delegate=self.delegate,
             spare_mounts=spare if self.can_power_off else frozenset(), notifier=self.notifier,
-            errands=self.errands)
+            errands=self.errands, watchdog=self.watchdog)
         # The loop ticks the sources in this order after every wake-up, and the order matters:
         # the inbox first (a signal may start the shutdown), the reaper before the workloads
         # and the shutdown sequence (they read what it reaped: "nobody left" must be current
@@ -5495,8 +5630,8 @@ class Agent:
             [release_console] + ([loopback_up] if is_init and sys.platform.startswith("linux")
                                  else []))
         for source in (self.inbox, self.reaper, self.errands, self.modules, self.server,
-                       self.buttons, self.notifier, self.freezer, self.workload, self.dhcp,
-                       self.shutdown, self.after_first_answer):
+                       self.buttons, self.notifier, self.watchdog, self.freezer, self.workload,
+                       self.dhcp, self.shutdown, self.after_first_answer):
             if source is not None:
                 self.loop.add(source)
 
@@ -5548,6 +5683,8 @@ class Agent:
             configure_network(self.net, self.dns)
         if self.buttons is not None:
             self.buttons.start()
+        if self.watchdog is not None:
+            self.watchdog.start()  # its driver may have been one of the modules
         self.dhcp.start()          # the agent serves while it asks for a lease
         self.workload.start()
 
@@ -5565,7 +5702,8 @@ class Agent:
             except Exception as exc:   # a bug must not kill init: log it and keep serving
                 errors += 1
                 log("error", "internal error (kept serving): %s" % describe_exception(exc))
-        for part in (self.server, self.errands, self.buttons, self.notifier, self.inbox):
+        for part in (self.server, self.errands, self.buttons, self.notifier, self.watchdog,
+                     self.inbox):
             if part is not None:
                 part.close()
         return self.exit_code
