@@ -1851,6 +1851,7 @@ class Reaper(Source):
 # An outcome is ("ok", value), ("error", class or None, text) when the body raised (an
 # exception's `klass`, QGA's error class, travels with it), or ("timeout", text).
 ERRAND_MAX_OUTCOME = 16 << 20     # bytes: an outcome is a small answer; more is a bug
+ERRANDS_MAX = 16                  # children at once; past it a request is answered "busy"
 
 Errand = namedtuple("Errand", "what body timeout finish")   # finish(outcome) runs in PID 1
 
@@ -1863,18 +1864,26 @@ class Errands(Source):
         self.reaper = reaper
         self.fork = fork or run_in_child
         self.running = {}          # read fd -> [errand, pid, deadline, chunks, on_done]
+        self.failed = []           # (on_done, outcome) of errands that could not start
 
     def run(self, errand, on_done):
+        """Start it; on_done is never called from here (its caller may be in the middle of
+        something): an errand that cannot start is told so at the next tick."""
+        if len(self.running) >= ERRANDS_MAX:
+            self.failed.append((on_done, ("error", None, "%s: %d others are under way; try "
+                                          "again later" % (errand.what, ERRANDS_MAX))))
+            return
         try:
             r, w = os.pipe()
         except OSError as exc:
-            on_done(("error", None, "%s: no pipe: %s" % (errand.what, exc.strerror)))
+            self.failed.append((on_done, ("error", None, "%s: no pipe: %s"
+                                          % (errand.what, exc.strerror))))
             return
         pid = self.fork(lambda: self._child(errand, r, w))
         os.close(w)
         if pid is None:
             os.close(r)
-            on_done(("error", None, "%s: cannot fork" % errand.what))
+            self.failed.append((on_done, ("error", None, "%s: cannot fork" % errand.what)))
             return
         os.set_blocking(r, False)
         self.reaper.watch(pid, self._exited, ours=True)
@@ -1906,9 +1915,14 @@ class Errands(Source):
         return [(fd, select.POLLIN, self._read, fd) for fd in self.running]
 
     def deadline(self):
+        if self.failed:
+            return 0.0
         return min((entry[2] for entry in self.running.values()), default=None)
 
     def tick(self, now):
+        failed, self.failed = self.failed, []
+        for on_done, outcome in failed:
+            on_done(outcome)
         for fd, entry in list(self.running.items()):
             if now >= entry[2]:
                 errand, pid = entry[0], entry[1]
@@ -4165,6 +4179,7 @@ TRANSPORT_RETRY_FIRST = 0.01
 TRANSPORT_RETRIES = 10
 SERIAL_RECHECK = 0.1              # host side of a serial port not connected: look again then
 SERIAL_STALE_FRAME = 0.5          # a partial frame this old on a serial stream is garbage
+PENDING_MAX = 8                   # errands' answers one connection may be owed at once
 _SO_PEERCRED_SIZE = Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 ServerLimits = namedtuple("ServerLimits",
                           "max_frame max_conns max_output idle_timeout frame_timeout")
@@ -4330,7 +4345,16 @@ class Connection:
         self.closing = False       # close once outbuf is flushed
         self.closed = False
         self.eof = False
-        self.waiting = None        # an Errand whose answer comes before any other request
+        # errands' answers still to come, in request order: [answer or None, the bytes of
+        # later answers, which go out after it]
+        self.pending = []
+
+    def queue(self, reply):
+        """An answer goes out now, or after the errands' answers still to come."""
+        (self.pending[-1][1] if self.pending else self.outbuf).extend(reply)
+
+    def queued(self):
+        return len(self.outbuf) + sum(len(slot[1]) for slot in self.pending)
 
     def unflushed(self):
         """True while something queued for the peer has not been written yet."""
@@ -4346,7 +4370,7 @@ class SocketConnection(Connection):
         self.sock = sock
 
     def deadline(self, limits):
-        if self.waiting is not None:
+        if self.pending:
             return None            # not idle: the agent owes it an answer
         when = self.last_active + limits.idle_timeout
         if self.partial_since is not None:
@@ -4355,7 +4379,7 @@ class SocketConnection(Connection):
 
     def expired(self, now, limits):
         """True when the connection is to be closed now (logged why)."""
-        if self.waiting is not None:
+        if self.pending:
             return False
         if now - self.last_active >= limits.idle_timeout:
             log("debug", "closing idle connection from %s" % self.peer_text)
@@ -4398,7 +4422,7 @@ class SerialStream(Connection):
         if self.paused_until and now >= self.paused_until:
             self.paused_until = 0.0
         if self.partial_since is not None and now - self.partial_since >= SERIAL_STALE_FRAME \
-                and self.waiting is None:
+                and not self.pending:
             log("debug", "%s: dropping a partial frame of %d bytes after %gs of silence"
                 % (self.peer_text, len(self.inbuf), SERIAL_STALE_FRAME))
             self.protocol.forget(len(self.inbuf))
@@ -4489,8 +4513,8 @@ class Server(Source):
             if conn.paused_until > now:
                 continue            # poll() reports POLLHUP even for an empty mask
             mask = 0
-            if not conn.closing and not conn.eof and len(conn.outbuf) < out_limit \
-                    and conn.waiting is None:
+            if not conn.closing and not conn.eof and conn.queued() < out_limit \
+                    and len(conn.pending) < PENDING_MAX:
                 mask |= _POLLIN
             if conn.outbuf:
                 mask |= _POLLOUT
@@ -4630,42 +4654,46 @@ class Server(Source):
         """Hand the bytes to the protocol, one request at a time, until none is complete or
         the peer is not reading (back-pressure: go on when it has read)."""
         out_limit, take = self.limits.max_output, conn.protocol.take
-        while not conn.closing and conn.inbuf and len(conn.outbuf) < out_limit \
-                and conn.waiting is None:
+        while not conn.closing and conn.inbuf and conn.queued() < out_limit \
+                and len(conn.pending) < PENDING_MAX:
             turn = take(conn.inbuf)
             if turn is None:
                 break
             consumed, reply, effect, close = turn
             del conn.inbuf[:consumed]
-            conn.outbuf += reply
+            conn.queue(reply)
             if not self.answered and reply:
                 self.answered = True
                 log("info", "first answer, to %s" % conn.peer_text)
             if close:
                 conn.closing = True
                 conn.inbuf = bytearray()
-            if isinstance(effect, Errand):   # answered when it is done, off the loop
-                conn.waiting = effect
-                self.errands.run(effect, lambda outcome: self._answer_later(conn, outcome))
+            if isinstance(effect, Errand):   # answered when it is done, off the loop; what
+                slot = [None, bytearray()]   # comes after it is taken (a guest-shutdown acts
+                conn.pending.append(slot)    # at once), its answers queued behind
+                self.errands.run(effect, lambda outcome, slot=slot, errand=effect:
+                                 self._answer_later(conn, slot, errand, outcome))
             elif effect is not None:  # after the answer is queued: the ack goes out first
                 self.on_effect(effect, conn)
         conn.partial_since = (conn.partial_since or time.monotonic()) \
-            if conn.inbuf and conn.waiting is None else None
-        if conn.eof and not conn.closing and conn.waiting is None:
+            if conn.inbuf and not conn.pending else None
+        if conn.eof and not conn.closing and not conn.pending:
             if conn.inbuf:
                 log("debug", "%s closed mid-frame (%d bytes dropped)"
                     % (conn.peer_text, len(conn.inbuf)))
             conn.closing = True     # answer what came, flush, then close
 
-    def _answer_later(self, conn, outcome):
-        """An errand's outcome: its answer goes out, then the requests that waited."""
-        reply = conn.waiting.finish(outcome)
-        conn.waiting = None
+    def _answer_later(self, conn, slot, errand, outcome):
+        """An errand's outcome: its answer goes out in its turn, and what waited behind it."""
+        slot[0] = errand.finish(outcome)
         if conn.closed:
             return
-        conn.outbuf += reply
+        while conn.pending and conn.pending[0][0] is not None:
+            answer, behind = conn.pending.pop(0)
+            conn.outbuf += answer
+            conn.outbuf += behind
         conn.last_active = time.monotonic()
-        self._write_out(conn)      # and takes what waited behind it
+        self._write_out(conn)      # and takes what the limits held back
 
     def _write_out(self, conn):
         while True:
