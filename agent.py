@@ -5180,10 +5180,10 @@ class KernelStorage:
 
     @staticmethod
     def holders(target):
-        """'pid N (name) in STATE at WCHAN' for each process with a file open under
+        """'pid N (name) in STATE at WCHAN' for each other process with a file open under
         target."""
-        found = []
-        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        found, me = [], str(os.getpid())
+        for pid in (p for p in os.listdir("/proc") if p.isdigit() and p != me):
             try:
                 fds = os.listdir("/proc/%s/fd" % pid)
             except OSError:
@@ -5293,7 +5293,7 @@ class Teardown:
             log("info", "shutdown: final sync() took %.2f ms" % ((self.clock() - began) * 1000))
         fstypes = {m[1]: m[2] for m in mounts}
         return left + [(target, fstypes.get(target, "?"), "%s did not return: the disk does "
-                        "not answer" % what) for target, what in self.hung.items()]
+                        "not answer in time" % what) for target, what in self.hung.items()]
 
     def _flush_each(self, mounts, what, thaw=False):
         """syncfs every writable filesystem of ours in `mounts` (after a thaw if asked) at
@@ -5336,8 +5336,8 @@ class Teardown:
         if target is not None:
             self.hung[target] = what
         stuck = self.kernel.holders(target) if target is not None else []
-        log("warn", "shutdown: %s%s did not finish within %.1fs: the disk does not answer; "
-            "left as it is%s" % (what, " on " + target if target else "", seconds,
+        log("warn", "shutdown: %s%s did not finish within %.1fs: the disk does not answer "
+            "in time; left as it is%s" % (what, " on " + target if target else "", seconds,
                                  "; stuck on it: " + ", ".join(stuck) if stuck else ""))
 
     def _left_writable(self, mounts):

@@ -62,10 +62,14 @@ def guest_modules(arch):
 
 # In the image too, loaded by the tests that mount such things (loop devices, overlays).
 STORAGE_MODULES = ["loop", "overlay"]
+# In the x86_64 image too, loaded by the tests of a PID 1 that is never wedged: device-mapper
+# (a disk whose I/O never completes: dmsetup suspend) and QEMU's i6300esb watchdog.
+WEDGE_MODULES = {"x86_64": ["dm_mod", "i6300esb"], "aarch64": []}
 
 
 def image_modules(arch):
-    return GUEST_MODULES_BY_ARCH[arch] + POWER_MODULES[arch] + STORAGE_MODULES
+    return GUEST_MODULES_BY_ARCH[arch] + POWER_MODULES[arch] + STORAGE_MODULES \
+        + WEDGE_MODULES[arch]
 BUSYBOX = "/bin/busybox"
 
 
@@ -172,34 +176,51 @@ QEMU_GA_DEBS = ["qemu-guest-agent", "libglib2.0-0", "libnuma1", "libudev1", "lib
 QEMU_GA = "/usr/sbin/qemu-ga"
 
 
-def fetch_qemu_ga():
-    """Download and unpack qemu-guest-agent and its libraries once; returns the root."""
-    root = os.path.join(CACHE, "qemu-ga")
+# Debian's dmsetup and libdevmapper: the tests suspend a device-mapper disk with it, the way
+# LVM and `dmsetup suspend` do, to make a disk whose I/O never completes.
+DMSETUP_DEBS = ["dmsetup", "libdevmapper1.02.1", "libselinux1", "libudev1", "libpcre2-8-0",
+                "libc6"]
+DMSETUP = "/sbin/dmsetup"
+
+
+def fetch_debs(name, debs):
+    """Download the host architecture's packages `debs` and unpack them into one root, once
+    (again when the list changes); returns the root."""
+    root = os.path.join(CACHE, name)
     stamp = root + ".json"
     if os.path.exists(stamp):
         with open(stamp) as f:
-            if json.load(f).get("packages") == QEMU_GA_DEBS:
+            if json.load(f).get("packages") == debs:
                 return root
-    debs = os.path.join(CACHE, "debs-qemu-ga")
-    os.makedirs(debs, exist_ok=True)
-    _run(["apt-get", "download", "-o", "APT::Sandbox::User=root"] + QEMU_GA_DEBS, cwd=debs)
+    folder = os.path.join(CACHE, "debs-" + name)
+    os.makedirs(folder, exist_ok=True)
+    _run(["apt-get", "download", "-o", "APT::Sandbox::User=root"] + debs, cwd=folder)
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
-    for name in sorted(os.listdir(debs)):
-        if name.endswith(".deb") and name.split("_")[0] in QEMU_GA_DEBS:
-            _run(["dpkg-deb", "-x", os.path.join(debs, name), root])
+    for deb in sorted(os.listdir(folder)):
+        if deb.endswith(".deb") and deb.split("_")[0] in debs:
+            _run(["dpkg-deb", "-x", os.path.join(folder, deb), root])
     with open(stamp, "w") as f:
-        json.dump({"packages": QEMU_GA_DEBS}, f)
+        json.dump({"packages": debs}, f)
     return root
 
 
-def _add_qemu_ga(img):
-    root = fetch_qemu_ga()
-    binary = os.path.join(root, QEMU_GA.lstrip("/"))
-    img.host_file(QEMU_GA, binary, 0o755)
+def fetch_qemu_ga():
+    """Download and unpack qemu-guest-agent and its libraries once; returns the root."""
+    return fetch_debs("qemu-ga", QEMU_GA_DEBS)
+
+
+def _add_program(img, root, path):
+    """A dynamically linked program from a package root, with the libraries it needs."""
+    binary = os.path.join(root, path.lstrip("/"))
+    img.host_file(path, binary, 0o755)
     for soname, guest_path in sorted(shared_libraries(root, [binary]).items()):
         if guest_path.strip("/") not in img.entries:
             img.host_file(guest_path, os.path.join(root, guest_path.lstrip("/")), 0o755)
+
+
+def _add_qemu_ga(img):
+    _add_program(img, fetch_qemu_ga(), QEMU_GA)
     img.dir("/var/run")                 # qemu-ga's pid file and state directory
     img.dir("/usr/local/var/run")
 
@@ -562,15 +583,18 @@ def _add_basics(img, extra_files):
 
 
 def build_initramfs(pyz, out, extra_files=None, modules=None, init=None, arch=HOST_ARCH,
-                    qemu_ga=False):
+                    qemu_ga=False, dmsetup=False):
     """Write the initramfs; returns a dict describing what went in. `init` replaces the
-    .pyz as /init (the benchmarks' baseline agent); `qemu_ga` adds Debian's qemu-ga."""
+    .pyz as /init (the benchmarks' baseline agent); `qemu_ga` adds Debian's qemu-ga,
+    `dmsetup` Debian's dmsetup."""
     root = fetch_packages(arch)
     img = Cpio()
     _add_busybox(img, arch)
     files = _add_python(img, root, pyz, arch)
     if qemu_ga:
         _add_qemu_ga(img)
+    if dmsetup:
+        _add_program(img, fetch_debs("dmsetup", DMSETUP_DEBS), DMSETUP)
     found, _ = _add_modules(img, root, image_modules(arch) if modules is None else modules)
     if init is None:
         img.host_file("/init", pyz, 0o755)

@@ -21,6 +21,8 @@ def guest_test_files():
              "/test/ignore_term.sh": b"#!/bin/sh\ntrap '' TERM\necho IGNORING-TERM\nexec sleep 1000\n"}
     extra.update(guestimage.notify_receiver_files())
     extra.update(storagecheck.guest_files())
+    with open(os.path.join(GUEST_PROGRAMS, "hung_disks.sh"), "rb") as f:
+        extra["/test/hung_disks.sh"] = f.read()
     return extra
 
 
@@ -77,6 +79,17 @@ def big_module_image(pyz, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("guest-big-module") / "initramfs.cpio")
     info = guestimage.build_initramfs(pyz, out, extra_files=guest_test_files(),
                                       modules=guestimage.image_modules("x86_64") + ["btrfs"])
+    info["kernel"] = guestimage.kernel_image(guestimage.fetch_packages())
+    info["initramfs"] = out
+    return info
+
+
+@pytest.fixture(scope="session")
+def wedge_image(pyz, tmp_path_factory):
+    """The x86_64 image with Debian's dmsetup too (/test/hung_disks.sh suspends disks)."""
+    require_vm("x86_64")
+    out = str(tmp_path_factory.mktemp("guest-dmsetup") / "initramfs.cpio")
+    info = guestimage.build_initramfs(pyz, out, extra_files=guest_test_files(), dmsetup=True)
     info["kernel"] = guestimage.kernel_image(guestimage.fetch_packages())
     info["initramfs"] = out
     return info
