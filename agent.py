@@ -138,11 +138,66 @@ def log(level, message):
             pass
 
 
+# PID 1 writes its lines through a console descriptor of its own in non-blocking mode
+# (use_own_console): a console nobody drains (a serial port whose host side stalls, flow
+# control) would otherwise block PID 1 in write(2). What the console cannot take now waits in
+# a backlog the loop writes out when it can (ConsoleBacklog), in order; past CONSOLE_BACKLOG
+# bytes the newest lines are counted and dropped, and the count is said once it drains. A
+# forked child writes through fd 2 as before, blocking: PID 1 bounds every child.
+CONSOLE_BACKLOG = 256 << 10
+_own_console = -1                 # PID 1's non-blocking console descriptor, once opened
+_console_backlog = bytearray()
+_console_dropped = 0
+
+
 def _write_console(text):
+    global _console_dropped
+    data = text.encode("utf-8", "replace")
+    if _console_backlog:
+        if len(_console_backlog) + len(data) > CONSOLE_BACKLOG:
+            _console_dropped += len(data)
+        else:
+            _console_backlog.extend(data)
+        return
     try:
-        os.write(_log_fd, text.encode("utf-8", "replace"))
+        written = os.write(_log_fd, data)
+    except BlockingIOError:
+        written = 0
     except (OSError, ValueError):
-        pass
+        return
+    _console_backlog.extend(data[written:])
+
+
+def flush_console_backlog(*_):
+    """Write what the console can take of the backlog now; True when it is empty."""
+    global _console_dropped
+    while _console_backlog:
+        try:
+            written = os.write(_log_fd, _console_backlog)
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):
+            written = len(_console_backlog)        # gone for good: nothing to wait for
+        del _console_backlog[:written]
+        if not _console_backlog and _console_dropped:
+            note, _console_dropped = ("[%11.6f] %s warn: %d bytes of log dropped: the console "
+                                      "did not drain\n" % (_since_boot(), PROG,
+                                                            _console_dropped)), 0
+            _console_backlog.extend(note.encode())
+    return True
+
+
+def use_own_console():
+    """PID 1: log through a non-blocking descriptor of its own (see above) to the terminal
+    fd 2 is, the console in a VM. Anything else (a file, a pipe: a PID namespace's) stays
+    fd 2, whose offset the workload's output shares."""
+    global _log_fd, _own_console
+    try:
+        if os.isatty(2):
+            _log_fd = _own_console = os.open("/proc/self/fd/2", os.O_WRONLY | os.O_NOCTTY
+                                             | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        pass                       # fd 2 cannot be opened again: written as before
 
 
 # A VM's serial console is slow: every byte is a trap into the VMM (~30 ms for one line under
@@ -192,8 +247,11 @@ def release_console():
 
 
 def _forget_held():
-    global _held_lines
-    _held_lines = None             # a forked child: the parent writes them, once
+    global _held_lines, _log_fd
+    _held_lines = None             # a forked child: the parent writes them, once,
+    del _console_backlog[:]        # and its backlog; the child writes through fd 2, blocking
+    if _log_fd == _own_console:
+        _log_fd = 2
 
 
 if hasattr(os, "register_at_fork"):
@@ -1223,11 +1281,13 @@ def ensure_stdio():
 
 def early_boot():
     """PID 1, before the configuration is read: /proc (for /proc/cmdline), /sys and /dev,
-    then stdio on /dev/console now that devtmpfs may have made it."""
+    then stdio on /dev/console now that devtmpfs may have made it, and the log's own
+    non-blocking console descriptor."""
     ensure_stdio()
     if sys.platform.startswith("linux"):
         mount_filesystems(AGENT_MOUNTS)
         ensure_stdio()
+        use_own_console()
 
 
 def set_hostname(name):
@@ -1688,6 +1748,15 @@ class AfterFirstAnswer(Source):
         actions, self.actions = self.actions, []
         for action in actions:
             action()
+
+
+class ConsoleBacklog(Source):
+    """Writes the console's backlog (see "logging") when the console can take more."""
+
+    def wants(self, now):
+        if _console_backlog:
+            return ((_log_fd, _POLLOUT, flush_console_backlog, None),)
+        return ()
 
 
 # ---- signals --------------------------------------------------------------------------------
@@ -3921,6 +3990,10 @@ def qga_host_name(machine, peer, args):
 
 
 def qga_osinfo(machine, peer, args):
+    return qga_errand("guest-get-osinfo", os_info)   # /etc/os-release is on the root's disk
+
+
+def os_info():
     uname = os.uname()
     info = {"kernel-release": uname.release, "kernel-version": uname.version,
             "machine": uname.machine}
@@ -3933,6 +4006,10 @@ def qga_osinfo(machine, peer, args):
 
 
 def qga_timezone(machine, peer, args):
+    return qga_errand("guest-get-timezone", timezone)   # the C library reads /etc/localtime
+
+
+def timezone():
     now = time.localtime()
     answer = {"offset": now.tm_gmtoff}
     if now.tm_zone:
@@ -3941,6 +4018,10 @@ def qga_timezone(machine, peer, args):
 
 
 def qga_users(machine, peer, args):
+    return qga_errand("guest-get-users", users)      # /var/run/utmp may be on a disk
+
+
+def users():
     data = _read_bytes("/run/utmp") or _read_bytes("/var/run/utmp") or b""
     return [{"user": user, "login-time": when} for user, when in parse_utmp(data)]
 
@@ -4098,20 +4179,22 @@ class Freezer(Source):
             raise QgaError("a guest-fsfreeze-%s is still under way" % self.busy)
         if self.frozen:
             raise QgaError("the filesystems are frozen already (guest-fsfreeze-thaw first)")
-        candidates = disk_filesystems(self.spare_ids, writable_only=True)
-        if wanted is not None:
-            known = {target for target, _, _, _ in candidates}
-            for target in wanted:
-                if target not in known:
-                    raise QgaError("%s is not a mounted, writable disk filesystem of this "
-                                   "guest" % target)
-            candidates = [c for c in candidates if c[0] in wanted]
-        targets = [target for target, _, _, _ in candidates]
-        freeze_one, thaw_one = self._freeze, self._thaw
+        spare, freeze_one, thaw_one = self.spare_ids, self._freeze, self._thaw
+        # what it may freeze, for a freeze that times out (mountinfo: no disk is touched)
+        targets = [m[1] for m in read_mountinfo() if is_guest_disk(m, spare) and not m[3]
+                   and (wanted is None or m[1] in wanted)]
 
-        def body():
+        def body():            # disk_filesystems() stats each mount point: not in PID 1
+            candidates = disk_filesystems(spare, writable_only=True)
+            if wanted is not None:
+                known = {target for target, _, _, _ in candidates}
+                for target in wanted:
+                    if target not in known:
+                        raise QgaError("%s is not a mounted, writable disk filesystem of "
+                                       "this guest" % target)
+                candidates = [c for c in candidates if c[0] in wanted]
             frozen = []
-            for target in targets:
+            for target, _, _, _ in candidates:
                 err = freeze_one(target)
                 if err == errno.EOPNOTSUPP:
                     continue           # this filesystem cannot be frozen; qemu-ga skips it too
@@ -4142,12 +4225,12 @@ class Freezer(Source):
         them to stay frozen. Its value is how many were thawed."""
         if self.busy:
             raise QgaError("a guest-fsfreeze-%s is still under way" % self.busy)
-        order = list(reversed(self.frozen))
-        order += [target for target, _, _, _ in disk_filesystems(self.spare_ids, True)
-                  if target not in order]
+        ours, spare = list(reversed(self.frozen)), self.spare_ids
         thaw_one, had = self._thaw, bool(self.frozen)
 
         def body():                    # EINVAL: it was not frozen
+            order = ours + [target for target, _, _, _ in disk_filesystems(spare, True)
+                            if target not in ours]
             return sum(1 for target in order if thaw_one(target) == 0)
 
         def finish(outcome):
@@ -4487,15 +4570,16 @@ class Server(Source):
                 self._try_open(listener, now)
 
     def _may_try(self, listener):
-        """While transport modules load, a vsock listener waits until AF_VSOCK exists:
-        socket() of a family the kernel lacks makes it run modprobe (a usermode helper)
-        each time, which takes the guest's CPU from the module loading itself. A named
-        virtio-serial port waits for virtio_console's class: before it, no port can be
-        there, and each look costs ~10 ms under TCG."""
+        """A vsock listener waits until AF_VSOCK exists: socket() of a family the kernel
+        lacks makes it run modprobe (a usermode helper) and wait for it, in PID 1, however
+        long it takes (and while modules load it takes the guest's CPU from them). While
+        transport modules load, a named virtio-serial port waits for virtio_console's class:
+        before it, no port can be there, and each look costs ~10 ms under TCG."""
+        if listener.addr[0] == "vsock":
+            protocols = _read_text("/proc/net/protocols")
+            return not protocols or "AF_VSOCK" in protocols
         if not self.transports_loading:
             return True
-        if listener.addr[0] == "vsock":
-            return "AF_VSOCK" in _read_text("/proc/net/protocols")
         if listener.addr[0] == "serial" and not listener.addr[1].startswith("/"):
             return os.path.isdir(VIRTIO_PORTS)
         return True
@@ -4536,8 +4620,11 @@ class Server(Source):
     def tick(self, now):
         self.summary_at = log_summaries_due(now)
         for listener in self.listeners:
-            if not listener.is_open and now >= listener.retry_at and self._may_try(listener):
-                self._try_open(listener, now)
+            if not listener.is_open and now >= listener.retry_at:
+                if self._may_try(listener):
+                    self._try_open(listener, now)
+                else:
+                    listener.failed(now)   # not yet: look again after the back-off
             if listener.paused_until and now >= listener.paused_until:
                 listener.paused_until = 0.0
         for conn in list(self.conns.values()):
@@ -5438,6 +5525,9 @@ def power_off_failed(why):
     """reboot() did not end the guest. PID 1 exits: the kernel's panic setting decides."""
     log("error", "POWER-OFF FAILED: %s" % why)
     log("error", "exiting PID 1: the kernel's panic setting decides what happens next")
+    deadline = time.monotonic() + 1.0      # the last words, if the console takes them soon
+    while not flush_console_backlog() and time.monotonic() < deadline:
+        select.select([], [_log_fd], [], 0.05)
     os._exit(1)
 
 
@@ -5657,9 +5747,9 @@ class Agent:
             time.monotonic() + START_HOLD, lambda: self.server.answered or self.serving,
             [release_console] + ([loopback_up] if is_init and sys.platform.startswith("linux")
                                  else []))
-        for source in (self.inbox, self.reaper, self.errands, self.modules, self.server,
-                       self.buttons, self.notifier, self.watchdog, self.freezer, self.workload,
-                       self.dhcp, self.shutdown, self.after_first_answer):
+        for source in (self.inbox, ConsoleBacklog(), self.reaper, self.errands, self.modules,
+                       self.server, self.buttons, self.notifier, self.watchdog, self.freezer,
+                       self.workload, self.dhcp, self.shutdown, self.after_first_answer):
             if source is not None:
                 self.loop.add(source)
 

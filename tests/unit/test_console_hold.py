@@ -170,3 +170,46 @@ def test_held_lines_reach_the_console_when_the_start_hangs(tmp_path):
         proc.wait()
     assert b"the start goes on" in seen, seen
     assert took >= agent.START_HOLD - 0.5      # held until the alarm, not written at once
+
+
+def test_a_console_nobody_drains_never_blocks_pid1_and_loses_no_line_unsaid(monkeypatch):
+    """PID 1 logs through a non-blocking console descriptor: what the console cannot take
+    waits in a backlog the loop writes when it can, in order; past CONSOLE_BACKLOG the newest
+    lines are dropped and the count said. (A blocking write here hung: checked.)"""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    os.set_blocking(r, False)
+    monkeypatch.setattr(agent, "_log_fd", w)
+    monkeypatch.setattr(agent, "_held_lines", None)
+    try:
+        began = time.monotonic()
+        for i in range(4000):                    # ~400 KB: more than the pipe and backlog
+            agent.log("warn", "line %04d %s" % (i, "x" * 60))
+        assert time.monotonic() - began < 5      # never waited for the reader
+        assert len(agent._console_backlog) <= agent.CONSOLE_BACKLOG
+        assert agent.ConsoleBacklog().wants(0)[0][:2] == (w, agent._POLLOUT)
+        got = bytearray()
+        while True:                              # the reader drains; the loop's flush
+            try:
+                got += os.read(r, 1 << 20)
+            except BlockingIOError:
+                if agent.flush_console_backlog():
+                    try:
+                        got += os.read(r, 1 << 20)
+                    except BlockingIOError:
+                        pass
+                    break
+        text = got.decode()
+        numbers = [int(line.split("line ")[1][:4]) for line in text.splitlines()
+                   if "warn: line " in line]
+        assert numbers == list(range(len(numbers)))          # in order, none skipped
+        assert 3000 < len(numbers) < 4000
+        dropped = int(text.split(" bytes of log dropped")[0].rsplit(" ", 1)[1])
+        assert dropped == sum(len(line) + 1 for line in [
+            "[%11.6f] arcbox-agent warn: line %04d %s" % (agent._since_boot(), i, "x" * 60)
+            for i in range(len(numbers), 4000)])
+    finally:
+        del agent._console_backlog[:]
+        monkeypatch.setattr(agent, "_console_dropped", 0)
+        os.close(r)
+        os.close(w)

@@ -259,7 +259,7 @@ def test_freeze_list_names_only_guest_disks(three_disks):
     disks = FakeDisks()
     freezer = agent.Freezer(600, InlineErrands(), freeze=disks.freeze, thaw=disks.thaw)
     with pytest.raises(agent.QgaError, match="/proc is not a mounted"):
-        freezer.freeze(["/data", "/proc"], "test")
+        done(freezer.freeze(["/data", "/proc"], "test"))
     assert disks.calls == []
     assert done(freezer.freeze(["/data"], "test")) == 1 and freezer.frozen == ["/data"]
 
