@@ -1518,10 +1518,11 @@ def loopback_up():
     log("debug" if state in ("up", "already up") else "warn", "network: lo %s" % state)
 
 
-def configure_network(net, dns):
+def configure_network(net):
     """PID 1 once the modules are in (a NIC's driver may be one; lo is up already:
-    AfterFirstAnswer): the static address, if that is the mode, and the nameservers. DHCP
-    starts then too, supervised (Agent). Failures are log lines."""
+    AfterFirstAnswer): the static address, if that is the mode. DHCP starts then too,
+    supervised, and the nameservers are written off the loop (Agent: the file is on a
+    disk). Failures are log lines."""
     if net[0] == "static":
         _, iface, addr, prefix, gateway = net
         why = set_ipv4(iface, addr, prefix) or (
@@ -1535,10 +1536,13 @@ def configure_network(net, dns):
         state = interface_up(net[1])           # udhcpc's deconfig does it too; say it early
         if state not in ("up", "already up"):
             log("warn", "network: %s: %s (dhcp will keep trying)" % (net[1], state))
-    if dns:
-        where = write_resolv_conf(dns)
-        log("info" if where else "warn", "network: nameservers %s %s" % (
-            " ".join(dns), "in " + where if where else "not written (no writable place)"))
+
+
+def write_nameservers(dns):
+    """The nameservers in resolv.conf (in an errand: the file is on a disk); logged."""
+    where = write_resolv_conf(dns)
+    log("info" if where else "warn", "network: nameservers %s %s" % (
+        " ".join(dns), "in " + where if where else "not written (no writable place)"))
 
 
 def find_udhcpc():
@@ -5798,7 +5802,10 @@ class Agent:
         self.after_first_answer.run_now()   # lo up, our lines out, before any of this
         if self.is_init and sys.platform.startswith("linux"):
             mount_filesystems(GUEST_MOUNTS)
-            configure_network(self.net, self.dns)
+            configure_network(self.net)
+            if self.dns:
+                self.errands.run(Errand("writing the nameservers", lambda: write_nameservers(
+                    self.dns), QGA_ERRAND_TIMEOUT, None), lambda outcome: None)
         if self.buttons is not None:
             self.buttons.start()
         if self.watchdog is not None:
