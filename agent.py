@@ -2050,26 +2050,19 @@ class Errands(Source):
 # ---- kernel modules in the background: the transports first, then the rest -----------------
 
 # Loading the cmdline's modules one after another before serving kept the host waiting for
-# modules it does not need to talk to the guest (ext4 alone takes ~0.25 s under TCG). Now
-# PID 1 loads only the modules the listeners' transports need (virtio-serial, vsock; with a
-# virtio-serial listener only its own, the vsock ones go first in the child), in the order
-# given, trying the listeners again after each, and says it is ready once all the transports
-# are in. A child loads the rest, in order, while the loop serves, and writes "D" on a pipe
-# when it is done; only then does the agent start what may need any module (the network, the
-# workload, the power button). The transports load in PID 1 itself, not in the child,
-# because that is faster where it counts:
-# virtio_pci took 0.22-0.39 s in PID 1 and 0.70-0.96 s in a forked child under TCG (the
-# child's copy-on-write faults), and nothing can be served before it is in anyway. The child
-# is a process like any other at shutdown: TERMed, KILLed, reaped.
+# modules it does not need to talk to the guest (ext4 alone takes ~0.25 s under TCG). A child
+# loads them while PID 1's loop turns: first the modules the listeners' transports need
+# (virtio-serial, vsock), in the order given, writing "t" on a pipe after each -- PID 1 then
+# tries the listeners at once -- and "T" when they are all in (PID 1 says it is ready); then
+# the rest, in order, and "D". Only then does the agent start what may need any module (the
+# network, the workload, the power button). PID 1 itself never calls finit_module(2): a
+# module's init runs in the caller and can wait on its device for good. The child is a
+# process like any other at shutdown: TERMed, KILLed, reaped.
 SERIAL_TRANSPORT_MODULES = frozenset(("virtio_pci", "virtio_mmio", "virtio_console"))
 TRANSPORT_MODULES = SERIAL_TRANSPORT_MODULES | frozenset((
     "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
     "vsock_loopback", "hv_vmbus", "hv_sock", "vmw_vsock_vmci_transport"))
 MODULES_TIMEOUT = 120.0           # a module load that hangs must not keep the workload forever
-# The child is forked once the host has had its first answer (or this long after the
-# transports, if no host asks): under TCG the fork's copy-on-write faults and the child's
-# module loading took the one vCPU from PID 1 while it waited for the port, ~30 ms later.
-BACKGROUND_AFTER = 0.25
 
 
 def split_transports(names):
@@ -2080,92 +2073,66 @@ def split_transports(names):
 
 
 class ModuleLoader(Source):
-    """The module load described above. start() loads the transports, calling
-    `on_transport()` after each (a listener may open now) and `on_transports()` after all,
-    then forks the child for the rest once `served()` (the host has its first answer) or
-    BACKGROUND_AFTER has passed. With `serial_first` (a virtio-serial listener), the
-    vsock transports go to the child, first: it writes "T" when they are in, and
-    `on_transports()` waits for that. `on_done()` follows once, also when there is nothing
-    more to load, when the child fails or when it outlives MODULES_TIMEOUT. stop() (at
-    shutdown) calls none again. `load(names, optional)` is load_modules (a test passes a
-    fake)."""
+    """The module load described above. start() forks the child; `on_transport()` follows
+    each transport module (a listener may open now), `on_transports()` all of them, and
+    `on_done()` the rest -- once, also when there is nothing to load, when the child fails
+    or outlives MODULES_TIMEOUT. stop() (at shutdown) calls none again. `load(names,
+    optional)` is load_modules (a test passes a fake)."""
 
     def __init__(self, names, optional, reaper, on_transports, on_done, load=None,
-                 on_transport=None, serial_first=False, served=None):
+                 on_transport=None):
         self.transports, self.rest = split_transports(names)
-        # with a virtio-serial listener, PID 1 loads only its transports and the child the
-        # vsock ones first: the host's first answer need not wait for vsock
-        self.later = [n for n in self.transports if n not in SERIAL_TRANSPORT_MODULES] \
-            if serial_first else []
-        self.transports = [n for n in self.transports if n not in self.later]
         self.optional = list(optional)
         self.reaper = reaper
         self.on_transports, self.on_done = on_transports, on_done
         self.on_transport = on_transport or (lambda: None)
         self.load = load or load_modules
-        self.served = served or (lambda: True)
-        self.fork_at = None        # the child is due then (or when served), not forked yet
         self.pid = None
         self.pipe = -1
         self.started = None
-        self.state = "idle"        # idle, rest (the child loads them), done, stopped
-        self.failed = []
+        self.state = "idle"        # idle, transports, rest, done, stopped
 
     @property
     def loaded_any(self):
-        return bool(self.transports or self.later or self.rest or self.optional)
+        return bool(self.transports or self.rest or self.optional)
 
     def start(self):
         self.started = time.monotonic()
-        for name in self.transports:
-            self.failed += self.load([name], ())
-            self.on_transport()
-        self.state = "rest"
-        if not self.later:
-            self.on_transports()
-            if self.state != "rest":
-                return             # stopped meanwhile
-        if self.loaded_any:
-            log("debug", "modules: %s loaded; in the background: %s"
-                % (" ".join(self.transports) or "none",
-                   " ".join(self.later + self.rest + self.optional) or "none"))
-        if not (self.later or self.rest or self.optional):
+        self.state = "transports"
+        if not self.loaded_any:
+            self._transports_in()
             self._finish()
             return
-        self.fork_at = time.monotonic() + BACKGROUND_AFTER   # the loop forks it (tick)
-
-    def _fork(self):
-        self.fork_at = None
         r, w = os.pipe()
         os.set_inheritable(r, False)
         self.pid = run_in_child(lambda: self._child(r, w))
         os.close(w)
         if self.pid is None:
             os.close(r)
-            log("error", "cannot fork the module loader; loading the rest in PID 1")
-            self._load_rest()
-            if self.later:
-                self.on_transports()
+            log("error", "cannot fork the module loader; going on without the modules")
+            self._transports_in()
             self._finish()
             return
+        os.set_blocking(r, False)
         self.pipe = r
         self.reaper.watch(self.pid, self._exited)
+        log("debug", "modules: loading %s first, then %s"
+            % (" ".join(self.transports) or "no transport",
+               " ".join(self.rest + self.optional) or "nothing more"))
 
     def _child(self, r, w):
         os.close(r)
         child_signals()
-        self._load_rest(lambda data: os.write(w, data))
-        os.write(w, b"D")
-        return 0
-
-    def _load_rest(self, mark=lambda data: None):
-        failed = list(self.failed)
-        if self.later:
-            failed += self.load(self.later, ())
-            mark(b"T")
+        failed = []
+        for name in self.transports:
+            failed += self.load([name], ())
+            os.write(w, b"t")
+        os.write(w, b"T")
         failed += self.load(self.rest, self.optional)
         if failed:
             log("warn", "modules not loaded: %s" % ", ".join(failed))
+        os.write(w, b"D")
+        return 0
 
     # the event loop's view
     def wants(self, now):
@@ -2173,20 +2140,14 @@ class ModuleLoader(Source):
             yield self.pipe, select.POLLIN, self._read, None
 
     def deadline(self):
-        if self.fork_at is not None:
-            return self.started if self.served() else self.fork_at
-        return self.started + MODULES_TIMEOUT if self.state == "rest" else None
+        return self.started + MODULES_TIMEOUT if self.state in ("transports", "rest") \
+            else None
 
     def tick(self, now):
-        if self.fork_at is not None and self.state == "rest" and (
-                self.served() or now >= self.fork_at):
-            self._fork()
-        if self.state == "rest" and now >= self.started + MODULES_TIMEOUT:
+        if self.state in ("transports", "rest") and now >= self.started + MODULES_TIMEOUT:
             log("warn", "modules still loading after %gs; going on without them"
                 % MODULES_TIMEOUT)
-            if self.later:
-                self.later = []
-                self.on_transports()
+            self._transports_in()
             self._finish()
 
     def _read(self, _, mask):
@@ -2196,17 +2157,27 @@ class ModuleLoader(Source):
             return
         except OSError:
             data = b""
-        if self.later and self.state == "rest" and (b"T" in data or b"D" in data or not data):
-            self.later = []
-            self.on_transports()           # the vsock transports are in: ready
-        if b"D" not in data and data:
-            return
-        if not data and self.state == "rest":
+        for mark in data:
+            if self.state not in ("transports", "rest"):
+                return             # stopped by one of the calls below
+            if mark == ord("t"):
+                self.on_transport()
+            elif mark == ord("T"):
+                self._transports_in()
+            elif mark == ord("D"):
+                self._finish()
+        if not data and self.state in ("transports", "rest"):
             log("warn", "the module loader ended before it was done")
-        self._finish()
+            self._transports_in()
+            self._finish()
+
+    def _transports_in(self):
+        if self.state == "transports":
+            self.state = "rest"
+            self.on_transports()
 
     def _exited(self, pid, status):
-        if status and self.state == "rest":
+        if status and self.state in ("transports", "rest"):
             log("warn", "the module loader %s" % describe_status(status))
 
     def _finish(self):
@@ -2222,7 +2193,6 @@ class ModuleLoader(Source):
         """Shutdown: no more callbacks; the child is TERMed with everyone else."""
         if self.state != "done":
             self.state = "stopped"
-        self.fork_at = None
         self._close_pipe()
 
     def _close_pipe(self):
@@ -5704,14 +5674,12 @@ class Agent:
         self.reaper = Reaper()
         self.errands = Errands(self.reaper)   # what may block runs there, never in the loop
         self.serving = False       # "ready" said (and READY=1 sent)
-        # PID 1 loads the cmdline's modules; `modules` ((names, optional)) and `load` (the
-        # loading function) let a test give any agent a fake
+        # PID 1 loads the cmdline's modules (in a child); `modules` ((names, optional)) and
+        # `load` (the loading function) let a test give any agent a fake
         names, optional = boot_modules(config) if is_init else (modules or ([], []))
         self.modules = ModuleLoader(
             names, optional, self.reaper, self.on_transports_in, self.on_modules_in,
-            load=load, on_transport=lambda: self.server.retry_now(),
-            serial_first=any(a[0] == "serial" for a in config["listen"]),
-            served=lambda: self.server.answered)
+            load=load, on_transport=lambda: self.server.retry_now())
         policy = RequestPolicy(config["allow"], self.can_power_off, owns_clock=is_init)
         max_frame = config["max_frame"]
         spare = mounts_to_spare() if self.can_power_off or config["qga"] != "off" \
