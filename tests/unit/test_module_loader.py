@@ -1,12 +1,14 @@
-"""Kernel modules (ModuleLoader), with a fake finit_module: all in a child, never in PID 1 --
-the transports first, one at a time, each reported; then the rest in order; the host is
+"""Kernel modules (ModuleLoader), with a fake finit_module: all in the loader thread, never in
+the loop's -- the transports first, one at a time, each reported; then the rest in order; the host is
 answered while the rest still loads; what needs the modules (the workload) starts only after
 all are in; a stop during the load starts nothing. The agent here is a plain process (not PID 1): a driver script gives
 it the fake."""
 
+import _thread
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import agent
@@ -25,19 +27,17 @@ def test_transports_go_first_and_each_group_keeps_its_order():
 def run_loader(names, optional=(), loads=None, stop_after=None):
     """Run a ModuleLoader in an event loop until it is done; returns the events seen."""
     events = []
-    reaper = agent.Reaper()
     record = os.pipe()
 
     def fake_load(group, opt):
         os.write(record[1], (" ".join(["load"] + list(group) + ["|"] + list(opt)
-                                      + ["in", str(os.getpid())]) + "\n").encode())
+                                      + ["in", str(_thread.get_ident())]) + "\n").encode())
         time.sleep(0.05 * len(group))
         return [n for n in group if n == "broken"]
-    loader = agent.ModuleLoader(names, optional, reaper, lambda: events.append("transports"),
+    loader = agent.ModuleLoader(names, optional, lambda: events.append("transports"),
                                 lambda: events.append("done"), load=loads or fake_load,
                                 on_transport=lambda: events.append("one transport"))
     loop = agent.EventLoop()
-    loop.add(reaper)
     loop.add(loader)
     loader.start()
     deadline = time.monotonic() + 10
@@ -49,7 +49,8 @@ def run_loader(names, optional=(), loads=None, stop_after=None):
     os.close(record[1])
     with os.fdopen(record[0]) as f:
         calls = f.read().splitlines()
-    assert all(not c.endswith(" in %d" % os.getpid()) for c in calls), "loaded in PID 1"
+    assert all(not c.endswith(" in %d" % _thread.get_ident()) for c in calls), \
+        "loaded by the loop's own thread"
     return events, [c.rsplit(" in ", 1)[0] for c in calls], loader
 
 
@@ -58,33 +59,33 @@ def test_the_child_loads_transports_then_the_rest_and_reports_each_step():
                                        optional=["evdev"])
     assert events == ["one transport", "one transport", "transports", "done"]
     assert calls == ["load virtio_console |", "load virtio_pci |", "load ext4 broken | evdev"]
-    assert loader.pid is not None and loader.state == "done"
+    assert loader.thread is not None and loader.state == "done"
 
 
 def test_a_transport_module_whose_init_hangs_never_stops_the_loop():
     """finit_module runs a module's init in the caller: one that waits on its device for
     good must not hold PID 1 (which would then miss every signal and the host)."""
-    events = []
-    reaper = agent.Reaper()
-    loader = agent.ModuleLoader(["virtio_pci", "virtio_console"], [], reaper,
+    events, never = [], threading.Event()
+    loader = agent.ModuleLoader(["virtio_pci", "virtio_console"], [],
                                 lambda: events.append("transports"), lambda: None,
-                                load=lambda group, opt: time.sleep(30) or [],
+                                load=lambda group, opt: never.wait(30) and [],
                                 on_transport=lambda: events.append("one transport"))
     loop = agent.EventLoop()
-    loop.add(reaper)
     loop.add(loader)
     began = time.monotonic()
     loader.start()
     for _ in range(5):
         loop.run_once(0.05)
     assert time.monotonic() - began < 2 and events == [] and loader.state == "transports"
-    os.kill(loader.pid, 9)
-    os.waitpid(loader.pid, 0)
+    loader.stop()                                  # a stop meanwhile: nothing more is called
+    never.set()
+    time.sleep(0.2)
+    assert events == []
 
 
 def test_nothing_to_load_still_says_transports_then_done_at_once():
     events, calls, loader = run_loader([])
-    assert events == ["transports", "done"] and calls == [] and loader.pid is None
+    assert events == ["transports", "done"] and calls == [] and loader.thread is None
 
 
 def test_a_stop_while_loading_calls_nothing_more():
@@ -93,15 +94,18 @@ def test_a_stop_while_loading_calls_nothing_more():
     assert events == ["one transport", "transports"] and loader.state == "stopped"
 
 
-def test_a_loader_that_dies_does_not_keep_the_workload_waiting():
+def test_a_loader_that_fails_does_not_keep_the_workload_waiting():
     def crash(group, opt):
         if "ext4" in group:            # the rest, after the transports
-            os._exit(3)
+            raise RuntimeError("a bug")
         return []
     events, _, loader = run_loader(["virtio_console", "ext4"], loads=crash)
     assert events == ["one transport", "transports", "done"]
-    events, _, loader = run_loader(["virtio_console", "ext4"], loads=lambda g, o: os._exit(3))
-    assert events == ["transports", "done"]        # died in the transports: ready all the same
+
+    def crash_at_once(group, opt):
+        raise RuntimeError("a bug")
+    events, _, loader = run_loader(["virtio_console", "ext4"], loads=crash_at_once)
+    assert events == ["transports", "done"]        # failed in the transports: ready all the same
 
 
 DRIVER = r"""
