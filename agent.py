@@ -114,9 +114,9 @@ def set_log_level(name):
 def log(level, message):
     """One line per event: seconds since boot, level, message. Never raises: the console
     may be missing (fds 0-2 closed) or full."""
+    global _in_log
     if LOG_LEVELS[level] > _log_level:
         return
-    global _in_log
     line = "[%11.6f] %s %s: %s\n" % (_since_boot(), PROG, level, message)
     _in_log, held = True, False    # the hold's alarm waits while the list is in use
     try:
@@ -5781,13 +5781,18 @@ class Agent:
             configure_network(self.net)
             if self.dns:
                 self.errands.run(Errand("writing the nameservers", lambda: write_nameservers(
-                    self.dns), QGA_ERRAND_TIMEOUT, None), lambda outcome: None)
+                    self.dns), QGA_ERRAND_TIMEOUT, None), self._written)
         if self.buttons is not None:
             self.buttons.start()
         if self.watchdog is not None:
             self.watchdog.start()  # its driver may have been one of the modules
         self.dhcp.start()          # the agent serves while it asks for a lease
         self.workload.start()
+
+    @staticmethod
+    def _written(outcome):
+        if outcome[0] == "error":              # (a timeout is logged by the errands)
+            log("warn", "network: nameservers not written: %s" % outcome[2])
 
     def run(self):
         """Serve until exit_code is set (never as PID 1). Nothing escapes: an exception in
