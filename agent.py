@@ -5043,8 +5043,12 @@ class ShutdownSequence(Source):
             self.watchdog.arm_for_stop(self.timeouts.sync_timeout + self.timeouts.power_timeout)
         if self.child.start(self.action, self.started):
             return
-        os.sync()                  # no fork possible: sync here, unbounded but still done
-        log("info", "shutdown: filesystems synced (no fork possible: not remounted)")
+        # no fork possible (no memory, no pids): sync() from a thread, so that a disk that
+        # never answers holds the thread and not PID 1, which waits for it within the bound
+        synced = start_bounded(os.sync)(self.timeouts.sync_timeout)[0]
+        log("info" if synced else "warn", "shutdown: %s (no fork possible: not remounted)"
+            % ("filesystems synced" if synced else "sync() did not finish within %gs"
+               % self.timeouts.sync_timeout))
         self.child.report = 0
 
     def _step_notify_wait(self, now):

@@ -194,3 +194,20 @@ def test_a_notify_connection_still_in_flight_is_waited_for_20ms_at_most(monkeypa
     clock[0] = 500.0 + agent.NOTIFY_WAIT
     seq.step(clock[0])
     assert seq.phase == "sync"
+
+
+def test_with_no_fork_possible_a_sync_that_never_returns_is_bounded(monkeypatch, capfd):
+    """No child can be forked (no memory, no pids): PID 1 syncs itself, from a thread it
+    waits for within --sync-timeout -- a dead disk holds the thread, not PID 1 (an unbounded
+    os.sync() there wedged it: checked)."""
+    import threading
+    never = threading.Event()
+    monkeypatch.setattr(agent.os, "sync", lambda: never.wait(30))
+    seq, reaper, failures = sequence(FakeFork(), monkeypatch)
+    began = time.monotonic()
+    seq._start_teardown(began)
+    took = time.monotonic() - began
+    never.set()
+    assert TIMEOUTS.sync_timeout - 0.05 <= took < TIMEOUTS.sync_timeout + 1.0
+    assert seq.child.report == 0 and seq.phase == "sync"
+    assert "sync() did not finish within 1s (no fork possible" in capfd.readouterr().err
