@@ -4419,6 +4419,8 @@ class Connection:
         (self.pending[-1][1] if self.pending else self.outbuf).extend(reply)
 
     def queued(self):
+        if not self.pending:       # the usual case, asked for every connection every turn
+            return len(self.outbuf)
         return len(self.outbuf) + sum(len(slot[1]) for slot in self.pending)
 
     def unflushed(self):

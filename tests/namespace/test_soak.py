@@ -235,6 +235,8 @@ def test_1000_idle_connections_and_slowloris_are_closed_while_pings_stay_fast(gu
             while s.recv(4096):
                 pass
             closed_slow += 1
+        except ConnectionResetError:    # closed with one of our bytes still unread in it:
+            closed_slow += 1            # the agent closed it all the same
         except OSError:
             pass
         s.close()
