@@ -5127,12 +5127,13 @@ class ShutdownSequence(Source):
 #
 # One dead disk must not cost the others their clean state. A disk whose I/O never completes
 # (a suspended device-mapper disk, a dead SAN) hangs every call that waits on it -- and
-# sync() waits on every disk. So each filesystem is flushed on its own (thaw, then
-# syncfs(2)), all at once, each call in a thread of its own with a bound; a filesystem whose
-# call does not return in time is left alone from then on, named in the log with the
-# processes stuck on it, while the others are remounted read-only. (Threads, not children:
-# this child forks no more, and a thread stuck in the kernel costs nothing but itself.) PID 1
-# bounds the whole child too, and goes on to reboot() without it. Device-mapper and md devices are not detached: their
+# sync() waits on every disk. So every call runs in a thread of its own with a bound: the
+# thaws, all at once; then sync(), the usual and fastest flush; if it has not returned in
+# time, each filesystem is flushed on its own (syncfs(2)), all at once, to tell which disks
+# answer. A filesystem whose call does not return in time is left alone from then on, named
+# in the log with the processes stuck on it, while the others are remounted read-only.
+# (Threads, not children: this child forks no more, and a thread stuck in the kernel costs
+# nothing but itself.) PID 1 bounds the whole child too, and goes on to reboot() without it. Device-mapper and md devices are not detached: their
 # filesystems are remounted read-only like any other, and they buffer nothing of their own
 # (dm-cache and dm-writecache aside, which this agent does not handle).
 LOOP_CLR_FD = 0x4C01          # <linux/loop.h>: unbind a loop device from its backing file
@@ -5360,49 +5361,62 @@ class Teardown:
         for target, fstype, why in left:
             log("warn", "shutdown: %s (%s) stays writable: %s (its data is synced all the same)"
                 % (target, fstype, why))
-        # always: whatever stayed writable gets its data out, each on its own, then sync()
-        # for the rest (a raw block device's writes), bounded: it waits on every disk
-        self._flush_each([m for m in mounts if m[1] in {t for t, _, _ in left}], None)
+        # always: whatever stayed writable gets its data out (and a raw block device's
+        # writes): sync(), bounded, since it waits on every disk; then each on its own
         began = self.clock()
         if self._bounded(self.kernel.sync, "the final sync()", None)[0]:
             log("info", "shutdown: final sync() took %.2f ms" % ((self.clock() - began) * 1000))
+        elif left:
+            self._all_at_once([(target, self.kernel.syncfs) for target, _, _ in left
+                               if target not in self.hung], "its final sync",
+                              TEARDOWN_OP_SHARE)
         fstypes = {m[1]: m[2] for m in mounts}
         return left + [(target, fstypes.get(target, "?"), "%s did not return: the disk does "
                         "not answer in time" % what) for target, what in self.hung.items()]
 
     def _flush_each(self, mounts, what, thaw=False):
-        """syncfs every writable filesystem of ours in `mounts` (after a thaw if asked) at
-        once, each in a thread; wait for them all within TEARDOWN_FLUSH_SHARE of the limit;
-        one that has not returned by then is hung, and left alone from now on."""
+        """Thaw (if asked) the writable disk filesystems of ours in `mounts`, then sync();
+        if that does not return in time, syncfs each writable filesystem of ours on its own.
+        Each step's calls run at once, each in a thread, waited for within a share of the
+        limit; a filesystem whose call has not returned by then is hung, and left alone."""
         began = self.clock()
-        waits = []
-        for entry in self._ours(mounts):
-            if entry[3]:
-                continue
-            target, kernel = entry[1], self.kernel
-            thaw_it = thaw and is_guest_disk(entry, self.spare_ids)
+        writable = [m for m in self._ours(mounts) if not m[3]]
+        kernel = self.kernel
 
-            def flush(target=target, thaw_it=thaw_it):
-                if thaw_it and kernel.thaw(target) == 0:   # EINVAL: not frozen, as usual
-                    log("warn", "shutdown: %s was frozen; thawed it" % target)
-                return kernel.syncfs(target)
-            waits.append((target, start_bounded(flush)))
-        bound = max(TEARDOWN_OP_MIN, self.time_limit * TEARDOWN_FLUSH_SHARE)
-        until = time.monotonic() + bound
-        for target, wait in waits:
-            if not wait(until - time.monotonic())[0]:
-                self._hung(target, "its sync", bound)
+        def thaw_one(target):
+            if kernel.thaw(target) == 0:       # EINVAL: it was not frozen, the usual case
+                log("warn", "shutdown: %s was frozen; thawed it" % target)
+        if thaw:
+            self._all_at_once([(m[1], thaw_one) for m in writable
+                               if is_guest_disk(m, self.spare_ids)], "its thaw",
+                              TEARDOWN_OP_SHARE)
+        synced, _ = self._bounded(kernel.sync, None, None, TEARDOWN_FLUSH_SHARE)
+        if not synced:                 # a disk does not answer: which ones do?
+            self._all_at_once([(m[1], kernel.syncfs) for m in writable
+                               if m[1] not in self.hung], "its sync", TEARDOWN_FLUSH_SHARE)
         if what:
             # the disks' time, not ours: the benchmarks report it apart from the agent's
             log("info", "shutdown: %s took %.2f ms" % (what, (self.clock() - began) * 1000))
 
-    def _bounded(self, call, what, target):
+    def _all_at_once(self, calls, what, share):
+        """call(target) for each (target, call), each in a thread, all waited for within
+        `share` of the time limit; a target whose call has not returned is hung."""
+        bound = max(TEARDOWN_OP_MIN, self.time_limit * share)
+        until = time.monotonic() + bound
+        waits = [(target, start_bounded(lambda call=call, target=target: call(target)))
+                 for target, call in calls]
+        for target, wait in waits:
+            if not wait(until - time.monotonic())[0]:
+                self._hung(target, what, bound)
+
+    def _bounded(self, call, what, target, share=TEARDOWN_OP_SHARE):
         """(True, call()) if it returns within the time left (at least TEARDOWN_OP_MIN, at
-        most TEARDOWN_OP_SHARE of the limit), else (False, None), the target hung."""
+        most `share` of the limit), else (False, None): the target hung, named (`what`
+        None: nothing said)."""
         seconds = max(TEARDOWN_OP_MIN, min(self.ends - time.monotonic(),
-                                           self.time_limit * TEARDOWN_OP_SHARE))
+                                           self.time_limit * share))
         done = start_bounded(call)(seconds)
-        if not done[0]:
+        if not done[0] and what is not None:
             self._hung(target, what, seconds)
         return done
 

@@ -140,9 +140,8 @@ def test_the_last_pass_is_always_followed_by_sync_even_when_something_stays_writ
     assert left == [("/data", "ext4", "Device or resource busy: pid 7 (writer) has a file "
                                       "open on it")]
     assert k.calls[-1] == ("sync",)
-    # each filesystem flushed on its own before the passes, and again after them
-    assert k.calls.count(("syncfs", "/data")) == 2
-    assert k.calls.index(("syncfs", "/data")) < k.calls.index(("remount", "/data"))
+    assert k.calls.count(("sync",)) == 2                  # before the passes and after
+    assert ("syncfs", "/data") not in k.calls             # every disk answers: sync() will do
 
 
 def test_a_pass_that_changes_nothing_ends_the_passes():
@@ -215,7 +214,7 @@ def test_a_frozen_filesystem_is_thawed_before_the_first_sync():
     k = FakeKernel(BASE + [(10, "/data", "ext4", False, "/dev/vda"),
                            (11, "/net", "nfs4", False, "server:/export")], frozen={"/data"})
     agent.Teardown(k).run()
-    assert k.calls.index(("thaw", "/data")) < k.calls.index(("syncfs", "/data"))
+    assert k.calls.index(("thaw", "/data")) < k.calls.index(("sync",))
     assert ("thaw", "/net") not in k.calls       # not a block device: never opened
 
 
@@ -312,8 +311,9 @@ def test_a_dead_disk_does_not_stop_the_others_going_read_only_in_bounded_time(
     assert [target for target, _, _ in left] == ["/dead"]
     assert "the disk does not answer" in left[0][2]
     assert ("remount", "/dead") not in k.calls                  # left alone once it hung
-    # the first flush, its bound; then the final sync(), its own: nothing waits for good
-    assert took < 1.0 * agent.TEARDOWN_FLUSH_SHARE + 1.0 * agent.TEARDOWN_OP_SHARE + 1.0
+    # each step its bound (the thaws, sync(), the syncfs each, the final sync()): nothing
+    # waits for good
+    assert took < 2 * agent.TEARDOWN_FLUSH_SHARE + 2 * agent.TEARDOWN_OP_SHARE + 0.5
     err = capfd.readouterr().err
     assert "on /dead did not finish within" in err
     assert "stuck on it: pid 40 (dd) in D at folio_wait_bit" in err
