@@ -114,17 +114,15 @@ def set_log_level(name):
 def log(level, message):
     """One line per event: seconds since boot, level, message. Never raises: the console
     may be missing (fds 0-2 closed) or full."""
-    global _in_log
     if LOG_LEVELS[level] > _log_level:
         return
     line = "[%11.6f] %s %s: %s\n" % (_since_boot(), PROG, level, message)
-    _in_log, held = True, False    # the hold's alarm waits while the list is in use
-    try:
-        if _held_lines is not None and LOG_LEVELS[level] >= LOG_INFO:
-            _held_lines.append(line)   # written at release_console(); the stamp stays true
-            held = True
-    finally:
-        _in_log = False
+    held = False
+    if _held_lines is not None and LOG_LEVELS[level] >= LOG_INFO:
+        with _hold_lock:           # the module loader thread logs too
+            if _held_lines is not None:
+                _held_lines.append(line)   # written at release_console(); the stamp stays
+                held = True
     if not held:
         release_console()          # a warning or an error goes out at once, in order
         _write_console(line)
@@ -210,8 +208,8 @@ def use_own_console():
 START_HOLD = 2.0                  # seconds: the longest a start-up line waits for the console
 LOG_INFO = LOG_LEVELS["info"]
 _held_lines = None                # a list while holding
-_in_log = False                   # log() is using the list: the alarm leaves it to log()
-_release_due = False              # the alarm came while log() was using the list
+_hold_lock = _thread.allocate_lock()   # the list, between log() in any thread and release
+_release_due = False              # the alarm came while a log() held the list
 
 
 def hold_console():
@@ -226,17 +224,20 @@ def hold_console():
 
 
 def _hold_alarm(signum, frame):
+    """SIGALRM, in the main thread, maybe in the middle of its own log(): never waits for
+    the list's lock; whoever holds it releases the lines when done (_release_due)."""
     global _release_due
-    if _in_log:
-        _release_due = True
-    else:
+    _release_due = True
+    if _hold_lock.acquire(False):
+        _hold_lock.release()
         release_console()
 
 
 def release_console():
     """Write the held lines (one write) and stop holding; idempotent."""
     global _held_lines, _release_due
-    lines, _held_lines, _release_due = _held_lines, None, False
+    with _hold_lock:
+        lines, _held_lines, _release_due = _held_lines, None, False
     if lines is not None:
         try:
             signal.setitimer(signal.ITIMER_REAL, 0)     # the alarm is not needed any more
@@ -247,7 +248,8 @@ def release_console():
 
 
 def _forget_held():
-    global _held_lines, _log_fd
+    global _held_lines, _log_fd, _hold_lock
+    _hold_lock = _thread.allocate_lock()   # the parent's may have been held by its thread
     _held_lines = None             # a forked child: the parent writes them, once,
     del _console_backlog[:]        # and its backlog; the child writes through fd 2, blocking
     if _log_fd == _own_console:
