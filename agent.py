@@ -146,11 +146,21 @@ CONSOLE_BACKLOG = 256 << 10
 _own_console = -1                 # PID 1's non-blocking console descriptor, once opened
 _console_backlog = bytearray()
 _console_dropped = 0
+# One writer at a time (the loop, the module loader thread): a partial write followed by
+# another thread's line would cut a line in two. The hold's alarm never waits for it.
+_console_lock = _thread.allocate_lock()
 
 
 def _write_console(text):
-    global _console_dropped
     data = text.encode("utf-8", "replace")
+    with _console_lock:
+        _write_console_locked(data)
+    if _release_due:
+        release_console()          # the hold's alarm came while this held the console
+
+
+def _write_console_locked(data):
+    global _console_dropped
     if _console_backlog:
         if len(_console_backlog) + len(data) > CONSOLE_BACKLOG:
             _console_dropped += len(data)
@@ -168,6 +178,11 @@ def _write_console(text):
 
 def flush_console_backlog(*_):
     """Write what the console can take of the backlog now; True when it is empty."""
+    with _console_lock:
+        return _flush_locked()
+
+
+def _flush_locked():
     global _console_dropped
     while _console_backlog:
         try:
@@ -228,9 +243,11 @@ def _hold_alarm(signum, frame):
     the list's lock; whoever holds it releases the lines when done (_release_due)."""
     global _release_due
     _release_due = True
-    if _hold_lock.acquire(False):
-        _hold_lock.release()
-        release_console()
+    for lock in (_hold_lock, _console_lock):
+        if not lock.acquire(False):
+            return
+        lock.release()
+    release_console()
 
 
 def release_console():
@@ -248,8 +265,9 @@ def release_console():
 
 
 def _forget_held():
-    global _held_lines, _log_fd, _hold_lock
+    global _held_lines, _log_fd, _hold_lock, _console_lock
     _hold_lock = _thread.allocate_lock()   # the parent's may have been held by its thread
+    _console_lock = _thread.allocate_lock()
     _held_lines = None             # a forked child: the parent writes them, once,
     del _console_backlog[:]        # and its backlog; the child writes through fd 2, blocking
     if _log_fd == _own_console:
