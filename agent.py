@@ -2159,12 +2159,16 @@ class ModuleLoader(Source):
             if failed:
                 log("warn", "modules not loaded: %s" % ", ".join(failed))
             os.write(w, b"D")
-        except OSError:
-            pass                   # the loop closed its end: a stop, or the timeout
+        except OSError as exc:     # EPIPE: the loop closed its end (a stop, the timeout)
+            if exc.errno != errno.EPIPE:
+                log("warn", "module loader: %s" % describe_exception(exc))
         except Exception as exc:   # a bug: the loop hears the end of the pipe, and goes on
             log("error", "module loader: %s" % describe_exception(exc))
         finally:
-            os.close(w)
+            try:
+                os.close(w)
+            except OSError:
+                pass
 
     # the event loop's view
     def wants(self, now):
