@@ -1942,7 +1942,10 @@ class Reaper(Source):
 # (Reaper.ours).
 #
 # An outcome is ("ok", value), ("error", class or None, text) when the body raised (an
-# exception's `klass`, QGA's error class, travels with it), or ("timeout", text).
+# exception's `klass`, QGA's error class, travels with it), or ("timeout", text). A body that
+# only makes a few system calls on the stop's path (the thaw before SIGTERM) runs in a thread
+# instead (thread=True): the same deadline and the same pipe to wake the loop, without the
+# fork's cost (83 ms before SIGTERM under TCG as a child).
 ERRAND_MAX_OUTCOME = 16 << 20     # bytes: an outcome is a small answer; more is a bug
 ERRANDS_MAX = 16                  # children at once; past it a request is answered "busy"
 
@@ -1959,7 +1962,7 @@ class Errands(Source):
         self.running = {}          # read fd -> [errand, pid, deadline, chunks, on_done]
         self.failed = []           # (on_done, outcome) of errands that could not start
 
-    def run(self, errand, on_done):
+    def run(self, errand, on_done, thread=False):
         """Start it; on_done is never called from here (its caller may be in the middle of
         something): an errand that cannot start is told so at the next tick."""
         if len(self.running) >= ERRANDS_MAX:
@@ -1972,6 +1975,12 @@ class Errands(Source):
             self.failed.append((on_done, ("error", None, "%s: no pipe: %s"
                                           % (errand.what, exc.strerror))))
             return
+        if thread:
+            box = []               # the thread's id, then its outcome
+            _thread.start_new_thread(self._in_thread, (errand, w, box))
+            os.set_blocking(r, False)
+            self.running[r] = [errand, box, time.monotonic() + errand.timeout, [], on_done]
+            return
         pid = self.fork(lambda: self._child(errand, r, w))
         os.close(w)
         if pid is None:
@@ -1981,6 +1990,22 @@ class Errands(Source):
         os.set_blocking(r, False)
         self.reaper.watch(pid, self._exited, ours=True)
         self.running[r] = [errand, pid, time.monotonic() + errand.timeout, [], on_done]
+
+    @staticmethod
+    def _in_thread(errand, w, box):
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())   # the loop's
+        box.append(_thread.get_native_id() if hasattr(_thread, "get_native_id") else 0)
+        try:
+            box.append(("ok", errand.body()))
+        except Exception as exc:
+            box.append(("error", getattr(exc, "klass", None),
+                        getattr(exc, "strerror", None) or str(exc)))
+        finally:
+            for call in (lambda: os.write(w, b"!"), lambda: os.close(w)):
+                try:
+                    call()
+                except OSError:
+                    pass           # the loop closed its end: it has given up on this one
 
     @staticmethod
     def _child(errand, r, w):
@@ -2019,8 +2044,10 @@ class Errands(Source):
         for fd, entry in list(self.running.items()):
             if now >= entry[2]:
                 errand, pid = entry[0], entry[1]
+                who = describe_process(pid) if isinstance(pid, int) else (
+                    "a thread of PID 1's, %s" % describe_process(pid[0]) if pid else "a thread")
                 log("warn", "%s did not finish within %gs: %s; left behind"
-                    % (errand.what, errand.timeout, describe_process(pid)))
+                    % (errand.what, errand.timeout, who))
                 self._end(fd, ("timeout", "%s did not finish within %gs (a disk or device "
                                           "that does not answer?)" % (errand.what,
                                                                        errand.timeout)))
@@ -2035,6 +2062,11 @@ class Errands(Source):
             return
         except OSError:
             data = b""
+        if not isinstance(entry[1], int):  # a thread: its outcome is in its box
+            outcome = entry[1][1] if len(entry[1]) > 1 else None
+            self._end(fd, outcome if outcome is not None else
+                      ("error", None, "%s ended without an answer" % entry[0].what))
+            return
         if data:
             entry[3].append(data)
             if sum(len(c) for c in entry[3]) <= ERRAND_MAX_OUTCOME:
@@ -4977,7 +5009,7 @@ class ShutdownSequence(Source):
             return
         self.errands.run(Errand("the thaw before SIGTERM",
                                 lambda: thaw_filesystems(KernelStorage(), spare),
-                                THAW_BUDGET, None), self._thaw_over)
+                                THAW_BUDGET, None), self._thaw_over, thread=True)
 
     def _thaw_over(self, outcome):
         if self.thawed:

@@ -34,9 +34,14 @@ def blocked(errand, r, w):
     time.sleep(%r)                 # a call that waits on a disk that does not answer
     return real(errand, r, w)
 agent.Errands._child = staticmethod(blocked)
+thaw = agent.thaw_filesystems
+def blocked_thaw(*args):
+    time.sleep(%r)                 # the thaw before SIGTERM: a thread of PID 1's
+    return thaw(*args)
+agent.thaw_filesystems = blocked_thaw
 sys.argv = ["arcbox-agent"] + sys.argv[2:]
 agent.run_as_init()
-""" % SLOW
+""" % (SLOW, SLOW)
 
 
 def timed_pings(sock, stop, out):

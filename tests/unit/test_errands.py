@@ -66,6 +66,25 @@ def test_an_errand_past_its_deadline_is_told_and_left_behind(capfd):
     os.waitpid(reaper.pids[0], 0)
 
 
+def test_an_errand_in_a_thread_answers_through_the_same_pipe_and_deadline(capfd):
+    import threading
+    reaper, got, never = Watching(), [], threading.Event()
+    errands = agent.Errands(reaper)
+    errands.run(agent.Errand("quick", lambda: [1, {"a": os.getpid()}], 5.0, None), got.append,
+                thread=True)
+    errands.run(agent.Errand("stuck", lambda: never.wait(30), 0.3, None), got.append,
+                thread=True)
+    began = time.monotonic()
+    run_errands(errands, lambda: len(got) == 2)
+    never.set()
+    assert reaper.pids == []                      # no child: a thread of this process
+    assert ("ok", [1, {"a": os.getpid()}]) in got
+    stuck = next(o for o in got if o[0] == "timeout")
+    assert "stuck did not finish within 0.3s" in stuck[1] and time.monotonic() - began < 2
+    assert "stuck did not finish within 0.3s: a thread of PID 1's, pid " in \
+        capfd.readouterr().err
+
+
 def test_past_the_limit_an_errand_is_refused_at_the_next_tick():
     reaper, got = Watching(), []
     errands = agent.Errands(reaper)
