@@ -54,8 +54,8 @@ defines it (tests/unit/test_structure.py checks both that and this table):
       - which command; PID 1's entry, which never returns
 
 Import discipline: the guest path imports only os, signal, socket, time, ctypes (plus sys and
-C built-ins such as select, errno, _struct, which need no .py files; collections is loaded by
-those already). A minimal guest carries only the stdlib files those pull in. The one
+C built-ins such as select, errno, _struct, _thread, marshal, which need no .py files;
+collections is loaded by those already). A minimal guest carries only the stdlib files those pull in. The one
 exception is QGA: the first QGA request imports json (and re), never boot, ArcBox serving or
 the power-off. Host-side commands import argparse/json lazily.
 """
