@@ -55,9 +55,9 @@ defines it (tests/unit/test_structure.py checks both that and this table):
 
 Import discipline: the guest path imports only os, signal, socket, time, ctypes (plus sys and
 C built-ins such as select, errno, _struct, _thread, marshal, which need no .py files;
-collections is loaded by those already). A minimal guest carries only the stdlib files those pull in. The one
-exception is QGA: the first QGA request imports json (and re), never boot, ArcBox serving or
-the power-off. Host-side commands import argparse/json lazily.
+collections is loaded by those already). A minimal guest carries only the stdlib files those
+pull in. The one exception is QGA: the first QGA request imports json (and re), never boot,
+ArcBox serving or the power-off. Host-side commands import argparse/json lazily.
 """
 
 import errno
@@ -1855,7 +1855,7 @@ class SignalInbox(Source):
 
 
 def child_signals():
-    """In a child forked by PID 1 that stays Python (the module loader, an errand): the
+    """In a child forked by PID 1 that stays Python (an errand): the
     default action for every signal PID 1 handles -- a SIGTERM at shutdown ends it, as it
     ends anyone -- and no wake-up pipe, which is PID 1's."""
     signal.set_wakeup_fd(-1)
@@ -1959,7 +1959,9 @@ class Errands(Source):
     def __init__(self, reaper, fork=None):
         self.reaper = reaper
         self.fork = fork or run_in_child
-        self.running = {}          # read fd -> [errand, pid, deadline, chunks, on_done]
+        # read fd -> [errand, the child's pid (None: a thread), deadline, what came back (a
+        # child's chunks; a thread's id, then its outcome), on_done]
+        self.running = {}
         self.failed = []           # (on_done, outcome) of errands that could not start
 
     def run(self, errand, on_done, thread=False):
@@ -1979,7 +1981,7 @@ class Errands(Source):
             box = []               # the thread's id, then its outcome
             _thread.start_new_thread(self._in_thread, (errand, w, box))
             os.set_blocking(r, False)
-            self.running[r] = [errand, box, time.monotonic() + errand.timeout, [], on_done]
+            self.running[r] = [errand, None, time.monotonic() + errand.timeout, box, on_done]
             return
         pid = self.fork(lambda: self._child(errand, r, w))
         os.close(w)
@@ -2043,9 +2045,9 @@ class Errands(Source):
             on_done(outcome)
         for fd, entry in list(self.running.items()):
             if now >= entry[2]:
-                errand, pid = entry[0], entry[1]
-                who = describe_process(pid) if isinstance(pid, int) else (
-                    "a thread of PID 1's, %s" % describe_process(pid[0]) if pid else "a thread")
+                errand, pid, box = entry[0], entry[1], entry[3]
+                who = describe_process(pid) if pid is not None else (
+                    "a thread of PID 1's, %s" % describe_process(box[0]) if box else "a thread")
                 log("warn", "%s did not finish within %gs: %s; left behind"
                     % (errand.what, errand.timeout, who))
                 self._end(fd, ("timeout", "%s did not finish within %gs (a disk or device "
@@ -2062,8 +2064,8 @@ class Errands(Source):
             return
         except OSError:
             data = b""
-        if not isinstance(entry[1], int):  # a thread: its outcome is in its box
-            outcome = entry[1][1] if len(entry[1]) > 1 else None
+        if entry[1] is None:           # a thread: its outcome is in its box
+            outcome = entry[3][1] if len(entry[3]) > 1 else None
             self._end(fd, outcome if outcome is not None else
                       ("error", None, "%s ended without an answer" % entry[0].what))
             return
@@ -2075,7 +2077,8 @@ class Errands(Source):
             outcome = marshal.loads(b"".join(entry[3]))
         except (EOFError, ValueError, TypeError):
             outcome = None
-        if not (isinstance(outcome, tuple) and len(outcome) >= 2 and outcome[0] in ("ok", "error")):
+        if not (isinstance(outcome, tuple) and len(outcome) >= 2
+                and outcome[0] in ("ok", "error")):
             outcome = ("error", None, "%s ended without an answer" % entry[0].what)
         self._end(fd, outcome)
 
@@ -2135,7 +2138,7 @@ def split_transports(names):
 class ModuleLoader(Source):
     """The module load described above. start() starts the thread; `on_transport()` follows
     each transport module (a listener may open now), `on_transports()` all of them, and
-    `on_done()` the rest -- once, also when there is nothing to load, when the child fails
+    `on_done()` the rest -- once, also when there is nothing to load, when the thread fails
     or outlives MODULES_TIMEOUT. stop() (at shutdown) calls none again. `load(names,
     optional)` is load_modules (a test passes a fake)."""
 
@@ -3680,17 +3683,9 @@ class QgaMachine:
             if command.guarded:
                 self._check_peer(name, peer)
             value = command.handler(self, peer, qga_arguments(command.params, args))
-        except QgaError as exc:
-            log("debug", "QGA error for %s: %s: %s" % (peer_text, exc.klass, exc))
-            return self._with_id({"error": {"class": exc.klass, "desc": str(exc)}},
-                                 request), None
-        except Exception as exc:   # a bug in one command: answer it, keep serving
-            log("error", "internal error answering QGA %s: %s"
-                % (request.get("execute") if isinstance(request, dict) else "?",
-                   describe_exception(exc)))
-            return self._with_id({"error": {"class": "GenericError", "desc": "internal error: "
-                                            "%s: %s" % (type(exc).__name__, exc)}},
-                                 request), None
+        except Exception as exc:
+            return self._error(exc, request, peer_text, request.get("execute")
+                               if isinstance(request, dict) else "?"), None
         if isinstance(value, Errand):         # its work may block: off the loop, answered later
             return b"", value._replace(finish=lambda outcome: self._answer_later(
                 value, outcome, request, command, peer_text))
@@ -3703,15 +3698,19 @@ class QgaMachine:
         raises QgaError (qga_outcome does both)."""
         try:
             value = errand.finish(outcome)
-        except QgaError as exc:
+        except Exception as exc:
+            return self._error(exc, request, peer_text, errand.what)
+        return self._with_id({"return": value}, request, command.prefix)
+
+    def _error(self, exc, request, peer_text, name):
+        """The error line for a request: a QgaError's own, or a bug's (answered, logged, and
+        the agent serves on)."""
+        if isinstance(exc, QgaError):
             log("debug", "QGA error for %s: %s: %s" % (peer_text, exc.klass, exc))
             return self._with_id({"error": {"class": exc.klass, "desc": str(exc)}}, request)
-        except Exception as exc:   # a bug in one command: answer it, keep serving
-            log("error", "internal error answering QGA %s: %s"
-                % (errand.what, describe_exception(exc)))
-            return self._with_id({"error": {"class": "GenericError", "desc": "internal error: "
-                                            "%s: %s" % (type(exc).__name__, exc)}}, request)
-        return self._with_id({"return": value}, request, command.prefix)
+        log("error", "internal error answering QGA %s: %s" % (name, describe_exception(exc)))
+        return self._with_id({"error": {"class": "GenericError", "desc": "internal error: "
+                                        "%s: %s" % (type(exc).__name__, exc)}}, request)
 
     @staticmethod
     def _with_id(answer, request, prefix=b""):
@@ -4587,7 +4586,8 @@ class Server(Source):
     reads, hands the bytes to each connection's protocol, writes the replies, closes, and
     keeps the limits. What a request wants done to the machine goes to
     `on_effect(effect, conn)`; an Errand (a request whose work may block) goes to `errands`,
-    and its connection waits for the answer before its next request is read. `listen` is
+    and its answer goes out in its turn: later requests are taken meanwhile, their answers
+    queued behind it. `listen` is
     [(address, protocol maker)]; `policy` decides who may take the host's place when the
     connections run out."""
 
@@ -4875,8 +4875,9 @@ class Server(Source):
 # What happens on Shutdown, in order (each step bounded, none blocks the loop):
 #   ack   - the ShutdownResponse is written and flushed (bounded by HOST_REPLY_BUDGET);
 #   thaw  - where the guest has disks: thaw the frozen ones (their writers would outlive
-#           SIGKILL), as an errand bounded by THAW_BUDGET: a thaw can hang for good (a
-#           filesystem on a suspended device-mapper disk writes its superblock to it);
+#           SIGKILL), as an errand in a thread bounded by THAW_BUDGET: a thaw can hang for
+#           good (a filesystem on a suspended device-mapper disk writes its superblock to
+#           it);
 #   term  - kill(-1, SIGTERM) and kill(-1, SIGCONT), so stopped processes can run their
 #           TERM handler; tell the host (X_SYSTEMD_SHUTDOWN, EXIT_STATUS) if it listens;
 #           fork the sync/reboot child now, waiting on a pipe, so the fork is off the path;
@@ -5189,9 +5190,10 @@ class ShutdownSequence(Source):
 # answer. A filesystem whose call does not return in time is left alone from then on, named
 # in the log with the processes stuck on it, while the others are remounted read-only.
 # (Threads, not children: this child forks no more, and a thread stuck in the kernel costs
-# nothing but itself.) PID 1 bounds the whole child too, and goes on to reboot() without it. Device-mapper and md devices are not detached: their
-# filesystems are remounted read-only like any other, and they buffer nothing of their own
-# (dm-cache and dm-writecache aside, which this agent does not handle).
+# nothing but itself.) PID 1 bounds the whole child too, and goes on to reboot() without it.
+# Device-mapper and md devices are not detached: their filesystems are remounted read-only
+# like any other, and they buffer nothing of their own (dm-cache and dm-writecache aside,
+# which this agent does not handle).
 LOOP_CLR_FD = 0x4C01          # <linux/loop.h>: unbind a loop device from its backing file
 
 # Filesystems made of other filesystems: unmounted once read-only, so what they sit on lets
@@ -5206,7 +5208,8 @@ TEARDOWN_OP_MIN = 0.2         # seconds: the least any call gets, however late i
 def start_bounded(call):
     """call() in a thread of its own, started now -> wait(seconds): (True, its result) once
     it returned, else (False, None). A call stuck in the kernel holds only its thread. For
-    the power-off child only: it calls reboot() next and forks no more."""
+    the power-off child, which calls reboot() next and forks no more, and for PID 1 when no
+    child can be forked at all."""
     done = _thread.allocate_lock()
     done.acquire()
     box = [errno.EIO]
@@ -5331,19 +5334,21 @@ class KernelStorage:
         return found
 
 
+def thaw_one(kernel, target):
+    """FITHAW one filesystem: True (and said) when it was frozen. EINVAL, the usual answer,
+    means it was not."""
+    if kernel.thaw(target) == 0:
+        log("warn", "shutdown: %s was frozen; thawed it" % target)
+        return True
+    return False
+
+
 def thaw_filesystems(kernel, spare_ids=frozenset(), mounts=None):
     """FITHAW every disk filesystem of ours (is_guest_disk) that is writable: a frozen one
     would hang its writers (even through SIGKILL) and sync(). Returns the mount points
     thawed."""
-    thawed = []
-    for entry in mounts or kernel.mounts():
-        target, readonly = entry[1], entry[3]
-        if readonly or not is_guest_disk(entry, spare_ids):
-            continue
-        if kernel.thaw(target) == 0:       # EINVAL: it was not frozen, the usual case
-            log("warn", "shutdown: %s was frozen; thawed it" % target)
-            thawed.append(target)
-    return thawed
+    return [entry[1] for entry in mounts or kernel.mounts()
+            if not entry[3] and is_guest_disk(entry, spare_ids) and thaw_one(kernel, entry[1])]
 
 
 class Teardown:
@@ -5438,14 +5443,10 @@ class Teardown:
         began = self.clock()
         writable = [m for m in self._ours(mounts) if not m[3]]
         kernel = self.kernel
-
-        def thaw_one(target):
-            if kernel.thaw(target) == 0:       # EINVAL: it was not frozen, the usual case
-                log("warn", "shutdown: %s was frozen; thawed it" % target)
         if thaw:
-            self._all_at_once([(m[1], thaw_one) for m in writable
-                               if is_guest_disk(m, self.spare_ids)], "its thaw",
-                              TEARDOWN_OP_SHARE)
+            self._all_at_once([(m[1], lambda target: thaw_one(kernel, target))
+                               for m in writable if is_guest_disk(m, self.spare_ids)],
+                              "its thaw", TEARDOWN_OP_SHARE)
         synced, _ = self._bounded(kernel.sync, None, None, TEARDOWN_FLUSH_SHARE)
         if not synced:                 # a disk does not answer: which ones do?
             self._all_at_once([(m[1], kernel.syncfs) for m in writable
@@ -5758,7 +5759,7 @@ class Agent:
         self.reaper = Reaper()
         self.errands = Errands(self.reaper)   # what may block runs there, never in the loop
         self.serving = False       # "ready" said (and READY=1 sent)
-        # PID 1 loads the cmdline's modules (in a child); `modules` ((names, optional)) and
+        # PID 1 loads the cmdline's modules (in a thread); `modules` ((names, optional)) and
         # `load` (the loading function) let a test give any agent a fake
         names, optional = boot_modules(config) if is_init else (modules or ([], []))
         self.modules = ModuleLoader(
