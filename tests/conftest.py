@@ -31,6 +31,16 @@ def namespaces():
     return True
 
 
+@pytest.fixture
+def logged(monkeypatch):
+    """The agent's log messages, recorded as they are logged (any thread), not read back
+    from a captured stderr: threads a test leaves behind can cut what capfd keeps."""
+    import agent
+    messages = []
+    monkeypatch.setattr(agent, "log", lambda level, message: messages.append(message))
+    return messages
+
+
 _FIGURES = {}      # test name -> the figures it recorded
 _PASSED = set()
 

@@ -50,7 +50,7 @@ def test_an_errand_runs_in_a_child_and_its_outcome_comes_back():
     assert ("error", "CommandNotFound", "no such thing") in got
 
 
-def test_an_errand_past_its_deadline_is_told_and_left_behind(capfd):
+def test_an_errand_past_its_deadline_is_told_and_left_behind(logged):
     reaper, got = Watching(), []
     errands = agent.Errands(reaper)
     began = time.monotonic()
@@ -61,12 +61,12 @@ def test_an_errand_past_its_deadline_is_told_and_left_behind(capfd):
         in got[0][1]
     assert took < 2.0
     assert "the stuck call did not finish within 0.3s: pid %d (" % reaper.pids[0] \
-        in capfd.readouterr().err                 # who, and where the kernel holds it
+        in "\n".join(logged)                      # who, and where the kernel holds it
     os.kill(reaper.pids[0], signal.SIGKILL)
     os.waitpid(reaper.pids[0], 0)
 
 
-def test_an_errand_in_a_thread_answers_through_the_same_pipe_and_deadline(capfd):
+def test_an_errand_in_a_thread_answers_through_the_same_pipe_and_deadline(logged):
     import threading
     reaper, got, never = Watching(), [], threading.Event()
     errands = agent.Errands(reaper)
@@ -82,7 +82,7 @@ def test_an_errand_in_a_thread_answers_through_the_same_pipe_and_deadline(capfd)
     stuck = next(o for o in got if o[0] == "timeout")
     assert "stuck did not finish within 0.3s" in stuck[1] and time.monotonic() - began < 2
     assert "stuck did not finish within 0.3s: a thread of PID 1's, pid " in \
-        capfd.readouterr().err
+        "\n".join(logged)
 
 
 def test_past_the_limit_an_errand_is_refused_at_the_next_tick():
