@@ -188,9 +188,9 @@ def percentiles(xs):
             xs[int(0.9 * (len(xs) - 1) + 0.5)])
 
 
-def readme_paragraph(report):
-    """The README's boot figures, recomputed from the saved samples (a unit test checks that
-    the README says exactly this)."""
+def published_paragraph(report):
+    """docs/performance.md's boot figures, recomputed from the saved samples (a test in tests/figures/
+    checks that the page says exactly this)."""
     med = statistics.median
     parts = []
     for arch in ("x86_64", "aarch64"):
@@ -271,7 +271,7 @@ def main():
         f.write("\n")
     print("saved %s" % args.out)
     if "x86_64" in report:
-        print("\nfor the README:\n" + readme_paragraph(report))
+        print("\nfor docs/performance.md:\n" + published_paragraph(report))
 
 
 if __name__ == "__main__":

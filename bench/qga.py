@@ -135,9 +135,9 @@ def one_boot(work, image, kernel, disk, pings_per_agent):
 WHO = ("arcbox-agent", "qemu-ga", "arcbox-agent, ArcBox Ping")
 
 
-def readme_paragraph(report):
-    """The README's figures, recomputed from the saved raw samples and memory readings (a
-    unit test checks that the README says exactly this)."""
+def published_paragraph(report):
+    """docs/performance.md's figures, recomputed from the saved raw samples and memory readings (a
+    test in tests/figures/ checks that the page says exactly this)."""
     boots = report["samples_ms_per_boot"]
     med = lambda xs: statistics.median(xs)                      # noqa: E731
     per_boot = [(med(b["arcbox-agent"]), med(b["qemu-ga"])) for b in boots]
@@ -228,7 +228,7 @@ def main():
           % [b["memory_agent_before_qga"]["rss_kib"] for b in boots])
     print("  qemu-ga guest-shutdown: %r" % replies["guest-shutdown"]["qemu-ga"])
     print("saved %s" % args.out)
-    print("\nfor the README:\n" + readme_paragraph(report))
+    print("\nfor docs/performance.md:\n" + published_paragraph(report))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""The README's soak table, "measured (one run)" column, from the soak figures a test run
+"""docs/reliability.md's soak table, "measured (one run)" column, from the soak figures a test run
 saved (tests/conftest.py writes dist/soak-figures.json; a published copy lives in
-bench/results/soak-figures.json). tests/unit/test_soak_figures.py checks that the README
+bench/results/soak-figures.json). tests/figures/test_soak_figures.py checks that the page
 says exactly this.
 
     python3 bench/soak_table.py [FIGURES.json]    # print the column's cells
@@ -20,7 +20,7 @@ def mib(kib):
 
 
 def cells(figures):
-    """{row name in the README: the measured cell}."""
+    """{row name in the table: the measured cell}."""
     f = figures
     out = {}
     m = f.get("test_100k_random_and_mutated_frames_then_ping_and_power_off")

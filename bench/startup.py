@@ -68,15 +68,15 @@ def serving_rss(cmd, sock, env=None):
         proc.wait()
 
 
-README_MARK = "for the README (tests/unit/test_startup_figures.py checks it is there):"
-README_NAMES = ["`python3 -I -S -c pass` (baseline)", "`python3 -c pass`",
+PUBLISHED_MARK = "for docs/performance.md (tests/figures/test_startup_figures.py checks it is there):"
+PUBLISHED_NAMES = ["`python3 -I -S -c pass` (baseline)", "`python3 -c pass`",
                 "**.pyz with agent.pyc, `-S` (default)**", ".pyz with agent.pyc, `-I -S`",
                 ".pyz with agent.pyc, with site", ".pyz source only, `-S`",
                 "shiv, `~/.shiv` already extracted", "shiv, first start (extracts)"]
 
 
-def readme_text(runs, rows, mem, sizes):
-    """The README's artifact table and the two lines under it, from this run."""
+def published_text(runs, rows, mem, sizes):
+    """docs/performance.md's artifact table and the two lines under it, from this run."""
     commit = subprocess.run(["git", "-C", os.path.dirname(HERE), "rev-parse", "--short",
                              "HEAD"], capture_output=True, text=True).stdout.strip()
     version = subprocess.run([PY, "-c", "import sys; print(sys.version.split()[0])"],
@@ -87,7 +87,7 @@ def readme_text(runs, rows, mem, sizes):
                runs, PY, version, time.strftime("%Y-%m-%d"), commit), "",
            "| `ARTIFACT --version` | median | min–max | vs bare `python3 -I -S` |",
            "|---|---|---|---|"]
-    for label, (_, times) in zip(README_NAMES, rows):
+    for label, (_, times) in zip(PUBLISHED_NAMES, rows):
         med = statistics.median(times)
         bold = "**" if label.startswith("**") else ""
         out.append("| %s | %s%.1f ms%s | %.1f–%.1f | %.2f× |" % (
@@ -146,7 +146,7 @@ def main():
                                                           (kib - mem[0][1]) / 1024))
         sizes = (os.path.getsize(pyc), os.path.getsize(nopyc), os.path.getsize(shiv))
         print("sizes: .pyz %d bytes (pyc) / %d (source only), shiv %d" % sizes)
-        print("\n" + README_MARK + "\n" + readme_text(args.runs, rows, mem, sizes))
+        print("\n" + PUBLISHED_MARK + "\n" + published_text(args.runs, rows, mem, sizes))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -24,7 +24,13 @@ def saved_result(name):
 def readme(start=None, end="\n\n"):
     """The README, or its part from `start` to the next `end`, with whitespace folded (the
     README is wrapped, the figures are not)."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+    return doc("../README.md", start, end)
+
+
+def doc(name, start=None, end="\n\n"):
+    """docs/NAME, or its part from `start` to the next `end`, with whitespace folded (the
+    page is wrapped, the figures are not)."""
+    with open(os.path.join(ROOT, "docs", name)) as f:
         text = f.read()
     if start is None:
         return text

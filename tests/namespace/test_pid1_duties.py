@@ -1,10 +1,9 @@
-"""PID 1 duties in a PID namespace: busybox signals, the workload, read-only remount at
-power-off, delegate mode, a missing console. The real .pyz is PID 1 (or, for delegate mode,
+"""PID 1 duties in a PID namespace: busybox signals, the workload, the hostname, delegate
+mode, a missing console. The real .pyz is PID 1 (or, for delegate mode,
 a child of a fake PID 1)."""
 
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -139,47 +138,6 @@ def test_power_off_when_the_workload_exits_logs_its_status(guest):
     g = guest(agent_args=["--on-exit", "poweroff", "--exec", "sh", "-c", "sleep 0.3; exit 7"])
     assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
     assert any("workload exited with status 7" in m and "powering off" in m for m in g.messages())
-
-
-@pytest.fixture
-def ext4_image(tmp_path):
-    if shutil.which("mkfs.ext4") is None:
-        pytest.fail("mkfs.ext4 is missing (apt-get install e2fsprogs)", pytrace=False)
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, timeout=60)
-    return image
-
-
-def test_filesystems_are_remounted_read_only_before_power_off_and_keep_their_data(
-        guest, tmp_path, ext4_image):
-    mnt, tmpfs = tmp_path / "mnt", tmp_path / "scratch"
-    mnt.mkdir()
-    tmpfs.mkdir()
-    # The workload mounts a disk and a tmpfs, writes without syncing, and stays busy.
-    script = ("mount -o loop {img} {mnt} && mount -t tmpfs scratch {tmpfs} && "
-              "echo 'no data lost' > {mnt}/file && echo x > {tmpfs}/x && "
-              "touch {mnt}/.ready && exec sleep 1000").format(
-                  img=shlex.quote(str(ext4_image)), mnt=shlex.quote(str(mnt)),
-                  tmpfs=shlex.quote(str(tmpfs)))
-    g = guest(agent_args=["--exec", "sh", "-c", script])
-    wait_for(lambda: any(m.startswith("started sh") for m in g.messages()), what="workload")
-    time.sleep(0.5)
-    assert g.shutdown(grace=10) is True
-    assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
-    log = g.messages()
-    # (the /run the agent mounted itself, where the machine has none, is remounted too)
-    remounted = [m for m in log if m.startswith("shutdown: remounted")
-                 and not m.startswith("shutdown: remounted /run ")]
-    assert remounted == ["shutdown: remounted %s (tmpfs) read-only" % tmpfs,
-                         "shutdown: remounted %s (ext4) read-only" % mnt], log
-    assert any("filesystems synced and read-only" in m for m in log)
-    fsck = subprocess.run(["e2fsck", "-fn", str(ext4_image)], capture_output=True, text=True)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    cat = subprocess.run(["debugfs", "-R", "cat /file", str(ext4_image)], capture_output=True,
-                         text=True)
-    assert cat.stdout == "no data lost\n"
 
 
 def test_hostname_is_set_inside_the_guest_only(guest):

@@ -43,7 +43,7 @@ def test_shutdown_returns_its_effect_only_for_allowed_peers(peer, allowed):
         rtype, payload, effect = shutdown_request(peer, pol)
         assert rtype == agent.MSG_SHUTDOWN | agent.RESPONSE_BIT
         assert agent.decode_message(agent.SHUTDOWN_RESPONSE, payload) == {"accepted": True}
-        assert effect == ("shutdown", 5, None)
+        assert effect == ("Shutdown", 5, None)
     else:
         with pytest.raises(agent.Refused) as err:
             shutdown_request(peer, pol)
@@ -57,7 +57,7 @@ def test_configured_peers_and_any():
     assert not agent.peer_allowed(allow, ("vsock", 2, 5))
     assert not agent.peer_allowed(allow, ("serial", "x"))
     assert agent.peer_allowed(agent._parse_allow("any"), ("vsock", 77, 5))
-    assert shutdown_request(("vsock", 1, 5), policy("cid:1"), 0)[2] == ("shutdown", 0, None)
+    assert shutdown_request(("vsock", 1, 5), policy("cid:1"), 0)[2] == ("Shutdown", 0, None)
 
 
 def test_not_pid1_refuses_shutdown_with_503():
@@ -68,8 +68,8 @@ def test_not_pid1_refuses_shutdown_with_503():
 
 def test_the_clock_is_set_only_by_an_allowed_vsock_or_serial_peer_of_pid1():
     pol = policy()
-    assert agent.clock_effect(1781740800, ("vsock", 2, 9), pol) == ("clock", 1781740800)
-    assert agent.clock_effect(1781740801, ("serial", "p"), pol) == ("clock", 1781740801)
+    assert agent.clock_effect(1781740800, ("vsock", 2, 9), pol) == ("Ping", 1781740800)
+    assert agent.clock_effect(1781740801, ("serial", "p"), pol) == ("Ping", 1781740801)
     assert agent.clock_effect(1781740802, ("unix", 1, 0, 0), pol) is None  # ignored, not refused
     with pytest.raises(agent.Refused, match="clock change refused"):
         agent.clock_effect(1781740803, ("vsock", 3, 9), pol)
@@ -81,7 +81,7 @@ def test_handle_request_sets_no_clock_itself_the_agent_applies_the_effect(monkey
     monkeypatch.setattr(agent.time, "clock_settime", lambda clock, t: calls.append(t))
     payload = agent.encode_message(agent.PING_REQUEST, {"timestamp_secs": 1781740800})
     _, _, effect = agent.handle_request(agent.MSG_PING, payload, ("vsock", 2, 9), policy())
-    assert effect == ("clock", 1781740800) and calls == []
+    assert effect == ("Ping", 1781740800) and calls == []
     config = dict(agent.default_config(), listen=[])
     a = agent.Agent(config, False)
     try:

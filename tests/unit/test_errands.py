@@ -17,8 +17,8 @@ class Watching:
     def __init__(self):
         self.pids = []
 
-    def watch(self, pid, callback, ours=False):
-        assert ours, "an errand's child must not count as a process left at shutdown"
+    def watch(self, pid, callback, uncounted=False):
+        assert uncounted, "an errand's child must not count as a process left at shutdown"
         self.pids.append(pid)
 
 
@@ -128,7 +128,7 @@ def test_requests_behind_a_pending_errand_are_taken_and_answered_in_order():
     for _ in range(5):
         a.loop.run_once(0)
     assert [e.what for e, _ in held.started] == ["guest-get-fsinfo"]
-    assert effects == [("shutdown", 0, "reboot")]  # taken while the errand is still out
+    assert effects == [("guest-shutdown", 0, "reboot")]  # taken while the errand is still out
     theirs.setblocking(False)
     try:
         early = theirs.recv(65536)

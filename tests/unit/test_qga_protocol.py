@@ -17,7 +17,7 @@ PEER = ("unix", 1, 0, 0)
 
 
 class NoFreezer:
-    spare_ids = frozenset()
+    guest = agent.GuestMounts()
     frozen = []
 
 
@@ -138,7 +138,7 @@ def test_deep_nesting_is_skipped_to_its_end_without_recursing():
 def test_guest_shutdown_has_no_answer_and_its_effect_carries_the_mode():
     out, effects, _ = feed(protocol(), [b'{"execute":"guest-shutdown","arguments":'
                                         b'{"mode":"reboot"}}{"execute":"guest-shutdown"}'])
-    assert out == [] and effects == [("shutdown", 0, "reboot"), ("shutdown", 0, "poweroff")]
+    assert out == [] and effects == [("guest-shutdown", 0, "reboot"), ("guest-shutdown", 0, "poweroff")]
 
 
 def test_guarded_commands_follow_the_allow_list_and_power_off_needs_pid1():
@@ -232,12 +232,13 @@ class InlineErrands:
 def three_disks(monkeypatch):
     mounts = [("/", "ext4", False, 1), ("/data", "ext4", False, 2), ("/data/x", "xfs", False, 3),
               ("/odd", "vfat", False, 4)]
-    monkeypatch.setattr(agent, "disk_filesystems", lambda spare, writable_only=False: mounts)
+    monkeypatch.setattr(agent.GuestMounts, "disk_filesystems",
+                        lambda self, writable_only=False: mounts)
 
 
 def test_freeze_in_mount_order_thaw_in_reverse_and_skip_what_cannot_freeze(three_disks):
     disks = FakeDisks(unsupported={"/odd"})
-    freezer = agent.Freezer(600, InlineErrands(), freeze=disks.freeze, thaw=disks.thaw)
+    freezer = agent.Freezer(600, InlineErrands(), kernel=disks)
     assert done(freezer.freeze(None, "test")) == 3
     assert freezer.frozen == ["/", "/data", "/data/x"]
     with pytest.raises(agent.QgaError):            # frozen already
@@ -249,7 +250,7 @@ def test_freeze_in_mount_order_thaw_in_reverse_and_skip_what_cannot_freeze(three
 
 def test_a_failed_freeze_thaws_what_was_frozen_and_says_which(three_disks):
     disks = FakeDisks(fail="/data/x")
-    freezer = agent.Freezer(600, InlineErrands(), freeze=disks.freeze, thaw=disks.thaw)
+    freezer = agent.Freezer(600, InlineErrands(), kernel=disks)
     with pytest.raises(agent.QgaError, match="failed to freeze /data/x"):
         done(freezer.freeze(None, "test"))
     assert freezer.frozen == [] and ("thaw", "/data") in disks.calls
@@ -257,7 +258,7 @@ def test_a_failed_freeze_thaws_what_was_frozen_and_says_which(three_disks):
 
 def test_freeze_list_names_only_guest_disks(three_disks):
     disks = FakeDisks()
-    freezer = agent.Freezer(600, InlineErrands(), freeze=disks.freeze, thaw=disks.thaw)
+    freezer = agent.Freezer(600, InlineErrands(), kernel=disks)
     with pytest.raises(agent.QgaError, match="/proc is not a mounted"):
         done(freezer.freeze(["/data", "/proc"], "test"))
     assert disks.calls == []
@@ -266,7 +267,7 @@ def test_freeze_list_names_only_guest_disks(three_disks):
 
 def test_a_forgotten_freeze_is_thawed_at_its_deadline(three_disks, monkeypatch):
     disks = FakeDisks()
-    freezer = agent.Freezer(30, InlineErrands(), freeze=disks.freeze, thaw=disks.thaw)
+    freezer = agent.Freezer(30, InlineErrands(), kernel=disks)
     done(freezer.freeze(["/data"], "test"))
     due = freezer.deadline()
     assert due == pytest.approx(freezer.frozen_at + 30)
@@ -275,7 +276,7 @@ def test_a_forgotten_freeze_is_thawed_at_its_deadline(three_disks, monkeypatch):
     freezer.tick(due)
     assert freezer.frozen == [] and ("thaw", "/data") in disks.calls
     assert freezer.deadline() is None
-    never = agent.Freezer(0, InlineErrands(), freeze=disks.freeze, thaw=disks.thaw)
+    never = agent.Freezer(0, InlineErrands(), kernel=disks)
     done(never.freeze(["/data"], "test"))
     assert never.deadline() is None
 
@@ -305,7 +306,7 @@ def test_vsock_peers_follow_the_allow_list():
     out, effects, _ = feed(protocol(peer=local), [b'{"execute":"guest-shutdown"}'])
     assert effects == [] and "vsock peer cid 1" in answers(out)[0]["error"]["desc"]
     out, effects, _ = feed(protocol(peer=host), [b'{"execute":"guest-shutdown"}'])
-    assert out == [] and effects == [("shutdown", 0, "poweroff")]
+    assert out == [] and effects == [("guest-shutdown", 0, "poweroff")]
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -29,7 +29,7 @@ def sequence(fork, monkeypatch, reboot_result=0):
     failures = []
     monkeypatch.setattr(agent, "call_reboot", lambda command: reboot_result)
     reaper = agent.Reaper()
-    child = agent.PowerOffChild(reaper, frozenset(), 0.5, fork=fork)
+    child = agent.PowerOffChild(reaper, agent.GuestMounts(), 0.5, fork=fork)
     seq = agent.ShutdownSequence(reaper, TIMEOUTS, on_failure=failures.append, child=child)
     seq.begin("poweroff", 1, "test")
     return seq, reaper, failures
@@ -90,16 +90,16 @@ def test_a_prepared_child_that_is_gone_is_replaced_at_sync(monkeypatch):
     monkeypatch.setattr(agent.Reaper, "children", staticmethod(lambda: set()))
     fork = FakeFork(4242, 4343)
     reaper = agent.Reaper()
-    child = agent.PowerOffChild(reaper, frozenset(), 0.5, fork=fork)
+    child = agent.PowerOffChild(reaper, agent.GuestMounts(), 0.5, fork=fork)
     before = open_fds()
     child.prepare("poweroff", time.monotonic())
-    assert child.pid == 4242 and 4242 in reaper.ours       # waiting: not a process left
+    assert child.pid == 4242 and 4242 in reaper.uncounted       # waiting: not a process left
     child.abandon()                                        # SIGKILL at the end of the grace
-    assert 4242 not in reaper.ours
+    assert 4242 not in reaper.uncounted
     exited(reaper, 4242, 9)                                # killed by it
     assert child.start("poweroff", time.monotonic()) is True
     assert child.pid == 4343 and len(fork.bodies) == 2     # a new one, going at once
-    assert open_fds() == before + 1                        # only its report pipe is open
+    assert open_fds() == before + 1                        # only its result pipe is open
 
 
 def test_a_teardown_child_killed_before_its_report_is_run_again_once(monkeypatch):
@@ -109,7 +109,7 @@ def test_a_teardown_child_killed_before_its_report_is_run_again_once(monkeypatch
     monkeypatch.setattr(agent.ShutdownSequence, "_start_final",
                         lambda self, now: finals.append(now))
     seq._start_teardown(time.monotonic())
-    assert len(fork.bodies) == 1 and seq.phase == "sync"
+    assert len(fork.bodies) == 1 and seq.phase == "teardown"
     exited(reaper, 5001, 9)                                 # killed, no report
     poll_once(seq)                                          # the report pipe's EOF
     seq.step(time.monotonic())
@@ -133,7 +133,7 @@ def test_a_huge_grace_is_the_deadline_the_sequence_uses(monkeypatch, grace):
     reaper = agent.Reaper()
     monkeypatch.setattr(reaper, "reap", lambda: None)
     reaper.no_children = False             # somebody ignores SIGTERM
-    child = agent.PowerOffChild(reaper, frozenset(), 0.5, fork=FakeFork(4242))
+    child = agent.PowerOffChild(reaper, agent.GuestMounts(), 0.5, fork=FakeFork(4242))
     seq = agent.ShutdownSequence(reaper, TIMEOUTS, on_failure=lambda why: None, child=child)
     seq.begin("poweroff", grace, "test")
     seq.step(clock[0])
@@ -180,7 +180,7 @@ def test_a_notify_connection_still_in_flight_is_waited_for_20ms_at_most(monkeypa
     reaper = agent.Reaper()
     monkeypatch.setattr(reaper, "reap", lambda: None)
     reaper.no_children = True
-    child = agent.PowerOffChild(reaper, frozenset(), 0.5, fork=FakeFork(4242, 4243))
+    child = agent.PowerOffChild(reaper, agent.GuestMounts(), 0.5, fork=FakeFork(4242, 4243))
     seq = agent.ShutdownSequence(reaper, TIMEOUTS, on_failure=lambda why: None, child=child,
                                  notifier=StuckNotifier())
     seq.begin("poweroff", 5, "test")
@@ -193,7 +193,7 @@ def test_a_notify_connection_still_in_flight_is_waited_for_20ms_at_most(monkeypa
     assert seq.phase == "notify_wait"
     clock[0] = 500.0 + agent.NOTIFY_WAIT
     seq.step(clock[0])
-    assert seq.phase == "sync"
+    assert seq.phase == "teardown"
 
 
 def test_with_no_fork_possible_a_sync_that_never_returns_is_bounded(monkeypatch, logged):
@@ -209,6 +209,6 @@ def test_with_no_fork_possible_a_sync_that_never_returns_is_bounded(monkeypatch,
     took = time.monotonic() - began
     never.set()
     assert TIMEOUTS.sync_timeout - 0.05 <= took < TIMEOUTS.sync_timeout + 1.0
-    assert seq.child.report == 0 and seq.phase == "sync"
+    assert seq.child.left_writable == 0 and seq.phase == "teardown"
     assert "shutdown: sync() did not finish within 1s (no fork possible: not remounted)" \
         in logged

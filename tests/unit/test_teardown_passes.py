@@ -145,14 +145,23 @@ def test_the_last_pass_is_always_followed_by_sync_even_when_something_stays_writ
 
 
 def test_a_pass_that_changes_nothing_ends_the_passes():
-    """The state is read only when a pass leaves something writable (the usual pass leaves
-    nothing, and reads nothing more), so "nothing changed" shows after the second pass."""
+    """Each kind says what it changed (as systemd-shutdown's detach loop): a pass whose
+    remount failed and that turned off, unmounted and detached nothing is the last."""
     k = FakeKernel(BASE + [(10, "/data", "ext4", False, "/dev/vda")],
                    holders={"/data": ["pid 7 (writer)"]})
     t = agent.Teardown(k)
     t.run()
-    assert t.passes_run == 2
-    assert k.calls.count(("remount", "/data")) == 2
+    assert t.passes_run == 1
+    assert k.calls.count(("remount", "/data")) == 1
+
+
+def test_a_pass_that_changed_something_is_followed_by_another():
+    """A loop device cleared in pass 1 lets its backing filesystem go read-only in pass 2."""
+    k = FakeKernel(BASE + [(10, "/data", "ext4", False, "/dev/vda")],
+                   loops={"/dev/loop3": "/data/img"})
+    t = agent.Teardown(k)
+    assert t.run() == [] and t.passes_run == 2
+    assert k.calls.count(("remount", "/data")) == 2 and ("clear", "/dev/loop3") in k.calls
 
 
 def test_a_loop_device_that_never_lets_go_is_named_and_bounded():
@@ -162,7 +171,7 @@ def test_a_loop_device_that_never_lets_go_is_named_and_bounded():
     left = t.run()
     assert left == [("/data", "ext4",
                      "Device or resource busy: /dev/loop3 still holds /data/img")]
-    assert t.passes_run == 2          # the clear failed again: nothing changed, no third
+    assert t.passes_run == 1          # the clear failed: nothing changed, no second pass
     assert k.calls[-1] == ("sync",)
 
 
@@ -224,7 +233,7 @@ def test_contained_the_hosts_mounts_swaps_and_loops_are_never_touched():
                            (21, "/tmp/t/mnt/inner", "tmpfs", False, "scratch")],
                    swaps=["/dev/sda3", "/srv/swapfile", "/tmp/t/mnt/swap"],
                    loops={"/dev/loop0": "/srv/host.img", "/dev/loop5": "/srv/t/disk.img"})
-    left = agent.Teardown(k, spare_ids=frozenset(m[0] for m in host)).run()
+    left = agent.Teardown(k, agent.GuestMounts(m[0] for m in host)).run()
     assert left == []
     touched = {c[1] for c in k.calls if len(c) > 1}
     assert touched == {"/tmp/t/mnt", "/tmp/t/mnt/inner", "/tmp/t/mnt/swap", "/dev/loop5"}

@@ -111,7 +111,7 @@ def test_handle_request_answers_the_ping_vector_like_the_rust_agent(monkeypatch)
     _, _, payload = decode_one(PING_REQ)
     rtype, rpayload, effect = agent.handle_request(agent.MSG_PING, payload, ("vsock", 2, 99),
                                                    policy)
-    assert effect == ("clock", 1781740800)  # the host (CID 2) sets PID 1's clock: the agent
+    assert effect == ("Ping", 1781740800)  # the host (CID 2) sets PID 1's clock: the agent
     assert clock == []                      # applies the effect; handle_request changes nothing
     assert rtype == 0x1001
     assert agent.decode_message(agent.PING_RESPONSE, rpayload) == {

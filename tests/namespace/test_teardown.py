@@ -1,4 +1,6 @@
-"""Nothing lost whatever the guest mounted, in a PID namespace: a swap file and an image file
+"""The teardown at power-off, in a PID namespace: filesystems remounted read-only with their
+data (a loop-mounted ext4 and a tmpfs written without sync); and nothing lost whatever the
+guest mounted: a swap file and an image file
 on a loop-mounted disk, the image on a loop device of its own (set up with losetup, so nobody
 clears it but the agent), mounted, with a bind mount beside it and a process that ignores
 SIGTERM still appending when the power-off comes.
@@ -9,7 +11,9 @@ So the host can see what a guest kernel would have powered off with."""
 
 import os
 import shlex
+import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -125,3 +129,44 @@ exec sleep 1000
     assert debugfs(inner, "cat /big") == (b"inner-data\n" * 300000)[:3000000]
     lines = debugfs(inner, "cat /appender").decode().splitlines()
     assert len(lines) > 1000 and lines == [str(i) for i in range(1, len(lines) + 1)]
+
+
+@pytest.fixture
+def ext4_image(tmp_path):
+    if shutil.which("mkfs.ext4") is None:
+        pytest.fail("mkfs.ext4 is missing (apt-get install e2fsprogs)", pytrace=False)
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, timeout=60)
+    return image
+
+
+def test_filesystems_are_remounted_read_only_before_power_off_and_keep_their_data(
+        guest, tmp_path, ext4_image):
+    mnt, tmpfs = tmp_path / "mnt", tmp_path / "scratch"
+    mnt.mkdir()
+    tmpfs.mkdir()
+    # The workload mounts a disk and a tmpfs, writes without syncing, and stays busy.
+    script = ("mount -o loop {img} {mnt} && mount -t tmpfs scratch {tmpfs} && "
+              "echo 'no data lost' > {mnt}/file && echo x > {tmpfs}/x && "
+              "touch {mnt}/.ready && exec sleep 1000").format(
+                  img=shlex.quote(str(ext4_image)), mnt=shlex.quote(str(mnt)),
+                  tmpfs=shlex.quote(str(tmpfs)))
+    g = guest(agent_args=["--exec", "sh", "-c", script])
+    wait_for(lambda: any(m.startswith("started sh") for m in g.messages()), what="workload")
+    time.sleep(0.5)
+    assert g.shutdown(grace=10) is True
+    assert g.wait(timeout=60) == POWER_OFF_RETURNCODE
+    log = g.messages()
+    # (the /run the agent mounted itself, where the machine has none, is remounted too)
+    remounted = [m for m in log if m.startswith("shutdown: remounted")
+                 and not m.startswith("shutdown: remounted /run ")]
+    assert remounted == ["shutdown: remounted %s (tmpfs) read-only" % tmpfs,
+                         "shutdown: remounted %s (ext4) read-only" % mnt], log
+    assert any("filesystems synced and read-only" in m for m in log)
+    fsck = subprocess.run(["e2fsck", "-fn", str(ext4_image)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    cat = subprocess.run(["debugfs", "-R", "cat /file", str(ext4_image)], capture_output=True,
+                         text=True)
+    assert cat.stdout == "no data lost\n"

@@ -1,4 +1,4 @@
-"""The published figures: the README's performance table is exactly what `bench/run.py
+"""The published figures: docs/performance.md's table is exactly what `bench/run.py
 --markdown` makes of the saved run; every row made from samples is made again here from
 them (medians, ranges, ratios, met or MISSED), independently of bench/run.py's formatting;
 the run says which commit and interpreters it measured; the chart can be drawn from it
@@ -16,7 +16,7 @@ SAVED = os.path.join(ROOT, "bench", "results", "bench.json")
 
 import chart  # noqa: E402
 import run  # noqa: E402
-from helpers import readme  # noqa: E402
+from helpers import doc  # noqa: E402
 
 
 def saved_run():
@@ -24,9 +24,9 @@ def saved_run():
         return json.load(f)
 
 
-def test_the_readme_table_is_generated_from_the_saved_run():
+def test_the_published_table_is_generated_from_the_saved_run():
     table = run.markdown(saved_run())
-    assert run.README_BEGIN + "\n" + table + run.README_END in readme()
+    assert run.TABLE_BEGIN + "\n" + table + run.TABLE_END in doc("performance.md")
     data = saved_run()
     assert not data["meta"]["quick"], "the README must quote a full run"
     for target in data["targets"]:                      # missed targets say so
@@ -92,4 +92,4 @@ def test_the_run_says_what_it_measured():
     meta = saved_run()["meta"]
     assert re.fullmatch(r"[0-9a-f]{7,}", meta["commit"]) and not meta["dirty"]
     assert meta["agent_python"] and meta["runner_python"] and meta["cpu_model"]
-    assert "at commit %s on %s" % (meta["commit"], meta["cpu_model"]) in readme()
+    assert "at commit %s on %s" % (meta["commit"], meta["cpu_model"]) in doc("performance.md")

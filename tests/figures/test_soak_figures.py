@@ -1,20 +1,20 @@
-"""The README's soak table quotes the saved soak run (bench/results/soak-figures.json) cell
-for cell, as bench/soak_table.py makes the cells: a re-run without updating the README, or a
+"""docs/reliability.md's soak table quotes the saved soak run (bench/results/soak-figures.json) cell
+for cell, as bench/soak_table.py makes the cells: a re-run without updating the page, or a
 figure typed by hand, fails here. The frames soak's own arithmetic is checked too."""
 
 import os
 import sys
 
-from helpers import ROOT, readme, saved_result
+from helpers import ROOT, doc, saved_result
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import soak_table  # noqa: E402
 
 
-def test_the_readme_soak_column_is_the_saved_run():
+def test_the_published_soak_column_is_the_saved_run():
     figures = saved_result("soak-figures.json")
     rows = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[-1]
-            for line in readme().splitlines() if line.startswith("| ") and line.count(" | ") == 3}
+            for line in doc("reliability.md").splitlines() if line.startswith("| ") and line.count(" | ") == 3}
     cells = soak_table.cells(figures)
     assert len(cells) == 7
     for name, cell in cells.items():

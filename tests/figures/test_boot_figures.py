@@ -1,18 +1,18 @@
-"""The README's boot-to-first-answer figures against the saved run, bench/results/boot.json:
+"""docs/performance.md's boot-to-first-answer figures against the saved run, bench/results/boot.json:
 every median and difference is recomputed here from the raw samples, so a hand-edited figure
-or a re-run without updating the README fails; the run must have the size the issue asks
+or a re-run without updating the page fails; the run must have the size the issue asks
 (n >= 10 on x86_64, aarch64 measured too)."""
 
 import statistics
 
-from helpers import readme, saved_result
+from helpers import doc, saved_result
 
 
 def load():
-    return saved_result("boot.json"), readme("**Boot to first answer**")
+    return saved_result("boot.json"), doc("performance.md", "**Boot to first answer**")
 
 
-def test_the_readme_quotes_the_saved_boot_run():
+def test_the_page_quotes_the_saved_boot_run():
     data, text = load()
     assert len(data["x86_64"]["handoff_to_first_answer_s"]["agent"]) >= 10
     assert "aarch64" in data
@@ -41,7 +41,7 @@ def test_the_per_round_differences_and_the_verdict_are_recomputed():
         med, p10, p90 = per_round(data, arch)
         assert ("agent − floor median %+.3f s (target: %s), p10 %+.3f s, p90 %+.3f s"
                 % (med, "met" if med <= 0.15 else "missed", p10, p90)) in text, arch
-    verdict = readme("The target of issue 20")
+    verdict = doc("performance.md", "Is the target met?")
     x86, arm = (data[a]["handoff_to_first_answer_s"] for a in ("x86_64", "aarch64"))
     x86_diff = statistics.median(x86["agent"]) - statistics.median(x86["floor"])
     assert ("is met on x86_64" if x86_diff <= 0.15 else "is missed on x86_64") in verdict

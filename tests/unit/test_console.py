@@ -1,7 +1,7 @@
-"""Start-up console lines are held until the host has its first answer (or the agent is
-ready, or START_HOLD passes), with their true stamps; warnings and errors are never held and
-keep the order; a forked child never writes the parent's held lines; a listener whose
-transport just came in is retried every 10 ms for a while, not on a doubling back-off."""
+"""The console: start-up lines are held until released (StartUp releases them; an alarm at
+START_HOLD if the start hangs), with their true stamps; warnings and errors are never held
+and keep the order; a forked child never writes the parent's held lines; a console nobody
+drains never blocks PID 1."""
 
 import os
 import signal
@@ -86,59 +86,6 @@ def test_a_forked_child_does_not_write_the_parents_held_lines(console):
     os.waitpid(pid, 0)
     agent.release_console()
     assert messages(console()) == ["from the child", "held in the parent"]
-
-
-def test_the_hold_source_releases_when_served_or_at_its_deadline(console):
-    served = []
-    ran = []
-    hold = agent.AfterFirstAnswer(100.0, lambda: bool(served),
-                                  [agent.release_console, lambda: ran.append("lo")])
-    agent.hold_console()
-    agent.log("info", "waiting")
-    assert hold.deadline() == 100.0
-    hold.tick(50.0)
-    assert console() == []
-    served.append(True)
-    hold.tick(50.0)
-    assert messages(console()) == ["waiting"] and hold.deadline() is None and ran == ["lo"]
-    hold.tick(60.0)
-    assert ran == ["lo"]                       # once
-    pending = agent.AfterFirstAnswer(100.0, lambda: False, [lambda: ran.append("now")])
-    pending.run_now()                          # the workload is about to start
-    pending.tick(100.0)
-    assert ran == ["lo", "now"]
-    agent.hold_console()
-    agent.log("info", "never served")
-    agent.AfterFirstAnswer(100.0, lambda: False, [agent.release_console]).tick(100.0)
-    assert messages(console())[-1] == "never served"
-
-
-def test_a_listener_whose_transport_came_in_is_retried_steadily_then_with_back_off():
-    listener = agent.Listener(("serial", "org.arcbox.agent"), None)
-    listener.backoff, listener.steady = agent.TRANSPORT_RETRY_FIRST, agent.TRANSPORT_RETRIES
-    now, waits = 0.0, []
-    for _ in range(agent.TRANSPORT_RETRIES + 3):
-        listener.failed(now)
-        waits.append(round(listener.retry_at - now, 3))
-        now = listener.retry_at
-    assert waits[:agent.TRANSPORT_RETRIES + 1] == [0.01] * (agent.TRANSPORT_RETRIES + 1)
-    assert waits[-2:] == [0.02, 0.04]
-    listener.opened()
-    assert listener.steady == 0 and listener.backoff == agent.BIND_RETRY_FIRST
-
-
-def test_what_waits_for_the_first_answer_runs_before_the_workload_starts(monkeypatch):
-    """A workload may start before any host asks (no modules to wait for): lo and the held
-    lines must not wait for an answer that has not come."""
-    a = agent.Agent(dict(agent.default_config(), listen=[]), False)
-    order = []
-    try:
-        a.after_first_answer.actions.append(lambda: order.append("after the first answer"))
-        monkeypatch.setattr(a.workload, "start", lambda: order.append("workload"))
-        a.on_modules_in()
-    finally:
-        a.inbox.close()
-    assert order == ["after the first answer", "workload"]
 
 
 HANGING_START = r"""
