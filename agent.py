@@ -3165,7 +3165,11 @@ def _ipv6_addresses(if_inet6):
 
 def ip_addresses(fib_trie, if_inet6):
     """The guest's addresses as GetSystemInfo reports them: IPv4 first, then global IPv6;
-    loopback and link-local left out. Read per request, so they follow DHCP."""
+    loopback and link-local left out. Read per request, so they follow DHCP. (QGA's
+    interface list reads netlink instead, in an errand: it needs each interface's prefixes,
+    which these files do not carry; GetSystemInfo is answered in the loop, and reading
+    procfs text takes no lock a stuck driver could hold, as the RTNL a netlink dump may wait
+    for.)"""
     return _ipv4_addresses(fib_trie) + _ipv6_addresses(if_inet6)
 
 
@@ -3681,96 +3685,6 @@ def qga_reply(obj, prefix=b""):
     return prefix + qga_json().encode(obj).encode() + b"\n"
 
 
-class QgaMachine:
-    """The QGA commands and what they act on: one per agent, shared by every QGA connection.
-    `policy` (RequestPolicy) says who may run the guarded commands; `freezer` keeps the
-    fsfreeze state. answer() turns one request's bytes into an answer line and an effect."""
-
-    def __init__(self, policy, freezer):
-        self.policy = policy
-        self.freezer = freezer
-
-    def answer(self, raw, peer, peer_text):
-        """One request's bytes -> (answer line or b"", effect or None)."""
-        try:
-            request = qga_json().decode(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            return self._with_id({"error": {"class": "GenericError",
-                                            "desc": "JSON parse error, %s" % exc}}, None), None
-        return self.answer_request(request, peer, peer_text)
-
-    def answer_request(self, request, peer, peer_text):
-        try:
-            name, command, args = self._check(request)
-            if _log_level >= LOG_DEBUG:
-                log("debug", "QGA %s from %s" % (name, peer_text))
-            if command.guarded:
-                self._check_peer(name, peer)
-            value = command.handler(self, peer, qga_arguments(command.params, args))
-        except Exception as exc:
-            return self._error(exc, request, peer_text, request.get("execute")
-                               if isinstance(request, dict) else "?"), None
-        if isinstance(value, Errand):         # its work may block: off the loop, answered later
-            return b"", value._replace(finish=lambda outcome: self._answer_later(
-                value, outcome, request, command, peer_text))
-        if not command.success_response:
-            return b"", value                 # guest-shutdown: the value is the effect
-        return self._with_id({"return": value}, request, command.prefix), None
-
-    def _answer_later(self, errand, outcome, request, command, peer_text):
-        """The answer line for an errand's outcome: its finish(outcome) gives the value or
-        raises QgaError (qga_outcome does both)."""
-        try:
-            value = errand.finish(outcome)
-        except Exception as exc:
-            return self._error(exc, request, peer_text, errand.what)
-        return self._with_id({"return": value}, request, command.prefix)
-
-    def _error(self, exc, request, peer_text, name):
-        """The error line for a request: a QgaError's own, or a bug's (answered, logged, and
-        the agent serves on)."""
-        if isinstance(exc, QgaError):
-            log("debug", "QGA error for %s: %s: %s" % (peer_text, exc.klass, exc))
-            return self._with_id({"error": {"class": exc.klass, "desc": str(exc)}}, request)
-        log("error", "internal error answering QGA %s: %s" % (name, describe_exception(exc)))
-        return self._with_id({"error": {"class": "GenericError", "desc": "internal error: "
-                                        "%s: %s" % (type(exc).__name__, exc)}}, request)
-
-    @staticmethod
-    def _with_id(answer, request, prefix=b""):
-        if isinstance(request, dict) and "id" in request:
-            answer["id"] = request["id"]
-        return qga_reply(answer, prefix)
-
-    @staticmethod
-    def _check(request):
-        """The QMP envelope: an object with "execute", maybe "arguments" and "id"."""
-        if not isinstance(request, dict):
-            raise QgaError("QMP input must be a JSON object")
-        for key in request:
-            if key not in ("execute", "arguments", "id"):
-                raise QgaError("QMP input member '%s' is unexpected" % key)
-        if "execute" not in request:
-            raise QgaError("QMP input lacks member 'execute'")
-        name = request["execute"]
-        if not isinstance(name, str):
-            raise QgaError("QMP input member 'execute' must be a string")
-        args = request.get("arguments", {})
-        if not isinstance(args, dict):
-            raise QgaError("QMP input member 'arguments' must be an object")
-        command = QGA_COMMANDS.get(name)
-        if command is None:
-            raise QgaError("The command %s has not been found" % name, "CommandNotFound")
-        return name, command, args
-
-    def _check_peer(self, name, peer):
-        if not peer_allowed(self.policy.allow, peer):
-            log_limited("refused", peer_group(peer), "warn", "refused QGA %s from %s: not an "
-                        "allowed peer" % (name, describe_peer(peer)))
-            raise QgaError("%s refused: %s is not allowed to run it (see --allow)"
-                           % (name, describe_peer(peer)))
-
-
 # ---- the QGA commands: what each reads or does -----------------------------------------------
 
 RTC_RD_TIME = 0x80247009          # <linux/rtc.h> _IOR('p', 0x09, struct rtc_time)
@@ -4173,6 +4087,96 @@ QGA_COMMANDS = {
 }
 
 
+class QgaMachine:
+    """The QGA commands and what they act on: one per agent, shared by every QGA connection.
+    `policy` (RequestPolicy) says who may run the guarded commands; `freezer` keeps the
+    fsfreeze state. answer() turns one request's bytes into an answer line and an effect."""
+
+    def __init__(self, policy, freezer):
+        self.policy = policy
+        self.freezer = freezer
+
+    def answer(self, raw, peer, peer_text):
+        """One request's bytes -> (answer line or b"", effect or None)."""
+        try:
+            request = qga_json().decode(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            return self._with_id({"error": {"class": "GenericError",
+                                            "desc": "JSON parse error, %s" % exc}}, None), None
+        return self.answer_request(request, peer, peer_text)
+
+    def answer_request(self, request, peer, peer_text):
+        try:
+            name, command, args = self._check(request)
+            if _log_level >= LOG_DEBUG:
+                log("debug", "QGA %s from %s" % (name, peer_text))
+            if command.guarded:
+                self._check_peer(name, peer)
+            value = command.handler(self, peer, qga_arguments(command.params, args))
+        except Exception as exc:
+            return self._error(exc, request, peer_text, request.get("execute")
+                               if isinstance(request, dict) else "?"), None
+        if isinstance(value, Errand):         # its work may block: off the loop, answered later
+            return b"", value._replace(finish=lambda outcome: self._answer_later(
+                value, outcome, request, command, peer_text))
+        if not command.success_response:
+            return b"", value                 # guest-shutdown: the value is the effect
+        return self._with_id({"return": value}, request, command.prefix), None
+
+    def _answer_later(self, errand, outcome, request, command, peer_text):
+        """The answer line for an errand's outcome: its finish(outcome) gives the value or
+        raises QgaError (qga_outcome does both)."""
+        try:
+            value = errand.finish(outcome)
+        except Exception as exc:
+            return self._error(exc, request, peer_text, errand.what)
+        return self._with_id({"return": value}, request, command.prefix)
+
+    def _error(self, exc, request, peer_text, name):
+        """The error line for a request: a QgaError's own, or a bug's (answered, logged, and
+        the agent serves on)."""
+        if isinstance(exc, QgaError):
+            log("debug", "QGA error for %s: %s: %s" % (peer_text, exc.klass, exc))
+            return self._with_id({"error": {"class": exc.klass, "desc": str(exc)}}, request)
+        log("error", "internal error answering QGA %s: %s" % (name, describe_exception(exc)))
+        return self._with_id({"error": {"class": "GenericError", "desc": "internal error: "
+                                        "%s: %s" % (type(exc).__name__, exc)}}, request)
+
+    @staticmethod
+    def _with_id(answer, request, prefix=b""):
+        if isinstance(request, dict) and "id" in request:
+            answer["id"] = request["id"]
+        return qga_reply(answer, prefix)
+
+    @staticmethod
+    def _check(request):
+        """The QMP envelope: an object with "execute", maybe "arguments" and "id"."""
+        if not isinstance(request, dict):
+            raise QgaError("QMP input must be a JSON object")
+        for key in request:
+            if key not in ("execute", "arguments", "id"):
+                raise QgaError("QMP input member '%s' is unexpected" % key)
+        if "execute" not in request:
+            raise QgaError("QMP input lacks member 'execute'")
+        name = request["execute"]
+        if not isinstance(name, str):
+            raise QgaError("QMP input member 'execute' must be a string")
+        args = request.get("arguments", {})
+        if not isinstance(args, dict):
+            raise QgaError("QMP input member 'arguments' must be an object")
+        command = QGA_COMMANDS.get(name)
+        if command is None:
+            raise QgaError("The command %s has not been found" % name, "CommandNotFound")
+        return name, command, args
+
+    def _check_peer(self, name, peer):
+        if not peer_allowed(self.policy.allow, peer):
+            log_limited("refused", peer_group(peer), "warn", "refused QGA %s from %s: not an "
+                        "allowed peer" % (name, describe_peer(peer)))
+            raise QgaError("%s refused: %s is not allowed to run it (see --allow)"
+                           % (name, describe_peer(peer)))
+
+
 # ---- freezing the disks for a backup, and thawing them when the host forgets -----------------
 
 class Freezer(Source):
@@ -4318,8 +4322,8 @@ def server_limits(config):
 
 
 class Listener:
-    """Where connections come from, retried with back-off until it opens. `protocol` makes
-    each connection's protocol: protocol(peer, shared)."""
+    """Where connections come from, retried with back-off until it opens. `protocol` is the
+    protocol's maker: protocol(peer, shared) (see "the protocol seam")."""
 
     sock = None                    # a socket to accept() on (SocketListener), or none
     paused_until = 0.0             # accept() paused until then (out of descriptors)
