@@ -78,6 +78,7 @@ import socket
 import sys
 import time
 from collections import namedtuple
+from operator import itemgetter
 from struct import Struct
 
 # The start, step by step, on the boot clock: logged once the agent serves (start_report), so
@@ -3240,9 +3241,25 @@ def peer_allowed(allow, peer):
 RequestPolicy = namedtuple("RequestPolicy", "allow can_power_off owns_clock")
 
 # What a request asks of the machine, done by the agent once the answer is queued; each
-# names the request it came from. A grace of 0 and an action of None: the configured ones.
-StopRequest = namedtuple("StopRequest", "request grace action")
-ClockRequest = namedtuple("ClockRequest", "request seconds")
+# names the request it came from. Plain tuple classes: a namedtuple costs ~45 us at start.
+class StopRequest(tuple):
+    """Stop the guest: (request, grace, action); a grace of 0 and an action of None mean
+    the configured ones."""
+    __slots__ = ()
+    request, grace, action = (property(itemgetter(0)), property(itemgetter(1)),
+                              property(itemgetter(2)))
+
+    def __new__(cls, request, grace, action):
+        return tuple.__new__(cls, (request, grace, action))
+
+
+class ClockRequest(tuple):
+    """Set the clock: (request, seconds since the epoch)."""
+    __slots__ = ()
+    request, seconds = property(itemgetter(0)), property(itemgetter(1))
+
+    def __new__(cls, request, seconds):
+        return tuple.__new__(cls, (request, seconds))
 
 
 def sets_clock(policy, peer):
@@ -3445,8 +3462,7 @@ QGA_WHITESPACE = b" \t\r\n"
 _QGA_GARBAGE_END = b" \t\r\n{[\xff"
 QGA_GARBAGE_RUN = 256             # a run of garbage is answered once, or every this many bytes
 _QGA_WAIT = object()              # _between_objects: "need more bytes"
-_qga_json = None                  # QgaJson, made on first use
-QgaJson = namedtuple("QgaJson", "decode encode structural raw_decode")
+_qga_json = None                  # made on first use: decode, encode, structural, raw_decode
 
 
 def qga_json():
@@ -3459,7 +3475,7 @@ def qga_json():
         import json
         import re
         decoder = json.JSONDecoder(parse_constant=_reject_constant)
-        _qga_json = QgaJson(
+        _qga_json = namedtuple("QgaJson", "decode encode structural raw_decode")(
             decode=decoder.decode,
             encode=json.JSONEncoder(separators=(", ", ": "), allow_nan=False).encode,
             structural=re.compile(rb'["\\{}\[\]\xff]'), raw_decode=decoder.raw_decode)

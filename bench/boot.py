@@ -176,9 +176,12 @@ def verdict(diff):
 
 
 def median_steps(boots):
-    """[[name, seconds], ...] per boot -> [(name, median seconds)], in the start's order."""
-    return [(name, statistics.median(b[i][1] for b in boots))
-            for i, (name, _) in enumerate(boots[0])]
+    """[[name, seconds], ...] per boot -> [(name, median seconds)], in the order of the boot
+    with the most steps; each step's median over the boots that logged it (a boot whose
+    first answer came before "ready" has no "first answer after that" step)."""
+    longest = max(boots, key=len)
+    return [(name, statistics.median(dict(b)[name] for b in boots if name in dict(b)))
+            for name, _ in longest]
 
 
 def percentiles(xs):
@@ -261,14 +264,14 @@ def main():
                 result[key + "_agent_minus_floor"], result[key + "_seed_minus_floor"]))
         print("  target (guest clock): agent - floor <= %.2f s: %s" % (
             TARGET, "met" if result["met"] else "MISSED"))
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:        # the samples first: nothing below may lose them
+            json.dump(report, f, indent=1, sort_keys=True)
+            f.write("\n")
         for who in ("agent", "floor"):
             print("  the %s's start, median per step: %s" % (who, ", ".join(
                 "%s +%.3f s" % (name, value)
                 for name, value in median_steps(result[who + "_start_steps"]))))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True)
-        f.write("\n")
     print("saved %s" % args.out)
     if "x86_64" in report:
         print("\nfor docs/performance.md:\n" + published_paragraph(report))
