@@ -33,6 +33,7 @@ def test_a_reboot_that_fails_is_reported_and_pid1_exits(guest):
 FAILING_SERVE = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
+import agent
 def broken(*args, **kwargs):
     raise RuntimeError("injected: serving failed")
 agent.serve_main = broken
@@ -58,6 +59,7 @@ def test_the_fallback_loop_after_serving_fails_still_powers_off(guest, tmp_path)
 SIGNAL_THEN_FAIL = r"""
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
+import agent
 def broken(argv, is_init, cmdline_path="/proc/cmdline", inbox=None, kept=None):
     inbox = inbox or agent.SignalInbox().install()     # what serve_main does first
     open(sys.argv[2], "w").close()                      # the test may signal now
@@ -90,6 +92,7 @@ def test_a_poweroff_that_comes_while_serving_fails_is_honoured_by_the_fallback(g
 BOOT_DUTIES_FAIL = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
+import agent
 def broken(config):
     raise RuntimeError("injected: a boot duty failed")
 agent.boot_duties = broken
