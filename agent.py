@@ -55,8 +55,12 @@ defines it (tests/unit/test_structure.py checks both that and this table):
       - the start-up: each step when the one before it is done
       - the agent: what a signal, a request or the workload's end starts
       - serve_main(): the PID-1 story, top-down
-  12. The host client: ping, info, shutdown
+  12. The host client: ping, info, shutdown, rehearse
       - talking to an agent
+      - talking to a QEMU guest agent: ours, or qemu-ga
+      - waiting until the guest is gone
+      - the commands, for one guest or several at once
+      - rehearse: a workload's real power-off in a namespace, no VM
   13. main() and the entry point
       - which command; PID 1's entry, which never returns
 
@@ -563,6 +567,50 @@ def describe_process(pid):
                                      " at " + wchan if wchan and wchan != "0" else "")
 
 
+PF_KTHREAD = 0x00200000           # <linux/sched.h>: a kernel thread (kill(-1) never reaches it)
+SIGTERM_BIT = 1 << (signal.SIGTERM - 1)   # its bit in /proc/PID/status's signal masks
+
+def processes(skip=()):
+    """Every user process but this one and `skip`, from /proc: [(pid, name)]. Kernel threads
+    are left out. Reads only /proc/PID/stat, which never waits on the process."""
+    me, found = os.getpid(), []
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in sorted(pids):
+        if pid == me or pid in skip:
+            continue
+        stat = _read_text("/proc/%d/stat" % pid)
+        name, _, rest = stat.partition(" (")[2].rpartition(")")
+        fields = rest.split()
+        try:
+            if int(fields[6]) & PF_KTHREAD:      # field 9: flags
+                continue
+            found.append((pid, name))
+        except (IndexError, ValueError):
+            continue                             # gone meanwhile
+    return found
+
+
+def sigterm_disposition(pid):
+    """What a process does with SIGTERM, from /proc/PID/status: 'ignores SIGTERM', 'blocks
+    SIGTERM', 'handles SIGTERM' or 'default' (dies of it, unless stopped or in the kernel)."""
+    masks = {}
+    for line in _read_text("/proc/%d/status" % pid).splitlines():
+        key, _, value = line.partition(":")
+        if key in ("SigIgn", "SigBlk", "SigCgt"):
+            try:
+                masks[key] = int(value.strip(), 16)
+            except ValueError:
+                pass
+    for key, what in (("SigIgn", "ignores SIGTERM"), ("SigBlk", "blocks SIGTERM"),
+                      ("SigCgt", "handles SIGTERM")):
+        if masks.get(key, 0) & SIGTERM_BIT:
+            return what
+    return "default"
+
+
 def run_in_child(body):
     """Fork a child that runs body() and _exits with its result. Used for the steps that
     may block (sync) or end this process (reboot): PID 1 survives a failure and keeps its
@@ -865,6 +913,8 @@ def parse_address(text, default_port=AGENT_PORT):
 
 
 def format_address(addr):
+    if addr[0] == "qga":                  # the host client's QGA targets: ("qga", address)
+        return "qga:" + format_address(addr[1])
     if addr[0] == "vsock":
         cid = "any" if addr[1] == VMADDR_CID_ANY else str(addr[1])
         return "vsock:%s:%d" % (cid, addr[2])
@@ -2048,6 +2098,7 @@ class Reaper(Source):
         self.watched = {}          # pid -> callback(pid, wait status)
         self.uncounted = set()
         self.no_children = False
+        self.reaped_at = None      # {pid: monotonic time} once a stop asks for it (who exited)
 
     def watch(self, pid, callback, uncounted=False):
         self.watched[pid] = callback
@@ -2086,6 +2137,8 @@ class Reaper(Source):
                     self.no_children = False
                 return
             log("debug", "reaped pid %d (%s)" % (pid, describe_status(status)))
+            if self.reaped_at is not None:
+                self.reaped_at[pid] = time.monotonic()
             self.uncounted.discard(pid)
             callback = self.watched.pop(pid, None)
             if callback is not None:
@@ -4922,6 +4975,10 @@ class Server(Source):
 # Delegate mode (not PID 1, --delegate): instead of term/kill, signal PID 1 the busybox way
 # and, if the guest is still up when the grace is over, go on with sync and final ourselves.
 HOST_REPLY_BUDGET = 2.0           # ArcBox host waits 2 s for the ShutdownResponse
+HOLDERS_NAMED = 10                # processes named when the grace runs out; then "and N more"
+WHAT_IT_DID = {"ignores SIGTERM": "ignores SIGTERM", "blocks SIGTERM": "blocks SIGTERM",
+               "handles SIGTERM": "handles SIGTERM and did not exit",
+               "default": "did not die of SIGTERM (stopped, or held in the kernel)"}
 THAW_BUDGET = 0.5                 # seconds before SIGTERM goes out, thawed or not
 
 # The sequence's bounds, read from the configuration once (a tuple: frozen).
@@ -4972,6 +5029,10 @@ class ShutdownSequence(Source):
         self.notify_waited = False  # the notifier had its chance before the teardown
         self.thawed = False        # the thaw before SIGTERM is over (done, failed, timed out)
         self.torn_down_again = False   # a second power-off child after the first died
+        self.term_at = None        # when every process had its SIGTERM
+        self.signalled = []        # [(pid, name)] alive when SIGTERM went out
+        self.killed = []           # [(pid, name)] still alive at the end of the grace
+        self.summary = None        # one line on how the stop went, said before reboot()
 
     @property
     def active(self):
@@ -5049,7 +5110,8 @@ class ShutdownSequence(Source):
         signalled = kill_all(signal.SIGTERM)
         # The grace is counted from the moment every process has its SIGTERM, not from the
         # loop's wake-up before it: signalling can take milliseconds on a slow (TCG) guest.
-        self._enter("term", time.monotonic() + self.grace)
+        self.term_at = time.monotonic()
+        self._enter("term", self.term_at + self.grace)
         if signalled:
             log("info", "shutdown: SIGTERM sent to all processes (grace %gs)" % self.grace)
         else:
@@ -5058,6 +5120,13 @@ class ShutdownSequence(Source):
         self._tell_host()
         # forked after the signals went out, so that they do not hit it
         self.child.prepare(self.action, self.started)
+        # who got it (read after the child's fork, which leaves it out): for the line that
+        # names who held the stop up, and the summary
+        self.reaper.reaped_at = {}
+        self.signalled = processes(skip=self.reaper.uncounted)
+        if self.signalled:
+            log("debug", "shutdown: SIGTERM went to %s" % ", ".join(
+                "pid %d (%s)" % p for p in self.signalled))
         self.reaper.reap()
 
     def _tell_host(self):
@@ -5074,11 +5143,50 @@ class ShutdownSequence(Source):
                 % max(0.0, now - self.phase_started))
             self._start_teardown(now)
         elif now >= self.deadline_at:
+            self._name_the_holders(now)
             self._enter("kill", now + self.timeouts.kill_wait)
             kill_all(signal.SIGKILL)
             log("info", "shutdown: grace over, SIGKILL sent to the rest")
             self.child.abandon()          # SIGKILL reached it too; a new one comes at sync
             self.reaper.reap()
+
+    def _name_the_holders(self, now):
+        """systemd-shutdown's "Sending SIGKILL to PID N (name)": the processes the grace did
+        not end, each with what it did with its SIGTERM, at most HOLDERS_NAMED of them."""
+        self.killed = processes(skip=self.reaper.uncounted)
+        if not self.killed:
+            return
+        got = set(self.signalled)
+        named = ["pid %d (%s) %s" % (pid, name, "started after SIGTERM"
+                                     if (pid, name) not in got else
+                                     WHAT_IT_DID.get(sigterm_disposition(pid), "stopped"))
+                 for pid, name in self.killed[:HOLDERS_NAMED]]
+        more = len(self.killed) - len(named)
+        log("warn", "shutdown: the grace (%gs) is over and %d process%s still run%s: %s%s"
+            % (self.grace, len(self.killed), "es" if len(self.killed) > 1 else "",
+               "" if len(self.killed) > 1 else "s", "; ".join(named),
+               "; and %d more" % more if more else ""))
+
+    def _summarise(self, now):
+        """One line on how the stop went, up to the teardown (the power-off child adds the
+        teardown's time and when it called reboot())."""
+        if self.term_at is None:               # delegate mode: PID 1 signalled them
+            return "%s asked of PID 1" % self.action
+        killed = set(self.killed)
+        exited = [p for p in self.signalled if p not in killed]
+        reaped = self.reaper.reaped_at or {}
+        times = [reaped[pid] for pid, _ in exited if pid in reaped]
+        last = max(times) if times else (now if exited else self.term_at)
+        text = "%d of %d process%s exited on SIGTERM%s" % (
+            len(exited), len(self.signalled), "es" if len(self.signalled) != 1 else "",
+            " (the last %.3fs after it)" % (last - self.term_at) if exited else "")
+        if self.killed:
+            text += "; %d killed at the grace: %s%s" % (
+                len(self.killed), ", ".join("pid %d (%s)" % p
+                                            for p in self.killed[:HOLDERS_NAMED]),
+                " and %d more" % (len(self.killed) - HOLDERS_NAMED)
+                if len(self.killed) > HOLDERS_NAMED else "")
+        return text
 
     def _step_kill(self, now):
         if self.reaper.no_children:
@@ -5121,7 +5229,9 @@ class ShutdownSequence(Source):
             # from here on nothing of the guest's runs: a stop that hangs past the bounds
             # PID 1 keeps (a wedged kernel, a reboot() that never returns) is the watchdog's
             self.watchdog.arm_for_stop(self.timeouts.sync_timeout + self.timeouts.power_timeout)
-        if self.child.start(self.action, self.started):
+        if self.summary is None:
+            self.summary = self._summarise(now)
+        if self.child.start(self.action, self.started, self.summary):
             return
         # no fork possible (no memory, no pids): sync() from a thread, so that a disk that
         # never answers holds the thread and not PID 1, which waits for it within the bound
@@ -5165,7 +5275,8 @@ class ShutdownSequence(Source):
         """reboot() from a child of its own: after a teardown that did not finish, or when
         the power-off child is gone."""
         self._enter("final", now + self.timeouts.power_timeout)
-        self.child.reboot_only(self.action, self.started)
+        self.child.reboot_only(self.action, self.started,
+                               (self.summary or self._summarise(now)) + "; no teardown")
 
     def _step_final(self, now):
         if self.child.running and now < self.deadline_at:
@@ -5502,6 +5613,9 @@ def power_off_failed(why):
     os._exit(1)
 
 
+GO_SUMMARY_MAX = 3000             # bytes of the summary on the go pipe (PIPE_BUF is 4096)
+
+
 class PowerOffChild(Source):
     """The child process that ends the guest, as fast as it can: the teardown, one byte to
     PID 1 on a pipe (how many filesystems stayed writable), then reboot(). One fork for
@@ -5552,17 +5666,19 @@ class PowerOffChild(Source):
             self.reaper.count(pid)
             os.close(go_fd)
 
-    def start(self, action, since):
-        """Let the prepared child go on, or fork one that goes at once. False when no child
-        could be forked."""
+    def start(self, action, since, summary=""):
+        """Let the prepared child go on, or fork one that goes at once; `summary` (how the
+        stop went so far) is said by the child with the teardown's time just before
+        reboot(). False when no child could be forked."""
         self.left_writable = None
         prepared, self._prepared = self._prepared, None
+        said = summary.encode("utf-8", "replace")[:GO_SUMMARY_MAX]
         if prepared is not None:
             pid, go_fd = prepared
             try:
                 if self.pid != pid:
                     raise OSError(errno.ESRCH, "the prepared child is gone")
-                os.write(go_fd, b"g")
+                os.write(go_fd, b"g" + said)   # one write under PIPE_BUF: read whole
                 return True
             except OSError as exc:
                 log("debug", "shutdown: the prepared child is not usable (%s); forking anew"
@@ -5570,22 +5686,29 @@ class PowerOffChild(Source):
                 self._close_result()
             finally:
                 os.close(go_fd)
-        return self._fork(action, since, wait_for_go=False) is not None
+        return self._fork(action, since, wait_for_go=False, said=said) is not None
 
-    def reboot_only(self, action, since):
+    def reboot_only(self, action, since, summary=""):
         """reboot() from a child of its own; without a child, here (success ends this
         process, which is the goal) with its errno as `code`."""
         command = REBOOT_COMMANDS[action]
+
+        def say_then_reboot():
+            if summary:
+                log("info", "shutdown: summary: %s; reboot(%s) %.3fs after the request"
+                    % (summary, action, time.monotonic() - since))
+            return reboot_now(action, command, since)
         self.code = None
-        self.pid = self.fork(lambda: reboot_now(action, command, since))
+        self.pid = self.fork(say_then_reboot)
         if self.pid is None:
-            self.code = reboot_now(action, command, since)
+            self.code = say_then_reboot()
         else:
             self.reaper.watch(self.pid, self._exited)
 
-    def _fork(self, action, since, wait_for_go):
+    def _fork(self, action, since, wait_for_go, said=b""):
         """Fork the teardown+reboot child; returns the go fd (-1 without wait_for_go), or
-        None when a pipe or the fork failed."""
+        None when a pipe or the fork failed. `said`: the summary so far (a prepared child
+        reads it after the go byte)."""
         guest, limit = self.guest, self.teardown_limit
         command = REBOOT_COMMANDS[action]
         try:
@@ -5597,8 +5720,12 @@ class PowerOffChild(Source):
         def teardown_then_reboot():
             signal.set_wakeup_fd(-1)                      # PID 1's pipe is not ours to wake
             _close_fds_but(2, _kmsg_fd, result_w, go_r)   # no dup of a socket outlives PID 1's
-            if go_r >= 0 and not os.read(go_r, 1):
-                return 0           # PID 1 closed the pipe without a word: not needed
+            summary = said
+            if go_r >= 0:
+                go = os.read(go_r, 1 + GO_SUMMARY_MAX)
+                if not go:
+                    return 0       # PID 1 closed the pipe without a word: not needed
+                summary = go[1:]
             started = time.monotonic()
             left = len(Teardown(KernelStorage(), guest, time_limit=limit).run())
             took = time.monotonic() - started
@@ -5608,6 +5735,10 @@ class PowerOffChild(Source):
             else:
                 log("info", "shutdown: filesystems synced and read-only in %.3fs" % took)
             os.write(result_w, bytes((min(left, 255),)))
+            log("info", "shutdown: summary: %s; teardown %.3fs%s; reboot(%s) %.3fs after the "
+                "request" % (summary.decode("utf-8", "replace") or "no process to stop", took,
+                             " (%d stayed writable)" % left if left else "", action,
+                             time.monotonic() - since))
             return reboot_now(action, command, since)
 
         self.code = None
@@ -6160,7 +6291,7 @@ def serve_main(argv, is_init, cmdline_path="/proc/cmdline", inbox=None, kept=Non
 
 
 # =============================================================================================
-# 12. The host client: ping, info, shutdown
+# 12. The host client: ping, info, shutdown, rehearse
 # =============================================================================================
 
 
@@ -6200,33 +6331,8 @@ class Client:
         return left
 
     def connect(self):
-        kind = self.addr[0]
-        where = format_address(self.addr)
-        if kind == "vsock":
-            if AF_VSOCK is None:
-                raise ClientError(EXIT_UNREACHABLE, "%s: this system has no AF_VSOCK" % where)
-            sock = socket.socket(AF_VSOCK, socket.SOCK_STREAM)
-            target = (self.addr[1], self.addr[2])
-        else:
-            target = unix_sockaddr(self.addr[1])
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock = sock
-        while True:
-            try:
-                sock.settimeout(self._remaining())
-                sock.connect(target)
-                break
-            except socket.timeout:
-                raise ClientError(EXIT_TIMEOUT, "%s: connect timed out after %gs"
-                                  % (where, self.timeout))
-            except BlockingIOError:
-                # A Unix socket whose listen backlog is full answers EAGAIN at once instead
-                # of waiting: the agent is busy accepting. Wait for it, within the timeout.
-                time.sleep(0.005)
-            except OSError as exc:
-                raise ClientError(EXIT_UNREACHABLE, "%s: cannot connect: %s"
-                                  % (where, exc.strerror or exc))
-        if kind == "hvsock":
+        self.sock = connect_stream(self.addr, self._remaining, self.timeout)
+        if self.addr[0] == "hvsock":
             self._hybrid_handshake()
 
     def _hybrid_handshake(self):
@@ -6325,6 +6431,37 @@ class Client:
             self.sock.close()
 
 
+def connect_stream(addr, remaining, timeout):
+    """A connected stream socket to `addr` (vsock, or a Unix socket for unix: and hvsock:),
+    within remaining() seconds. ClientError: EXIT_UNREACHABLE or EXIT_TIMEOUT."""
+    where = format_address(addr)
+    if addr[0] == "vsock":
+        if AF_VSOCK is None:
+            raise ClientError(EXIT_UNREACHABLE, "%s: this system has no AF_VSOCK" % where)
+        sock, target = socket.socket(AF_VSOCK, socket.SOCK_STREAM), (addr[1], addr[2])
+    else:
+        sock, target = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), unix_sockaddr(addr[1])
+    while True:
+        try:
+            sock.settimeout(remaining())
+            sock.connect(target)
+            return sock
+        except socket.timeout:
+            sock.close()
+            raise ClientError(EXIT_TIMEOUT, "%s: connect timed out after %gs" % (where, timeout))
+        except BlockingIOError:
+            # A Unix socket whose listen backlog is full answers EAGAIN at once instead
+            # of waiting: the agent is busy accepting. Wait for it, within the timeout.
+            time.sleep(0.005)
+        except ClientError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            raise ClientError(EXIT_UNREACHABLE, "%s: cannot connect: %s"
+                              % (where, exc.strerror or exc))
+
+
 def _decode_reply(schema, payload):
     try:
         return decode_message(schema, payload)
@@ -6332,7 +6469,193 @@ def _decode_reply(schema, payload):
         raise ClientError(EXIT_PROTOCOL, "bad response payload: %s" % exc)
 
 
-def client_ping(client, args):
+# ---- talking to a QEMU guest agent: ours, or qemu-ga ----------------------------------------
+
+QGA_MODES = {"poweroff": "powerdown", "halt": "halt", "reboot": "reboot"}
+
+
+class QgaClient:
+    """The host's side of QGA, for any guest that runs a QEMU guest agent, so that one tool
+    compares ours and qemu-ga on the same guest. Every exchange starts with
+    guest-sync-delimited (a 0xFF first: the agent drops any partial input; its answer comes
+    after a 0xFF of its own, and everything before it is a stale answer). One deadline for
+    the whole exchange, as Client."""
+
+    def __init__(self, addr, timeout):
+        self.addr, self.timeout = addr, timeout
+        self.deadline = time.monotonic() + timeout
+        self.sock = None
+        self.buf = bytearray()
+        self.sync_id = (os.getpid() << 16) ^ int(time.time() * 1000) & 0x7FFFFFFF
+
+    def _remaining(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ClientError(EXIT_TIMEOUT, "timed out after %gs talking to %s"
+                              % (self.timeout, format_address(("qga", self.addr))))
+        return left
+
+    def connect(self):
+        self.sock = connect_stream(self.addr, self._remaining, self.timeout)
+        self.sync()
+
+    def _send(self, obj, prefix=b""):
+        import json
+        try:
+            self.sock.settimeout(self._remaining())
+            self.sock.sendall(prefix + json.dumps(obj).encode() + b"\n")
+        except socket.timeout:
+            raise ClientError(EXIT_TIMEOUT, "sending to %s timed out"
+                              % format_address(("qga", self.addr)))
+        except OSError as exc:
+            raise ClientError(EXIT_UNREACHABLE, "%s: %s" % (
+                format_address(("qga", self.addr)), exc.strerror or exc))
+
+    def _next(self):
+        """The next JSON object the agent sent (a line), skipping 0xFF bytes."""
+        import json
+        while True:
+            line, nl, rest = bytes(self.buf).partition(b"\n")
+            if nl:
+                self.buf = bytearray(rest)
+                line = line.replace(b"\xff", b"").strip()
+                if not line:
+                    continue
+                try:
+                    return json.loads(line.decode("utf-8", "replace"))
+                except ValueError:
+                    raise ClientError(EXIT_PROTOCOL, "not JSON from %s: %r"
+                                      % (format_address(("qga", self.addr)), line[:80]))
+            try:
+                self.sock.settimeout(self._remaining())
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                raise ClientError(EXIT_TIMEOUT, "no answer from %s within %gs"
+                                  % (format_address(("qga", self.addr)), self.timeout))
+            except OSError as exc:
+                raise ClientError(EXIT_UNREACHABLE, "%s: %s" % (
+                    format_address(("qga", self.addr)), exc.strerror or exc))
+            if not chunk:
+                raise ClientError(EXIT_PROTOCOL, "%s closed the connection without answering"
+                                  % format_address(("qga", self.addr)))
+            self.buf += chunk
+
+    def sync(self):
+        """guest-sync-delimited: answers queued for somebody else are skipped."""
+        self.sync_id = (self.sync_id + 1) & 0x7FFFFFFF
+        self._send({"execute": "guest-sync-delimited", "arguments": {"id": self.sync_id}},
+                   prefix=b"\xff")
+        while True:
+            answer = self._next()
+            if isinstance(answer, dict) and answer.get("return") == self.sync_id:
+                return
+
+    def call(self, name, arguments=None):
+        """One command; its "return" value, or ClientError(EXIT_REFUSED) with the agent's
+        error class and text."""
+        request = {"execute": name}
+        if arguments:
+            request["arguments"] = arguments
+        self._send(request)
+        answer = self._next()
+        return self._value(name, answer)
+
+    def _value(self, name, answer):
+        if isinstance(answer, dict) and "error" in answer:
+            error = answer["error"] if isinstance(answer["error"], dict) else {}
+            raise ClientError(EXIT_REFUSED, "%s: %s: %s" % (
+                name, error.get("class", "error"), error.get("desc", answer["error"])))
+        if not isinstance(answer, dict) or "return" not in answer:
+            raise ClientError(EXIT_PROTOCOL, "%s: unexpected answer %r" % (name, answer))
+        return answer["return"]
+
+    def shutdown(self, mode):
+        """guest-shutdown has no answer when it works (the guest goes down); a guest agent
+        that cannot do it answers an error (qemu-ga in a busybox guest: "child process has
+        failed to shutdown"). So: send it, then a guest-sync-delimited -- agents answer in
+        order, so an error comes before the sync's answer, and the sync's answer alone means
+        the stop is under way."""
+        self._send({"execute": "guest-shutdown", "arguments": {"mode": mode}})
+        self.sync_id = (self.sync_id + 1) & 0x7FFFFFFF
+        self._send({"execute": "guest-sync-delimited", "arguments": {"id": self.sync_id}},
+                   prefix=b"\xff")
+        while True:
+            answer = self._next()
+            if isinstance(answer, dict) and "error" in answer:
+                self._value("guest-shutdown", answer)
+            if isinstance(answer, dict) and answer.get("return") == self.sync_id:
+                return
+
+    def keepalive(self):
+        """A guest-ping while waiting (its answer is read by wait_until_gone)."""
+        self._send({"execute": "guest-ping"})
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+
+
+# ---- waiting until the guest is gone ----------------------------------------------------------
+
+# How the end of a guest shows on each transport: the agent keeps the requester's connection
+# open through the stop, so its end marks the end of the guest -- the VMM's socket for a
+# virtio-serial port or hybrid vsock closes when the VMM exits (EOF), a vsock connection is
+# reset, a namespace guest's socket closes with its PID 1. An end is confirmed by connecting
+# again: nothing listens any more (refused, no such file, reset). Meanwhile a keep-alive
+# (Ping, guest-ping) every WAIT_KEEPALIVE s keeps the agent's idle timeout away and tells when
+# the guest last answered.
+WAIT_KEEPALIVE = 0.5
+WAIT_RECONNECTS = 3               # an agent that closed our connection but still answers
+
+
+def wait_until_gone(client, asked, deadline):
+    """Block until the guest behind `client` is gone, or `deadline`. Returns (gone at, how
+    it was seen, last answer at): `gone at` None when still up at the deadline."""
+    last_answer, reconnects = None, 0
+    next_keepalive = time.monotonic() + WAIT_KEEPALIVE
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            return None, "still up", last_answer
+        try:
+            ready = select.select([client.sock], [], [], max(0.0, min(next_keepalive,
+                                                                    deadline) - now))[0]
+            if ready:
+                data = client.sock.recv(65536)
+                if data:
+                    last_answer = time.monotonic()
+                    continue
+                how = "the connection closed"
+            else:
+                next_keepalive = time.monotonic() + WAIT_KEEPALIVE
+                client.deadline = deadline
+                client.keepalive()
+                continue
+        except ClientError as exc:
+            if exc.code != EXIT_UNREACHABLE:
+                return None, str(exc), last_answer
+            how = "the connection failed (%s)" % exc
+        except OSError as exc:
+            how = "the connection was reset" if exc.errno == errno.ECONNRESET else \
+                "the connection failed (%s)" % (exc.strerror or exc)
+        gone = time.monotonic()
+        client.close()
+        # confirm: does anything still listen there?
+        try:
+            client.deadline = min(deadline, time.monotonic() + 2.0)
+            client.sock = connect_stream(client.addr, client._remaining, 2.0)
+        except ClientError as exc:
+            return gone, "%s, and nothing listens any more (%s)" % (
+                how, str(exc).rsplit(": ", 1)[-1]), last_answer
+        reconnects += 1
+        if reconnects > WAIT_RECONNECTS:
+            return None, "%s, but the address still takes connections (%d times)" % (
+                how, reconnects), last_answer
+
+
+# ---- the commands, for one guest or several at once ------------------------------------------
+
+def arcbox_ping(client, args):
     sent = time.monotonic()
     payload = encode_message(PING_REQUEST, {
         "message": args.message, "timestamp_secs": int(time.time()) if args.set_clock else 0})
@@ -6342,7 +6665,7 @@ def client_ping(client, args):
                                                 reply["rtt_ms"])
 
 
-def client_info(client, args):
+def arcbox_info(client, args):
     info = _decode_reply(SYSTEM_INFO, client.request(MSG_GET_SYSTEM_INFO))
     gib = 1024.0 ** 3
     lines = [
@@ -6359,7 +6682,7 @@ def client_info(client, args):
     return info, "\n".join(lines)
 
 
-def client_shutdown(client, args):
+def arcbox_shutdown(client, args):
     grace = 0 if args.grace is None else max(1, int(round(args.grace)))
     payload = encode_message(SHUTDOWN_REQUEST, {"timeout_seconds": grace})
     reply = _decode_reply(SHUTDOWN_RESPONSE, client.request(MSG_SHUTDOWN, payload))
@@ -6368,61 +6691,496 @@ def client_shutdown(client, args):
     return reply, "shutdown accepted (grace %s)" % ("%ds" % grace if grace else "default")
 
 
+def _arcbox_keepalive(client):
+    client._send_all(encode_frame(MSG_PING, b"", b"keepalive"))
+
+
+def qga_ping(client, args):
+    sent = time.monotonic()
+    client.call("guest-ping")
+    rtt = round((time.monotonic() - sent) * 1000, 3)
+    return {"rtt_ms": rtt}, "guest-ping answered in %.2f ms" % rtt
+
+
+def qga_info(client, args):
+    info = {"guest-info": client.call("guest-info")}
+    for name in ("guest-get-osinfo", "guest-get-host-name"):
+        try:
+            info[name] = client.call(name)
+        except ClientError as exc:       # an agent without it: say so, show the rest
+            if exc.code != EXIT_REFUSED:
+                raise
+            info[name] = {"error": str(exc)}
+    osinfo, agent_info = info["guest-get-osinfo"], info["guest-info"]
+    lines = [
+        "hostname      %s" % info["guest-get-host-name"].get("host-name", "?"),
+        "kernel        %s %s (%s)" % (osinfo.get("kernel-release", "?"),
+                                      osinfo.get("kernel-version", ""), osinfo.get("machine", "?")),
+        "os            %s" % osinfo.get("pretty-name", osinfo.get("error", "?")),
+        "guest agent   %s, %d commands" % (agent_info.get("version", "?"),
+                                           len(agent_info.get("supported_commands", ()))),
+    ]
+    return info, "\n".join(lines)
+
+
+def qga_shutdown_request(client, args):
+    mode = QGA_MODES[args.action or "poweroff"]
+    client.shutdown(mode)
+    return {"mode": mode}, "guest-shutdown (mode %s) under way" % mode
+
+
 CLIENT_COMMANDS = {
-    "ping": (client_ping, "check that the agent answers (Ping)"),
-    "info": (client_info, "show the guest's system information (GetSystemInfo)"),
-    "shutdown": (client_shutdown, "ask the guest to power off in order (Shutdown)"),
+    "ping": ("check that the agent answers (Ping; QGA: guest-ping)", arcbox_ping, qga_ping),
+    "info": ("show the guest's system information (GetSystemInfo; QGA: guest-info, "
+             "guest-get-osinfo, guest-get-host-name)", arcbox_info, qga_info),
+    "shutdown": ("ask the guest to power off in order (Shutdown; QGA: guest-shutdown)",
+                 arcbox_shutdown, qga_shutdown_request),
 }
+WAIT_BOUNDS = 35.0                # after the grace: the guest's teardown and reboot() bounds + 15
+
+
+def run_one(command, addr, args, timeout):
+    """One guest: (exit status, result for --json, text)."""
+    started = time.monotonic()
+    qga = addr[0] == "qga"
+    client = QgaClient(addr[1], timeout) if qga else Client(addr, timeout)
+    result = {"to": format_address(addr)}
+    try:
+        client.connect()
+        asked = time.monotonic()
+        value, text = CLIENT_COMMANDS[command][2 if qga else 1](client, args)
+        result.update(value if isinstance(value, dict) else {"value": value})
+        if not getattr(args, "wait", False):
+            return EXIT_OK, result, text
+        acked = time.monotonic()
+        if not qga:
+            client.keepalive = lambda: _arcbox_keepalive(client)
+        gone, how, last = wait_until_gone(client, asked, started + timeout)
+        result.update({"accepted_after_s": round(acked - asked, 3), "seen": how,
+                       "gone": gone is not None})
+        if last is not None:
+            result["last_answer_after_s"] = round(last - asked, 3)
+        if gone is None:
+            result["exit_status"] = EXIT_TIMEOUT
+            seen = ("it last answered %.2f s after the request" % (last - asked)
+                    if last is not None else "no answer since the request was accepted")
+            return EXIT_TIMEOUT, result, "still up %.2f s after the request (%s; %s)" % (
+                time.monotonic() - asked, how, seen)
+        result["gone_after_s"] = round(gone - asked, 3)
+        verb = {"reboot": "rebooted", "halt": "halted"}.get(args.action, "powered off")
+        return EXIT_OK, result, "%s %.2f s after the request (%s)" % (verb, gone - asked, how)
+    except ClientError as exc:
+        result.update({"ok": False, "error": str(exc), "exit_status": exc.code})
+        return exc.code, result, str(exc)
+    finally:
+        client.close()
+
+
+def parse_client_address(text):
+    """parse_address, plus qga:ADDR (a QEMU guest agent: qga:unix:PATH, qga:vsock:CID:PORT)."""
+    if text.lower().startswith("qga:"):
+        inner = parse_address(text[4:], default_port=None)
+        if inner[0] not in ("unix", "vsock"):
+            raise ConfigError("%r: QGA is reached over unix: or vsock: here" % text)
+        if inner[0] == "vsock" and inner[2] is None:
+            raise ConfigError("%r: a QGA vsock address needs its port (qga:vsock:CID:PORT)"
+                              % text)
+        return ("qga", inner)
+    return parse_address(text)
 
 
 def client_main(argv):
     import argparse
     import json
+    command = argv[0]
     parser = argparse.ArgumentParser(
-        prog="%s %s" % (PROG, argv[0]), description=CLIENT_COMMANDS[argv[0]][1],
-        epilog=ADDRESS_HELP + "\n\nexit status: 0 ok, 1 the agent refused (error frame), "
-        "2 usage, 3 unreachable, 4 timeout, 5 protocol error",
+        prog="%s %s" % (PROG, command), description=CLIENT_COMMANDS[command][0],
+        epilog=ADDRESS_HELP + "\n  qga:unix:PATH, qga:vsock:CID:PORT  a QEMU guest agent "
+        "(ours or qemu-ga), spoken in QGA\n\nexit status: 0 ok (with --wait: the guest is "
+        "gone), 1 the agent refused, 2 usage, 3 unreachable, 4 timeout (with --wait: still "
+        "up), 5 protocol error; with several --to, the worst",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--to", metavar="ADDR", default=os.environ.get("ARCBOX_AGENT_TO"),
-                        help="agent address (default: $ARCBOX_AGENT_TO)")
-    parser.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0,
-                        help="give up after this long, connect included (default 5)")
-    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
-    if argv[0] == "ping":
+    parser.add_argument("--to", metavar="ADDR", action="append",
+                        help="agent address; repeat it for several guests, asked at once "
+                        "(default: $ARCBOX_AGENT_TO)")
+    parser.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
+                        help="give up after this long, connect included (default 5; with "
+                        "--wait: the grace + %g)" % WAIT_BOUNDS)
+    parser.add_argument("--json", action="store_true",
+                        help="print each answer as one line of JSON")
+    if command == "ping":
         parser.add_argument("--message", default="", help="text the agent echoes back")
         parser.add_argument("--set-clock", action="store_true",
                             help="send this machine's time (the guest, as PID 1, sets its clock "
                             "from it only for an allowed vsock peer or virtio-serial port)")
-    if argv[0] == "shutdown":
+    if command == "shutdown":
         parser.add_argument("--grace", metavar="SECONDS", type=float, default=None,
-                            help="SIGTERM grace before SIGKILL (default: the guest's, 25 s)")
+                            help="SIGTERM grace before SIGKILL (default: the guest's, 25 s; "
+                            "ArcBox only: QGA's guest-shutdown has none)")
+        parser.add_argument("--action", choices=sorted(QGA_MODES), default=None,
+                            help="QGA only: guest-shutdown's mode (default poweroff); ArcBox's "
+                            "Shutdown carries none: the guest's --action applies")
+        parser.add_argument("--wait", action="store_true",
+                            help="after the guest accepts, wait until it is gone and say after "
+                            "how long (exit 4 if it is still up at --timeout)")
     args = parser.parse_args(argv[1:])
-    if not args.to:
+    targets = args.to or ([os.environ["ARCBOX_AGENT_TO"]]
+                          if os.environ.get("ARCBOX_AGENT_TO") else [])
+    if not targets:
         parser.error("no address: give --to ADDR (or set ARCBOX_AGENT_TO)")
+    if args.timeout is None:
+        grace = getattr(args, "grace", None)
+        args.timeout = ((grace or 25.0) + WAIT_BOUNDS) if getattr(args, "wait", False) else 5.0
     if not args.timeout > 0:
         parser.error("--timeout must be positive")
     if getattr(args, "grace", None) is not None and not 0 <= args.grace < 2 ** 32:
         parser.error("--grace must be between 0 and 4294967295 seconds")
-    try:
-        addr = parse_address(args.to)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    try:
-        client = Client(addr, args.timeout)
-    except ClientError as exc:
-        parser.error(str(exc))
-    try:
-        client.connect()
-        result, text = CLIENT_COMMANDS[argv[0]][0](client, args)
-    except ClientError as exc:
-        sys.stderr.write("%s %s: %s\n" % (PROG, argv[0], exc))
+    addrs = []
+    for text in targets:
+        try:
+            addr = parse_client_address(text)
+        except ConfigError as exc:
+            parser.error(str(exc))
+        if addr[0] == "serial":
+            parser.error("%s: serial: is a guest-side address; on the host use the VMM's "
+                         "socket for the port, e.g. unix:PATH" % text)
+        if command == "shutdown" and addr[0] == "qga" and args.grace is not None:
+            parser.error("%s: --grace: QGA's guest-shutdown carries no grace (the guest's "
+                         "own applies)" % text)
+        if command == "shutdown" and addr[0] != "qga" and args.action is not None:
+            parser.error("%s: --action: ArcBox's Shutdown carries no action (the guest's "
+                         "--action applies)" % text)
+        addrs.append(addr)
+    several = len(addrs) > 1
+
+    def report(status, result, text):
+        line = ("%s: %s" % (result["to"], text)) if several else text
+        if status != EXIT_OK:
+            sys.stderr.write("%s %s: %s\n" % (PROG, command, line))
         if args.json:
-            print(json.dumps({"ok": False, "error": str(exc), "exit_status": exc.code}))
+            result.setdefault("exit_status", status)
+            print(json.dumps(result, sort_keys=True), flush=True)
+        elif status == EXIT_OK:
+            print(line, flush=True)
+
+    if not several:
+        status, result, text = run_one(command, addrs[0], args, args.timeout)
+        report(status, result, text)
+        return status
+    # several guests: each in a thread of its own (the host side, not PID 1), one line as
+    # each finishes; the exit status is the worst
+    import threading
+    done, lock = [], threading.Lock()
+
+    def one(addr):
+        outcome = run_one(command, addr, args, args.timeout)
+        with lock:
+            done.append(outcome[0])
+            report(*outcome)
+    threads = [threading.Thread(target=one, args=(addr,), daemon=True) for addr in addrs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return max(done, key=lambda code: (code != EXIT_OK, code))
+
+
+# ---- rehearse: a workload's real power-off in a namespace, no VM ------------------------------
+
+# `rehearse -- CMD` runs CMD as the workload of this very agent, PID 1 of a new PID namespace
+# -- the code path of a guest, not a simulation -- then stops it the way busybox's poweroff
+# does (SIGUSR2 to PID 1) and tells each process's fate from the agent's own log. The
+# namespaces: a user namespace (so that no root is needed where unprivileged ones are
+# allowed; the caller's uid is root inside it), a PID namespace (kill(-1) reaches only the
+# workload; reboot(2) there ends only the namespace: its init is killed by SIGINT), a mount
+# namespace with its own /proc and private propagation (the agent's GuestMounts then counts
+# every mount as the host's: none is remounted), a network and a UTS namespace (lo, the
+# hostname). The host's /dev/watchdog and input devices are never opened (--watchdog off,
+# --power-button off). Only sync(2) reaches the host's disks, as any process's may.
+CLONE_NEWNS, CLONE_NEWUTS = 0x00020000, 0x04000000    # <linux/sched.h>
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18                   # <sys/mount.h>
+EXIT_NO_NAMESPACE = 6             # rehearse: the namespaces it needs cannot be made here
+REHEARSE_BOUNDS = 30.0            # after the grace: the agent's teardown and reboot() bounds
+
+
+def own_command():
+    """How to run this very agent again: its .pyz (zipimport's archive) or agent.py."""
+    archive = getattr(globals().get("__loader__"), "archive", None)
+    return [sys.executable, "-S", archive or os.path.abspath(__file__)]
+
+
+def _unshare_for_rehearsal():
+    """In the runner: the namespaces, and root inside the user namespace. Returns None, or
+    why it cannot be done (then nothing was changed that matters)."""
+    uid, gid = os.geteuid(), os.getegid()
+    err = libc_call("unshare", CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET
+                    | CLONE_NEWUTS)
+    if err == 0:
+        try:
+            for path, text in (("/proc/self/uid_map", "0 %d 1" % uid),
+                               ("/proc/self/setgroups", "deny"),
+                               ("/proc/self/gid_map", "0 %d 1" % gid)):
+                with open(path, "w") as f:
+                    f.write(text)
+        except OSError as exc:
+            return "cannot map this user into the user namespace: %s" % (exc.strerror or exc)
+        return None
+    why = "unshare(CLONE_NEWUSER) failed: %s" % os.strerror(err)
+    # real root (the initial user namespace's whole uid range) needs no user namespace
+    if _read_text("/proc/self/uid_map").split() == ["0", "0", "4294967295"]:
+        err = libc_call("unshare", CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS)
+        if err == 0:
+            return None
+        why = "unshare(CLONE_NEWPID) failed: %s" % os.strerror(err)
+    return why
+
+
+def _rehearsal_init(argv, log_w):
+    """PID 1 of the new namespace: its own /proc, then exec the agent."""
+    if os.getpid() != 1:
+        os.write(2, b"rehearse: not PID 1 of a new namespace; not starting the agent\n")
+        os._exit(EXIT_NO_NAMESPACE)
+    for args in ((None, b"/", None, MS_REC | MS_PRIVATE, None),   # nothing leaks to the host
+                 (b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)):
+        err = libc_call("mount", *args)
+        if err:
+            os.write(2, ("rehearse: mount %s: %s\n" % (args[1].decode(), os.strerror(err)))
+                     .encode())
+            os._exit(EXIT_NO_NAMESPACE)
+    os.dup2(log_w, 2)
+    os.execv(argv[0], argv)
+
+
+def start_rehearsal(argv):
+    """Fork the runner, which makes the namespaces and forks their PID 1 (the agent,
+    `argv`). Returns (runner pid, PID 1's pid as seen here, the agent's log fd), or raises
+    ClientError(EXIT_NO_NAMESPACE)."""
+    log_r, log_w = os.pipe()
+    info_r, info_w = os.pipe()
+    runner = os.fork()
+    if runner == 0:
+        try:
+            os.close(log_r)
+            os.close(info_r)
+            why = _unshare_for_rehearsal()
+            if why:
+                os.write(info_w, ("!" + why).encode())
+                os._exit(EXIT_NO_NAMESPACE)
+            init = os.fork()
+            if init == 0:
+                os.close(info_w)
+                _rehearsal_init(argv, log_w)
+            os.close(log_w)
+            os.write(info_w, str(init).encode())
+            os.close(info_w)
+            status = os.waitpid(init, 0)[1]
+            # how the namespace's PID 1 ended, as a signal number (or 128 + exit code)
+            os._exit(os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                     else 128 + os.WEXITSTATUS(status))
+        except BaseException as exc:
+            os.write(2, ("rehearse: %s\n" % describe_exception(exc)).encode())
+            os._exit(EXIT_NO_NAMESPACE)
+    os.close(log_w)
+    os.close(info_w)
+    said = b""
+    while True:
+        chunk = os.read(info_r, 4096)
+        if not chunk:
+            break
+        said += chunk
+    os.close(info_r)
+    if not said.isdigit():
+        os.waitpid(runner, 0)
+        os.close(log_r)
+        raise ClientError(EXIT_NO_NAMESPACE, "rehearse needs a PID namespace of its own, and "
+                          "a user namespace for it unless run as root: %s. (Unprivileged user "
+                          "namespaces may be off: sysctl user.max_user_namespaces, "
+                          "kernel.unprivileged_userns_clone, or an AppArmor/SELinux rule.)"
+                          % (said[1:].decode(errors="replace") or "the runner died"))
+    return runner, int(said), log_r
+
+
+class AgentLog:
+    """The agent's log, read as it comes: its lines, each (seconds since boot, message)."""
+
+    def __init__(self, fd):
+        self.fd, self.text, self.events, self.closed = fd, b"", [], False
+
+    def read(self, until):
+        """Read what came, until the fd closes or `until` (monotonic) passes."""
+        while not self.closed:
+            left = until - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                return
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                self.closed = True
+                return
+            self.text += chunk
+            *lines, self.text = self.text.split(b"\n")
+            for line in lines:
+                head, sep, message = line.decode("utf-8", "replace").partition(": ")
+                stamp = head[1:head.find("]")] if head.startswith("[") else ""
+                try:
+                    self.events.append((float(stamp), message if sep else head))
+                except ValueError:
+                    self.events.append((None, line.decode("utf-8", "replace")))
+
+    def wait_for(self, needle, until):
+        while True:
+            found = next((e for e in self.events if e[1].startswith(needle)), None)
+            if found or self.closed or time.monotonic() >= until:
+                return found
+            self.read(min(until, time.monotonic() + 0.1))
+
+
+def rehearsal_report(events, grace):
+    """The timeline and each process's fate, from the agent's log events."""
+    import re
+    process = re.compile(r"pid (\d+) \((.*?)\)(?: ([^;]*))?")
+    t0 = next((t for t, m in events if m.startswith("shutdown requested (")), None)
+    fates, timeline = {}, []
+    if t0 is None:
+        return None, [], fates
+    term_at = grace_over = None
+    for t, m in events:
+        if t is None or t < t0:
+            continue
+        at = t - t0
+        if m.startswith("shutdown requested ("):
+            reason = m.split("(", 1)[1].split(")")[0]
+            timeline.append((at, "stop requested: " + (
+                "SIGUSR2, as busybox's poweroff sends" if reason == "signal %d" % signal.SIGUSR2
+                else reason)))
+        elif m.startswith("shutdown: SIGTERM sent to all processes"):
+            term_at = at
+            timeline.append((at, "SIGTERM and SIGCONT sent to every process"))
+        elif m.startswith("shutdown: SIGTERM went to "):
+            for pid, name, _ in process.findall(m[len("shutdown: SIGTERM went to "):]):
+                fates[int(pid)] = {"pid": int(pid), "name": name, "fate": "exited",
+                                   "after_s": None, "how": "exited on SIGTERM"}
+        elif m.startswith("reaped pid "):
+            pid = int(m.split()[2])
+            how = m.split("(", 1)[1].rstrip(")") if "(" in m else ""
+            if pid in fates and fates[pid]["fate"] == "exited" and grace_over is None:
+                fates[pid].update(after_s=round(at - (term_at or 0.0), 3), status=how)
+                timeline.append((at, "pid %d (%s) exited on SIGTERM (its status: %s)"
+                                 % (pid, fates[pid]["name"], how)))
+            elif pid in fates and fates[pid]["fate"] == "killed":
+                timeline.append((at, "pid %d (%s) killed (%s)" % (pid, fates[pid]["name"], how)))
+        elif m.startswith("shutdown: the grace (") and " is over and " in m:
+            grace_over = at
+            for pid, name, what in process.findall(m.split(": ", 2)[2]):
+                entry = fates.setdefault(int(pid), {"pid": int(pid), "name": name})
+                entry.update(fate="killed", after_s=None,
+                             how="killed at the grace (%s)" % (what or "still running"))
+            timeline.append((at, "grace over: " + m.split(": ", 2)[2]))
+        elif m.startswith("shutdown: grace over, SIGKILL sent"):
+            timeline.append((at, "SIGKILL sent to the rest"))
+        elif m.startswith("shutdown: all processes gone"):
+            timeline.append((at, "every process gone"))
+        elif m.startswith("shutdown: filesystems synced"):
+            timeline.append((at, "teardown: " + m[len("shutdown: "):]))
+        elif m.startswith("shutdown: calling reboot("):
+            timeline.append((at, "reboot() called"))
+        elif m.startswith("shutdown: summary: "):
+            timeline.append((at, "the agent's summary: " + m[len("shutdown: summary: "):]))
+    for entry in fates.values():
+        if entry["fate"] == "exited" and entry["after_s"] is None:
+            entry["how"] = "exited on SIGTERM (reaped by its parent)"
+    return t0, timeline, fates
+
+
+def rehearse_main(argv):
+    import argparse
+    import json
+    parser = argparse.ArgumentParser(
+        prog="%s rehearse" % PROG,
+        description="Run CMD as the workload of this agent, PID 1 of a new PID namespace (no "
+        "VM, no root where unprivileged user namespaces are allowed), stop it after --after "
+        "seconds the way busybox's poweroff does, and print the timeline and each process's "
+        "fate.",
+        epilog="exit status: 0 every process exited on SIGTERM within the grace, 1 some had to "
+        "be killed, 2 usage, 3 the agent did not start, 4 the stop did not end within "
+        "--timeout, 6 no namespaces here (the message says why)")
+    parser.add_argument("--grace", metavar="SECONDS", type=float, default=5.0,
+                        help="SIGTERM grace before SIGKILL (default 5)")
+    parser.add_argument("--after", metavar="SECONDS", type=float, default=1.0,
+                        help="how long the workload runs before the stop (default 1)")
+    parser.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
+                        help="give up after this long (default: --after + --grace + %g)"
+                        % REHEARSE_BOUNDS)
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    args = parser.parse_args(argv[1:])
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no workload: give -- CMD [ARG...]")
+    if not (0 <= args.grace < 2 ** 31 and 0 <= args.after < 2 ** 31):
+        parser.error("--grace and --after must be 0 or more seconds")
+    timeout = args.timeout or args.after + args.grace + REHEARSE_BOUNDS
+    agent_argv = own_command() + [
+        "serve", "--log", "debug", "--grace", "%g" % args.grace, "--listen",
+        "unix:@arcbox-rehearse-%d" % os.getpid(), "--qga", "off", "--watchdog", "off",
+        "--power-button", "off", "--exec"] + command
+    started = time.monotonic()
+    try:
+        runner, init, log_fd = start_rehearsal(agent_argv)
+    except ClientError as exc:
+        sys.stderr.write("%s rehearse: %s\n" % (PROG, exc))
         return exc.code
+    log = AgentLog(log_fd)
+    status, end = EXIT_OK, started + timeout
+    try:
+        begun = log.wait_for("started ", end) or log.wait_for("cannot start", end)
+        if begun is None or begun[1].startswith("cannot start"):
+            status = EXIT_UNREACHABLE
+            sys.stderr.write("%s rehearse: the workload did not start: %s\n" % (
+                PROG, begun[1] if begun else "no word from the agent"))
+        log.read(min(end, time.monotonic() + args.after))
+        os.kill(init, signal.SIGUSR2)           # busybox's poweroff
+        log.read(end)
     finally:
-        client.close()
-    print(json.dumps(result, sort_keys=True) if args.json else text)
-    return EXIT_OK
+        if not log.closed:                       # over time: end the namespace
+            status = status or EXIT_TIMEOUT
+            try:
+                os.kill(init, signal.SIGKILL)
+            except OSError:
+                pass
+        code = os.waitpid(runner, 0)[1]
+        os.close(log_fd)
+    ended = os.waitstatus_to_exitcode(code)
+    t0, timeline, fates = rehearsal_report(log.events, args.grace)
+    killed = [f for f in fates.values() if f["fate"] == "killed"]
+    powered_off = ended == signal.SIGINT          # reboot(POWER_OFF) in a PID namespace
+    if status == EXIT_OK:
+        status = EXIT_REFUSED if killed else EXIT_OK
+        if not powered_off:
+            status = EXIT_TIMEOUT
+    outcome = ("every process exited on SIGTERM within the grace" if status == EXIT_OK else
+               "%d process%s had to be killed at the grace" % (len(killed), "es" * (len(killed) != 1))
+               if status == EXIT_REFUSED else "the stop did not end in a power-off")
+    if args.json:
+        print(json.dumps({"command": command, "grace": args.grace, "after": args.after,
+                          "timeline": [[round(t, 3), what] for t, what in timeline],
+                          "processes": sorted(fates.values(), key=lambda f: f["pid"]),
+                          "powered_off": powered_off, "outcome": outcome,
+                          "exit_status": status}, sort_keys=True))
+        return status
+    lines = ["rehearse: %s as the workload of %s, PID 1 of a new PID namespace; stopped after "
+             "%gs as busybox's poweroff does, grace %gs" % (" ".join(command), PROG,
+                                                             args.after, args.grace)]
+    lines += ["timeline (seconds from the stop request):"]
+    lines += ["  %+8.3f s  %s" % (t, what) for t, what in timeline]
+    lines += ["processes:"] + (["  pid %d (%s): %s%s" % (
+        f["pid"], f["name"], f["how"], " after %.3f s" % f["after_s"]
+        if f.get("after_s") is not None else "")
+        for f in sorted(fates.values(), key=lambda f: f["pid"])] or ["  (none)"])
+    lines += ["outcome: %s%s" % (outcome, "" if powered_off else " (PID 1 ended with %s)"
+                                 % describe_exit_code(ended))]
+    print("\n".join(lines))
+    return status
 
 
 # =============================================================================================
@@ -6436,6 +7194,8 @@ def main(argv=None, is_init=False, inbox=None, kept=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in CLIENT_COMMANDS:
         return client_main(argv)
+    if argv and argv[0] == "rehearse":
+        return rehearse_main(argv)
     if len(argv) == 1 and argv[0] in UDHCPC_EVENTS and "interface" in os.environ:
         return udhcpc_script(argv[0], os.environ)      # run by udhcpc as its script
     if argv and argv[0] == "--version":

@@ -6,11 +6,13 @@ Oracles: QEMU exits by itself with status 0, the console says "reboot: Power dow
 "Kernel panic" (a panic makes pvpanic exit QEMU with a failure status), and the agent's log
 lines on the console show the orderly sequence."""
 
+import json
 import os
 import random
 import re
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -108,15 +110,44 @@ def test_ctrl_alt_del_from_the_vmm_powers_off_in_order(boot):
     assert any(l.startswith("shutdown: calling reboot(poweroff)") for l in lines)
 
 
-def test_a_process_ignoring_sigterm_is_killed_after_the_grace(boot):
+def test_a_process_ignoring_sigterm_is_named_killed_and_shutdown_wait_sees_qemu_exit(
+        boot, pyz):
+    """One boot: `shutdown --wait` says when the guest went down, and that agrees with when
+    this test saw QEMU exit (the client's own start and connect come before its request);
+    the console names the process that held the stop up, before SIGKILL, and has the
+    summary line before reboot()."""
     vm = boot('arcbox.exec=/test/ignore_term.sh')
     vm.wait_ready(BOOT_TIMEOUT)
     vm.wait_log("IGNORING-TERM", BOOT_TIMEOUT)
-    assert vm.shutdown(grace=1) is True
+    exited = []
+    watcher = threading.Thread(target=lambda: (vm.proc.wait(), exited.append(time.monotonic())),
+                               daemon=True)
+    watcher.start()
+    launched = time.monotonic()
+    out = subprocess.run(["/usr/bin/python3", pyz, "shutdown", "--to", vm.agent_address,
+                          "--grace", "1", "--wait", "--json"], capture_output=True, text=True,
+                         timeout=STOP_TIMEOUT + 30)
+    watcher.join(STOP_TIMEOUT)
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    result = json.loads(out.stdout)
+    assert result["gone"] is True and "the connection closed" in result["seen"], result
+    lag = (exited[0] - launched) - result["gone_after_s"]
+    print("shutdown --wait: gone %.3f s after the request; QEMU's exit seen here %.3f s after "
+          "the client started" % (result["gone_after_s"], exited[0] - launched))
+    assert -0.1 <= lag <= 0.5, (lag, result)
+    assert 1.0 <= result["gone_after_s"] < STOP_TIMEOUT
     assert_powered_off(vm, vm.wait(STOP_TIMEOUT))
     lines = vm.messages()
-    assert "shutdown: grace over, SIGKILL sent to the rest" in lines, lines
+    held = [l for l in lines if l.startswith("shutdown: the grace (1s) is over and 1 process "
+                                             "still runs: pid ")]
+    assert len(held) == 1 and held[0].endswith("(sleep) ignores SIGTERM"), lines
+    assert lines.index(held[0]) < lines.index("shutdown: grace over, SIGKILL sent to the rest")
     assert "shutdown: all processes gone after SIGKILL" in lines
+    summary = [l for l in lines if l.startswith("shutdown: summary: ")]
+    assert len(summary) == 1 and re.search(r"; 1 killed at the grace: pid \d+ \(sleep\); "
+                                            r"teardown [0-9.]+s; reboot\(poweroff\) ", summary[0])
+    assert lines.index(summary[0]) < next(i for i, l in enumerate(lines)
+                                          if l.startswith("shutdown: calling reboot("))
 
 
 @pytest.mark.parametrize("run", range(3))
