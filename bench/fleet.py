@@ -7,9 +7,9 @@ SIGTERM. Two ways to stop the 20, alternated round by round on fresh guests:
 - ours: one `arcbox-agent shutdown --wait --grace 1 --to G1 ... --to G20` (a thread per
   guest);
 - baseline: what a user could write without it, a shell loop starting one
-  `arcbox-agent shutdown --wait --to G` process per guest in the background, then `wait`
-  (20 processes at once: the strongest simple alternative; one after another would be 20
-  times a stop).
+  `arcbox-agent shutdown --wait --to G > G.out` process per guest in the background, then
+  `wait` (20 processes at once: the strongest simple alternative; one after another would be
+  20 times a stop).
 Wall time from the command's start to its end, and each guest's "gone after" as the client
 reported it.
 
@@ -60,12 +60,21 @@ def stop(variant, pyz, guests):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         lines = out.stdout.splitlines()
     else:
-        script = "".join("%s %s shutdown --wait --grace 1 --json --to %s &\n"
-                         % (sys.executable, pyz, g.address) for g in guests) + "wait\n"
+        # each process's line to a file of its own: 20 writers on one pipe may interleave
+        outs = [g.sock + ".out" for g in guests]
+        script = "".join("%s %s shutdown --wait --grace 1 --json --to %s > %s &\n"
+                         % (sys.executable, pyz, g.address, o) for g, o in zip(guests, outs)) \
+            + "wait\n"
         out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120)
-        lines = out.stdout.splitlines()
+        lines = []
+        for o in outs:
+            with open(o) as f:
+                lines += f.read().splitlines()
     wall = time.monotonic() - began
-    results = [json.loads(line) for line in lines]
+    try:
+        results = [json.loads(line) for line in lines]
+    except ValueError:
+        raise SystemExit("%s: not JSON lines: %r" % (variant, out.stdout))
     if len(results) != len(guests) or not all(r.get("gone") for r in results):
         raise SystemExit("%s: not every guest was seen gone: %s %s" % (variant, out.stdout,
                                                                        out.stderr))
