@@ -6632,6 +6632,8 @@ def wait_until_gone(client, asked, deadline):
                 client.keepalive()
                 continue
         except ClientError as exc:
+            if exc.code == EXIT_TIMEOUT:       # the keep-alive met the deadline
+                return None, "still up", last_answer
             if exc.code != EXIT_UNREACHABLE:
                 return None, str(exc), last_answer
             how = "the connection failed (%s)" % exc
@@ -6764,8 +6766,8 @@ def run_one(command, addr, args, timeout):
             result["exit_status"] = EXIT_TIMEOUT
             seen = ("it last answered %.2f s after the request" % (last - asked)
                     if last is not None else "no answer since the request was accepted")
-            return EXIT_TIMEOUT, result, "still up %.2f s after the request (%s; %s)" % (
-                time.monotonic() - asked, how, seen)
+            return EXIT_TIMEOUT, result, "%s %.2f s after the request (%s)" % (
+                how, time.monotonic() - asked, seen)
         result["gone_after_s"] = round(gone - asked, 3)
         verb = {"reboot": "rebooted", "halt": "halted"}.get(args.action, "powered off")
         return EXIT_OK, result, "%s %.2f s after the request (%s)" % (verb, gone - asked, how)
