@@ -30,10 +30,11 @@ defines it (tests/unit/test_structure.py checks both that and this table):
       - signals
       - reaping: every child, and every orphan when PID 1
       - errands: calls that may block, in a child with a deadline
-  6. Beside the server: the workload, udhcpc, the power button, the watchdog, notify
+  6. Beside the server: the workload, udhcpc, the power button, the watchdog, the clock, notify
       - supervised programs: the workload (--exec), udhcpc
       - the power button: evdev devices that can report KEY_POWER
       - the watchdog: petted from the loop, armed across the stop
+      - the clock keeper: the system clock kept right from the KVM PTP clock or the RTC
       - telling the host: systemd's VM notify protocol
   7. The wire: ArcBox frames and proto3 messages (pure functions)
       - the ArcBox wire protocol: message types, frames, Error payloads (pure functions)
@@ -1052,6 +1053,10 @@ SERVE_OPTIONS = (
      "+ 5s; SECONDS also opens it at start and pets it from the loop (a wedged PID 1 is "
      "reset after SECONDS); SECONDS:STOP or stop:STOP arms STOP seconds across the stop; "
      "off leaves it alone"),
+    ("clock_check", "SECONDS", _seconds_or_never, "30",
+     "PID 1 in a VM: every SECONDS, read the KVM PTP clock (or else the RTC) and step the "
+     "system clock when it is wrong (after a pause, a host's sleep, a snapshot restore); a "
+     "host that sets the time wins; 0: off"),
     ("sync_timeout", "SECONDS", parse_seconds, "10",
      "bound on sync + remount read-only + sync before power-off (done in a child)"),
     ("power_timeout", "SECONDS", parse_seconds, "10",
@@ -1915,9 +1920,10 @@ class Source:
     """Something the event loop serves: fds to poll with their handlers, a deadline, and a
     tick after every wake-up. The defaults: nothing, never, nothing. The sources: the signal
     inbox, the console's backlog, the reaper, the errands, the server, the power button,
-    the notifier, the watchdog, the freezer, the supervised programs (workload, udhcpc), the
-    shutdown sequence and the start-up. To add one (an input device, a socket): write the
-    Source and add it in Agent.__init__, where the order they tick in is explained."""
+    the notifier, the watchdog, the clock keeper, the freezer, the supervised programs
+    (workload, udhcpc), the shutdown sequence and the start-up. To add one (an input
+    device, a socket): write the Source and add it in Agent.__init__, where the order they
+    tick in is explained."""
 
     def wants(self, now):
         return ()
@@ -2314,7 +2320,7 @@ class Errands(Source):
 
 
 # =============================================================================================
-# 6. Beside the server: the workload, udhcpc, the power button, the watchdog, notify
+# 6. Beside the server: the workload, udhcpc, the power button, the watchdog, the clock, notify
 # =============================================================================================
 
 
@@ -2664,6 +2670,237 @@ class Watchdog(Source):
             os.close(self.fd)
             self.fd = -1
             self.next_pet = None
+
+
+# ---- the clock keeper: the system clock kept right from the KVM PTP clock or the RTC ---------
+
+# A guest's clock stops while its VM is paused, its host sleeps or its snapshot waits to be
+# restored, and wakes up behind. Hosts rarely say so (qemu-ga acts only when asked; libvirt
+# sends guest-set-time after a resume when it remembers to). The keeper looks every
+# `--clock-check` seconds, from the best source the guest has:
+#   - the KVM PTP clock (/dev/ptpN whose clock name says KVM, the ptp_kvm driver): the host's
+#     own clock, read in microseconds;
+#   - else the RTC, which QEMU keeps on the host's time (-rtc base=utc,clock=host), read the
+#     moment its second changes, as hwclock does: tens of milliseconds, not a second.
+# The reading runs as an errand in a thread: the RTC's wait for its second's edge never runs
+# in PID 1's loop. Below a threshold the difference is jitter and left alone; above it the
+# clock is stepped and the step logged (from, to, source). A host that sets the time (an
+# ArcBox Ping's timestamp, guest-set-time with a time) wins: the next look learns the source's
+# offset from the time the host chose, and only a change of that offset is corrected -- the
+# keeper does not fight it. guest-set-time without a time is a look made now. The stop's
+# deadlines are monotonic and unaffected. Off (0), the keeper has no deadline: no wake-up.
+RTC_RD_TIME = 0x80247009          # <linux/rtc.h> _IOR('p', 0x09, struct rtc_time)
+RTC_UIE_ON, RTC_UIE_OFF = 0x7003, 0x7004   # <linux/rtc.h> _IO('p', 3), _IO('p', 4)
+_RTC_TIME = Struct("9i")
+CLOCK_CHECK = 30.0                # seconds between looks: see docs/clock.md for the choice
+CLOCK_JITTER = {"ptp": 0.05, "rtc": 0.5}   # seconds: a smaller difference is left alone
+CLOCK_READ_TIMEOUT = 3.0          # a source that does not answer: the look is given up
+
+
+def days_from_civil(year, month, day):
+    """Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm)."""
+    year -= month <= 2
+    era = year // 400
+    yoe = year - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def read_rtc(path="/dev/rtc0", bound=1.1):
+    """The hardware clock's time in seconds since the epoch (UTC, as QEMU keeps it by
+    default), read the moment its seconds change, as hwclock does: read between two ticks
+    it is up to a second behind. The tick is the RTC's update interrupt (RTC_UIE_ON, then
+    poll), or, where the driver has none, the value seen changing. Waits up to `bound`
+    seconds: never in PID 1's loop."""
+    import ctypes
+    buf = ctypes.create_string_buffer(_RTC_TIME.size)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def now():
+        # int ioctl(int fd, RTC_RD_TIME, struct rtc_time *)
+        err = libc_call("ioctl", fd, ctypes.c_ulong(RTC_RD_TIME), buf)
+        if err:
+            raise OSError(err, os.strerror(err))
+        sec, minute, hour, mday, mon, year = _RTC_TIME.unpack(buf.raw)[:6]
+        return (days_from_civil(year + 1900, mon + 1, mday) * 86400 + hour * 3600
+                + minute * 60 + sec)
+    try:
+        # int ioctl(int fd, RTC_UIE_ON / RTC_UIE_OFF): update interrupts on, off
+        if libc_call("ioctl", fd, ctypes.c_ulong(RTC_UIE_ON), ctypes.c_long(0)) == 0:
+            try:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                if poller.poll(int(bound * 1000)):
+                    os.read(fd, 8)         # the interrupt's count and flags (unsigned long)
+            finally:
+                libc_call("ioctl", fd, ctypes.c_ulong(RTC_UIE_OFF), ctypes.c_long(0))
+            return now()
+        first, deadline = now(), time.monotonic() + bound
+        while time.monotonic() < deadline:
+            value = now()
+            if value != first:
+                return value
+            time.sleep(0.005)
+        return first
+    finally:
+        os.close(fd)
+
+
+def rtc_offset(path="/dev/rtc0"):
+    """The RTC's time minus the system clock's, in seconds, read at the RTC's second edge."""
+    seconds = read_rtc(path)
+    return seconds - time.clock_gettime(time.CLOCK_REALTIME)
+
+
+def ptp_offset(path):
+    """The PTP clock's time minus the system clock's, in seconds: the PTP clock read between
+    two readings of the system clock, against their middle."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        clock = ((~fd) << 3) | 3   # FD_TO_CLOCKID: a dynamic POSIX clock, <linux/posix-timers.h>
+        before = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        ptp = time.clock_gettime_ns(clock)
+        after = time.clock_gettime_ns(time.CLOCK_REALTIME)
+    finally:
+        os.close(fd)
+    return (ptp - (before + after) // 2) / 1e9
+
+
+def find_clock_source(ptp_class="/sys/class/ptp", rtc="/dev/rtc0"):
+    """The best source the guest has: ("ptp", /dev/ptpN) of the KVM PTP clock, else ("rtc",
+    /dev/rtc0), else None."""
+    try:
+        names = sorted(os.listdir(ptp_class))
+    except OSError:
+        names = []
+    for name in names:
+        if "KVM" in _read_text(os.path.join(ptp_class, name, "clock_name")):
+            return ("ptp", "/dev/" + name)
+    if os.path.exists(rtc):
+        return ("rtc", rtc)
+    return None
+
+
+def step_clock(delta):
+    """Step the system clock by `delta` seconds; (from, to) in seconds since the epoch."""
+    before = time.clock_gettime(time.CLOCK_REALTIME)
+    time.clock_settime(time.CLOCK_REALTIME, before + delta)
+    return before, before + delta
+
+
+def _when(seconds):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds)) + (
+        ".%03d" % int((seconds % 1) * 1000))
+
+
+class ClockError(Exception):
+    """A look a host asked for that could not be made: its text is the answer."""
+
+
+class ClockKeeper(Source):
+    """The keeper described above. start() chooses the source (none: off, said once);
+    errand(asked) is one look -- the keeper's own every interval, in a thread, or a host's
+    (guest-set-time without a time), whose answer waits for it; host_set() is called when a
+    host set the clock. `find()` finds the source (find_clock_source), `measure(source)`
+    returns its offset (rtc_offset / ptp_offset) and `step(delta)` steps the clock
+    (step_clock): a test passes fakes."""
+
+    def __init__(self, interval, errands, find=None, measure=None, step=None):
+        self.interval = interval   # seconds between looks; 0: off, no deadline at all
+        self.errands = errands
+        self.find = find or find_clock_source
+        self.measure = measure or (lambda source: (ptp_offset if source[0] == "ptp"
+                                                   else rtc_offset)(source[1]))
+        self.step = step or step_clock
+        self.source = None
+        self.next_at = None
+        self.looking = False
+        self.baseline = 0.0        # the source's offset from the time the host chose
+        self.host_set_at = None    # when a host last set the clock (monotonic)
+        self.learned_for = None    # the host setting whose offset `baseline` is
+
+    def start(self):
+        if not self.interval:
+            return
+        self.source = self.find()
+        if self.source is None:
+            log("info", "clock: no KVM PTP clock and no RTC; not keeping the clock")
+            self.interval = 0
+            return
+        log("debug", "clock: keeping it from the %s every %gs" % (self.source[1],
+                                                                 self.interval))
+        self.next_at = time.monotonic() + self.interval
+
+    def host_set(self):
+        """A host set the clock: it wins. A look one second later learns the source's
+        offset from the time the host chose (soon: a pause before that look would be
+        learned as the host's choice)."""
+        self.host_set_at = time.monotonic()
+        if self.interval:
+            self.next_at = min(self.next_at or self.host_set_at + 1.0, self.host_set_at + 1.0)
+
+    # the event loop's view
+    def deadline(self):
+        return self.next_at if self.interval and not self.looking else None
+
+    def tick(self, now):
+        if self.interval and not self.looking and now >= self.next_at:
+            errand = self.errand(asked=False)
+            self.errands.run(errand, errand.finish, thread=True)
+
+    def errand(self, asked):
+        """One look: the source read off the loop, then _correct() in PID 1. Asked by a
+        host, its finish raises ClockError for an answer that says what went wrong."""
+        source = self.source or self.find()
+        if source is None:
+            raise ClockError("no hardware clock: neither a KVM PTP clock nor /dev/rtc0")
+        self.looking = True
+        host_set_before, measure = self.host_set_at, self.measure
+
+        def finish(outcome):
+            self.looking = False
+            if self.interval:
+                self.next_at = time.monotonic() + self.interval
+            if outcome[0] != "ok":
+                if asked:                              # the host is told
+                    raise ClockError("cannot read %s: %s" % (source[1], outcome[-1]))
+                log("warn", "clock: cannot read %s: %s" % (source[1], outcome[-1]))
+                return None
+            return self._correct(outcome[1], source, asked, host_set_before)
+        return Errand("reading %s" % source[1], lambda: measure(source), CLOCK_READ_TIMEOUT,
+                      finish)
+
+    def _correct(self, offset, source, asked, host_set_before):
+        """Step the clock by what the source says; returns the step in seconds (0.0:
+        none). A host's own look takes the source as the truth; the keeper's compares with
+        the offset learned after a host set the clock, and leaves jitter alone."""
+        if asked:
+            self.baseline, self.learned_for = 0.0, self.host_set_at
+            delta, jitter = offset, 0.001
+        else:
+            if self.host_set_at != host_set_before:
+                return 0.0         # a host set it while this look read: look again later
+            if self.learned_for != self.host_set_at:
+                self.baseline, self.learned_for = offset, self.host_set_at
+                log("debug", "clock: set by the host; %s is %+.3fs from it" % (source[1],
+                                                                             offset))
+                return 0.0
+            delta, jitter = offset - self.baseline, CLOCK_JITTER[source[0]]
+        if abs(delta) < jitter:
+            return 0.0
+        try:
+            before, after = self.step(delta)
+        except (OSError, OverflowError, ValueError) as exc:
+            if asked:
+                raise ClockError("Failed to set time to guest: %s"
+                                 % (getattr(exc, "strerror", 0) or exc))
+            log("warn", "clock: cannot step it by %+.3fs: %s" % (delta, exc))
+            return 0.0
+        log("info", "clock: stepped %+.3fs, from %s to %s UTC, by %s (%s)" % (
+            delta, _when(before), _when(after), source[1],
+            "the KVM PTP clock" if source[0] == "ptp" else "the RTC"))
+        return delta
 
 
 # ---- telling the host: systemd's VM notify protocol -----------------------------------------
@@ -3756,10 +3993,6 @@ def qga_reply(obj, prefix=b""):
 
 # ---- the QGA commands: what each reads or does -----------------------------------------------
 
-RTC_RD_TIME = 0x80247009          # <linux/rtc.h> _IOR('p', 0x09, struct rtc_time)
-RTC_UIE_ON, RTC_UIE_OFF = 0x7003, 0x7004   # <linux/rtc.h> _IO('p', 3), _IO('p', 4)
-# struct rtc_time: sec, min, hour, mday, mon (0-11), year - 1900, wday, yday, isdst
-_RTC_TIME = Struct("9i")
 NLMSG_DONE, NLMSG_ERROR = 3, 2    # <linux/netlink.h>
 RTM_GETADDR = 22                  # <linux/rtnetlink.h>
 NLM_F_REQUEST_DUMP = 0x301        # NLM_F_REQUEST | NLM_F_ROOT | NLM_F_MATCH
@@ -3780,56 +4013,6 @@ OS_RELEASE_FIELDS = (("ID", "id"), ("NAME", "name"), ("PRETTY_NAME", "pretty-nam
                      ("VERSION", "version"), ("VERSION_ID", "version-id"),
                      ("VARIANT", "variant"), ("VARIANT_ID", "variant-id"))
 QGA_SHUTDOWN_MODES = {"powerdown": "poweroff", "halt": "halt", "reboot": "reboot"}
-
-
-def days_from_civil(year, month, day):
-    """Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm):
-    what timegm() computes, without importing calendar."""
-    year -= month <= 2
-    era = year // 400
-    yoe = year - era * 400
-    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
-    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
-
-
-def read_rtc(path="/dev/rtc0", bound=1.1):
-    """The hardware clock's time in seconds since the epoch (UTC, as QEMU keeps it by
-    default), read the moment its seconds change, as hwclock does: read between two ticks
-    it is up to a second behind. The tick is the RTC's update interrupt (RTC_UIE_ON, then
-    poll), or, where the driver has none, the value seen changing. Waits up to `bound`
-    seconds: run as an errand, never in PID 1's loop."""
-    import ctypes
-    buf = ctypes.create_string_buffer(_RTC_TIME.size)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def now():
-        # int ioctl(int fd, RTC_RD_TIME, struct rtc_time *)
-        err = libc_call("ioctl", fd, ctypes.c_ulong(RTC_RD_TIME), buf)
-        if err:
-            raise OSError(err, os.strerror(err))
-        sec, minute, hour, mday, mon, year = _RTC_TIME.unpack(buf.raw)[:6]
-        return (days_from_civil(year + 1900, mon + 1, mday) * 86400 + hour * 3600
-                + minute * 60 + sec)
-    try:
-        # int ioctl(int fd, RTC_UIE_ON / RTC_UIE_OFF): update interrupts on, off
-        if libc_call("ioctl", fd, ctypes.c_ulong(RTC_UIE_ON), ctypes.c_long(0)) == 0:
-            try:
-                poller = select.poll()
-                poller.register(fd, select.POLLIN)
-                if poller.poll(int(bound * 1000)):
-                    os.read(fd, 8)         # the interrupt's count and flags (unsigned long)
-            finally:
-                libc_call("ioctl", fd, ctypes.c_ulong(RTC_UIE_OFF), ctypes.c_long(0))
-            return now()
-        first, deadline = now(), time.monotonic() + bound
-        while time.monotonic() < deadline:
-            value = now()
-            if value != first:
-                return value
-            time.sleep(0.005)
-        return first
-    finally:
-        os.close(fd)
 
 
 def parse_utmp(data):
@@ -3978,32 +4161,40 @@ def qga_get_time(machine, peer, args):
 
 
 def qga_set_time(machine, peer, args):
-    """With a time (ns since the epoch): set the clock to it. Without: from the hardware
-    clock, like `hwclock -s` (after a snapshot restore the guest's clock is behind). Only
-    as sets_clock() says."""
+    """With a time (ns since the epoch): set the clock to it, and the clock keeper learns
+    that the host wins. Without: a look of the clock keeper's, made now and taken as the
+    truth -- from the KVM PTP clock or the RTC at its second's edge, as `hwclock -s` (after a
+    snapshot restore the guest's clock is behind). Only as sets_clock() says."""
     if not sets_clock(machine.policy, peer):
         raise QgaError("guest-set-time refused: the clock is set only by the host (a vsock "
                        "or virtio-serial peer) of an agent that is PID 1")
     given = args.get("time")
-
-    def body():                    # the RTC waits for its second's edge: off the loop
-        if given is not None:
-            nanoseconds, source = given, "the host"
-        else:
-            try:
-                nanoseconds, source = read_rtc() * 10 ** 9, "the hardware clock (/dev/rtc0)"
-            except OSError as exc:
-                raise QgaError("cannot read the hardware clock /dev/rtc0: %s"
-                               % (exc.strerror or exc))
+    who = describe_peer(peer)
+    if given is None:
         try:
-            time.clock_settime_ns(time.CLOCK_REALTIME, nanoseconds)
+            look = machine.clock.errand(asked=True)
+        except ClockError as exc:
+            raise QgaError(str(exc))
+
+        def finish(outcome):
+            try:
+                step = look.finish(outcome)
+            except ClockError as exc:
+                raise QgaError(str(exc))
+            log("info", "clock set from the hardware clock by %s (%+.3fs)" % (who, step))
+            return {}
+        return Errand("guest-set-time", look.body, look.timeout, finish)
+
+    def body():                    # a clock_settime that waits for nothing, but in the
+        try:                       # errand all the same: one path for both
+            time.clock_settime_ns(time.CLOCK_REALTIME, given)
         except (OSError, OverflowError, ValueError) as exc:
             raise QgaError("Failed to set time to guest: %s"
                            % (getattr(exc, "strerror", 0) or exc))
-        return source
 
-    def then(source):
-        log("info", "clock set from %s by %s" % (source, describe_peer(peer)))
+    def then(_):
+        machine.clock.host_set()
+        log("info", "clock set from the host by %s" % who)
         return {}
     return qga_errand("guest-set-time", body, then)
 
@@ -4161,9 +4352,10 @@ class QgaMachine:
     `policy` (RequestPolicy) says who may run the guarded commands; `freezer` keeps the
     fsfreeze state. answer() turns one request's bytes into an answer line and an effect."""
 
-    def __init__(self, policy, freezer):
+    def __init__(self, policy, freezer, clock=None):
         self.policy = policy
         self.freezer = freezer
+        self.clock = clock or ClockKeeper(0, None)   # guest-set-time's look, and host_set()
 
     def answer(self, raw, peer, peer_text):
         """One request's bytes -> (answer line or b"", effect or None)."""
@@ -5858,13 +6050,14 @@ class StartUp(Source):
          START_HOLD): the console lines held since the start go out, and lo comes up
          (release());
       5. every other module in (or given up on after MODULES_TIMEOUT): the guest's mounts,
-         the network and nameservers, the power button, the watchdog, DHCP, the workload
-         (start_the_rest()).
+         the network and nameservers, the power button, the watchdog, the clock keeper,
+         DHCP, the workload (start_the_rest()).
     A stop ends it wherever it is (stop()): nothing more starts. `modules` is (names,
     optional); `load(names, optional)` is load_modules (a test passes a fake)."""
 
     def __init__(self, modules, server, gate, notifier, errands, is_init, net=None, dns=(),
-                 buttons=None, watchdog=None, dhcp=None, workload=None, load=None):
+                 buttons=None, watchdog=None, clock=None, dhcp=None, workload=None,
+                 load=None):
         self.transports, self.rest = split_transports(modules[0])
         self.optional = list(modules[1])
         self.load = load or load_modules
@@ -5872,6 +6065,7 @@ class StartUp(Source):
         self.is_init = is_init and sys.platform.startswith("linux")
         self.net, self.dns = net, dns
         self.buttons, self.watchdog, self.dhcp, self.workload = buttons, watchdog, dhcp, workload
+        self.clock = clock
         self.stage = "idle"        # idle, transports, modules, started, stopped
         self.ready_said = False
         self.released = False
@@ -6010,9 +6204,9 @@ class StartUp(Source):
                 dns = self.dns
                 self.errands.run(Errand("writing the nameservers", lambda: write_nameservers(
                     dns), QGA_ERRAND_TIMEOUT, None), self._written)
-        for part in (self.buttons, self.watchdog):   # the watchdog's driver may have been
-            if part is not None:                     # one of the modules
-                part.start()
+        for part in (self.buttons, self.watchdog, self.clock):   # their drivers (evdev, the
+            if part is not None:                                 # watchdog's, ptp_kvm) may
+                part.start()                                     # have been modules
         for part in (self.dhcp, self.workload):      # the agent serves while DHCP asks
             if part is not None:
                 part.start()
@@ -6083,7 +6277,10 @@ class Agent:
         guest = GuestMounts.at_start() if self.can_power_off or config["qga"] != "off" \
             else GuestMounts()
         self.freezer = Freezer(config["freeze_timeout"], self.errands, guest)
-        qga_machine = QgaMachine(policy, self.freezer)
+        # the clock keeper: only in a real VM (in a PID namespace the clock is the host's)
+        self.clock = ClockKeeper(config["clock_check"] if is_init and
+                                 is_initial_pid_namespace() else 0, self.errands)
+        qga_machine = QgaMachine(policy, self.freezer, self.clock)
 
         # Each listener speaks one protocol: an (address, maker) pair (see "the protocol
         # seam"). The --listen addresses speak ArcBox, --qga speaks QGA.
@@ -6113,7 +6310,7 @@ class Agent:
         self.start_up = StartUp(
             boot_modules(config) if is_init else (modules or ([], [])), self.server, gate,
             self.notifier, self.errands, is_init, net=config["net"], dns=config["dns"],
-            buttons=self.buttons, watchdog=self.watchdog, dhcp=self.dhcp,
+            buttons=self.buttons, watchdog=self.watchdog, clock=self.clock, dhcp=self.dhcp,
             workload=self.workload, load=load)
         # The loop ticks the sources in this order after every wake-up, and the order matters:
         # the inbox first (a signal may start the shutdown), the reaper before the workloads
@@ -6123,8 +6320,8 @@ class Agent:
         # written).
         self.loop = EventLoop()
         for source in (self.inbox, ConsoleBacklog(), self.reaper, self.errands, self.server,
-                       self.buttons, self.notifier, self.watchdog, self.freezer, self.workload,
-                       self.dhcp, self.shutdown, self.start_up):
+                       self.buttons, self.notifier, self.watchdog, self.clock, self.freezer,
+                       self.workload, self.dhcp, self.shutdown, self.start_up):
             if source is not None:
                 self.loop.add(source)
 
@@ -6198,6 +6395,7 @@ class Agent:
         StopRequest."""
         if isinstance(effect, ClockRequest):
             set_clock(effect.seconds)
+            self.clock.host_set()
         elif isinstance(effect, StopRequest):
             self.begin_shutdown(effect.action or self.action, effect.grace or self.grace,
                                 "%s from %s" % (effect.request, conn.peer_text),

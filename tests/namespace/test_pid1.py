@@ -78,9 +78,10 @@ def test_a_child_ignoring_term_is_killed_when_the_grace_ends(guest, tmp_path):
     # (the /run the agent mounted itself, where the machine has none, is remounted too)
     order = [m for m in g.messages() if m.startswith("shutdown: ")
              and not m.startswith("shutdown: remounted /run ")]
-    assert [m.split(" ")[1] for m in order] == ["SIGTERM", "poweroff,", "grace", "all", "sync()",
-                                                "final", "filesystems",
-                                                "calling"], order
+    # (who got SIGTERM, who held the stop up before SIGKILL, and the summary before reboot())
+    assert [m.split(" ")[1] for m in order] == ["SIGTERM", "poweroff,", "SIGTERM", "the",
+                                                "grace", "all", "sync()", "final",
+                                                "filesystems", "summary:", "calling"], order
 
 
 def test_a_stopped_child_is_continued_so_its_term_handler_runs(guest, tmp_path):

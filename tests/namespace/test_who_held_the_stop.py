@@ -17,6 +17,14 @@ HOLDERS = ("(trap '' TERM; exec sleep 1001) & "        # ignores it
            "sh -c 'trap \"\" TERM; while :; do sleep 0.1; done' & ")   # ignores it too
 
 
+def stop_and_name(guest, setup):
+    """A guest with `setup` stopped with a grace of 1 s: its line naming who held it up."""
+    g = guest(setup)
+    assert g.shutdown(grace=1) is True
+    assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
+    return next(m for m in g.messages() if "is over and" in m)
+
+
 def summary_of(messages):
     lines = [m for m in messages if m.startswith("shutdown: summary: ")]
     assert len(lines) == 1, lines
@@ -58,18 +66,12 @@ def test_the_processes_the_grace_did_not_end_are_named_before_sigkill(guest):
 
 
 def test_past_ten_holders_the_rest_are_counted(guest):
-    g = guest("for i in $(seq 14); do (trap '' TERM; exec sleep 1002) & done")
-    assert g.shutdown(grace=1) is True
-    assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
-    held = next(m for m in g.messages() if "is over and" in m)
+    held = stop_and_name(guest, "for i in $(seq 14); do (trap '' TERM; exec sleep 1002) & done")
     assert held.count("ignores SIGTERM") == 10 and held.endswith("; and 4 more"), held
     assert "14 processes still run" in held
 
 
 def test_a_process_started_after_sigterm_is_said_so(guest):
     # a TERM-ignoring shell forks a new sleep every 0.1 s: those came after the SIGTERM
-    g = guest("sh -c 'trap \"\" TERM; while :; do sleep 5 & sleep 0.1; done' &")
-    assert g.shutdown(grace=1) is True
-    assert g.wait(timeout=30) == POWER_OFF_RETURNCODE
-    held = next(m for m in g.messages() if "is over and" in m)
+    held = stop_and_name(guest, "sh -c 'trap \"\" TERM; while :; do sleep 5 & sleep 0.1; done' &")
     assert re.search(r"pid \d+ \(sleep\) started after SIGTERM", held), held

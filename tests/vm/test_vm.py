@@ -130,7 +130,8 @@ def test_a_process_ignoring_sigterm_is_named_killed_and_shutdown_wait_sees_qemu_
     watcher.join(STOP_TIMEOUT)
     assert out.returncode == 0, (out.stdout, out.stderr)
     result = json.loads(out.stdout)
-    assert result["gone"] is True and "the connection closed" in result["seen"], result
+    assert result["gone"] is True and result["seen"].startswith((
+        "the connection closed", "the connection was reset")), result   # QEMU's socket ended
     lag = (exited[0] - launched) - result["gone_after_s"]
     print("shutdown --wait: gone %.3f s after the request; QEMU's exit seen here %.3f s after "
           "the client started" % (result["gone_after_s"], exited[0] - launched))

@@ -1,7 +1,12 @@
-"""The VM tier's checks: what a clean power-off and an intact disk look like."""
+"""The VM tier's checks: what a clean power-off and an intact disk look like; and saving a
+VM to a file and restoring it, the way a host does."""
 
+import os
 import re
 import subprocess
+import time
+
+from helpers import wait_for
 
 
 def assert_powered_off(vm, status):
@@ -38,3 +43,25 @@ def assert_disk_intact(disk, tag):
     assert data == (b"arcbox-run-%s\n" % tag.encode() * 200000)[:2000000]
     marker = subprocess.run(["debugfs", "-R", "cat /marker", disk], capture_output=True).stdout
     assert marker == b"done\n"
+
+
+def save_and_restore(boot, vm, workdir, after, cmdline="", log_level="debug"):
+    """Save `vm` to a file the way a host saves a VM (stop, migrate to a file, quit), wait
+    `after` seconds (the guest's clocks stand still), restore it into a new QEMU started by
+    `boot` in `workdir` with the same `cmdline`, and let it run. Returns the restored VM."""
+    state = os.path.join(workdir, "vm.state")
+    os.makedirs(workdir, exist_ok=True)
+    vm.monitor_command("stop")
+    vm.monitor_command('migrate "exec:cat > %s"' % state)
+    wait_for(lambda: "Migration status: completed" in vm.monitor_command("info migrate"),
+             120, "the migration to a file")
+    vm.monitor_command("quit")
+    vm.wait(30)
+    time.sleep(after)
+    restored = boot(cmdline, log_level=log_level, workdir=workdir,
+                    qemu_args=["-incoming", "exec:cat %s" % state])
+    # the state was saved stopped, so it is restored stopped: go on once it is loaded
+    wait_for(lambda: "inmigrate" not in restored.monitor_command("info status"), 120,
+             "the restore")
+    restored.monitor_command("cont")
+    return restored
