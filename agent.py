@@ -2837,15 +2837,15 @@ class ClockKeeper(Source):
         offset from the time the host chose (soon: a pause before that look would be
         learned as the host's choice)."""
         self.host_set_at = time.monotonic()
-        if self.interval:
-            self.next_at = min(self.next_at or self.host_set_at + 1.0, self.host_set_at + 1.0)
+        if self.next_at is not None:           # started, and on
+            self.next_at = min(self.next_at, self.host_set_at + 1.0)
 
-    # the event loop's view
+    # the event loop's view (nothing until start(): the source may be a module)
     def deadline(self):
-        return self.next_at if self.interval and not self.looking else None
+        return self.next_at if not self.looking else None
 
     def tick(self, now):
-        if self.interval and not self.looking and now >= self.next_at:
+        if self.next_at is not None and not self.looking and now >= self.next_at:
             errand = self.errand(asked=False)
             self.errands.run(errand, errand.finish, thread=True)
 
@@ -2860,7 +2860,7 @@ class ClockKeeper(Source):
 
         def finish(outcome):
             self.looking = False
-            if self.interval:
+            if self.next_at is not None:
                 self.next_at = time.monotonic() + self.interval
             if outcome[0] != "ok":
                 if asked:                              # the host is told

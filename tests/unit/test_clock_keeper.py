@@ -66,6 +66,20 @@ def test_off_the_keeper_never_wakes_the_loop():
     assert k.deadline() is None
 
 
+def test_before_it_starts_the_keeper_neither_wakes_nor_fails_the_loop():
+    """It starts once the modules are in (ptp_kvm may be one): until then the loop ticks
+    it like every source, and a host may set the clock."""
+    errands = InlineErrands()
+    k = agent.ClockKeeper(30.0, errands, find=lambda: ("rtc", "/dev/rtc0"),
+                          measure=lambda s: 20.0, step=lambda d: (0.0, d))
+    k.tick(time.monotonic())
+    k.host_set()
+    k.tick(time.monotonic() + 100)
+    assert k.deadline() is None and errands.runs == []
+    k.start()
+    assert k.deadline() is not None
+
+
 def test_behind_by_a_pause_the_clock_is_stepped_in_a_thread_and_said(logged):
     k, steps, errands = keeper([20.04])
     assert k.deadline() == pytest.approx(time.monotonic() + 30.0, abs=1)
