@@ -157,3 +157,34 @@ def test_the_rtc_is_read_at_its_seconds_edge_on_a_fake_device(monkeypatch):
     monkeypatch.setattr(agent, "_RTC_TIME", Fake)
     assert agent.read_rtc("/dev/fake", bound=1.0) == 8
     assert real(1970, 1, 1) == 0
+
+
+def test_an_update_interrupt_without_a_new_second_is_not_the_edge(monkeypatch):
+    """An update interrupt that was pending, or delivered late, comes between two ticks: the
+    read waits for the interrupt with which the second changes."""
+    seconds = iter([7, 7, 8])                  # before, at the stale interrupt, at the edge
+    monkeypatch.setattr(agent, "libc_call", lambda *a: 0)      # update interrupts exist
+    r, w = os.pipe()
+    os.write(w, b"\0" * 16)                    # two interrupts' words to read
+    os.close(w)
+    monkeypatch.setattr(agent.os, "open", lambda *a, **k: r)   # read_rtc closes it
+    monkeypatch.setattr(agent, "days_from_civil", lambda *a: 0)
+    polls = []
+
+    class Poller:
+        def register(self, fd, mask):
+            pass
+
+        def poll(self, ms):
+            polls.append(ms)
+            return [(r, 1)]
+    monkeypatch.setattr(agent.select, "poll", Poller)
+
+    class Fake:
+        size = agent._RTC_TIME.size
+
+        @staticmethod
+        def unpack(raw):
+            return (next(seconds), 0, 0, 1, 0, 70, 0, 0, 0)
+    monkeypatch.setattr(agent, "_RTC_TIME", Fake)
+    assert agent.read_rtc("/dev/fake") == 8 and len(polls) == 2
