@@ -136,40 +136,18 @@ def test_a_hosts_own_look_takes_the_source_as_the_truth():
         k.errand(asked=True).finish(("timeout", "timeout"))
 
 
-def test_the_rtc_is_read_at_its_seconds_edge_on_a_fake_device(monkeypatch):
-    """A driver without update interrupts: the value is read until it changes (the edge),
-    which is returned, never the stale second."""
-    seconds = iter([7, 7, 7, 8, 8])
+def fake_rtc(monkeypatch, seconds, interrupts):
+    """/dev/rtc0 faked for read_rtc: it reads `seconds` in turn; with `interrupts`, update
+    interrupts exist and each poll has one (their words are in a pipe); returns the polls'
+    timeouts as they are made."""
+    seconds, polls = iter(seconds), []
     monkeypatch.setattr(agent, "libc_call", lambda name, fd, request, *rest: 1
-                        if request.value == agent.RTC_UIE_ON else 0)
+                        if request.value == agent.RTC_UIE_ON and not interrupts else 0)
     r, w = os.pipe()
-    os.close(w)
-    monkeypatch.setattr(agent.os, "open", lambda *a, **k: r)   # read_rtc closes it
-    real = agent.days_from_civil
-    monkeypatch.setattr(agent, "days_from_civil", lambda *a: 0)
-
-    class Fake:
-        size = agent._RTC_TIME.size
-
-        @staticmethod
-        def unpack(raw):
-            return (next(seconds), 0, 0, 1, 0, 70, 0, 0, 0)
-    monkeypatch.setattr(agent, "_RTC_TIME", Fake)
-    assert agent.read_rtc("/dev/fake", bound=1.0) == 8
-    assert real(1970, 1, 1) == 0
-
-
-def test_an_update_interrupt_without_a_new_second_is_not_the_edge(monkeypatch):
-    """An update interrupt that was pending, or delivered late, comes between two ticks: the
-    read waits for the interrupt with which the second changes."""
-    seconds = iter([7, 7, 8])                  # before, at the stale interrupt, at the edge
-    monkeypatch.setattr(agent, "libc_call", lambda *a: 0)      # update interrupts exist
-    r, w = os.pipe()
-    os.write(w, b"\0" * 16)                    # two interrupts' words to read
+    os.write(w, b"\0" * 8 * interrupts)
     os.close(w)
     monkeypatch.setattr(agent.os, "open", lambda *a, **k: r)   # read_rtc closes it
     monkeypatch.setattr(agent, "days_from_civil", lambda *a: 0)
-    polls = []
 
     class Poller:
         def register(self, fd, mask):
@@ -187,4 +165,21 @@ def test_an_update_interrupt_without_a_new_second_is_not_the_edge(monkeypatch):
         def unpack(raw):
             return (next(seconds), 0, 0, 1, 0, 70, 0, 0, 0)
     monkeypatch.setattr(agent, "_RTC_TIME", Fake)
+    return polls
+
+
+def test_the_rtc_is_read_at_its_seconds_edge_on_a_fake_device(monkeypatch):
+    """A driver without update interrupts: the value is read until it changes (the edge),
+    which is returned, never the stale second."""
+    real = agent.days_from_civil
+    fake_rtc(monkeypatch, [7, 7, 7, 8, 8], interrupts=0)
+    assert agent.read_rtc("/dev/fake", bound=1.0) == 8
+    assert real(1970, 1, 1) == 0
+
+
+def test_an_update_interrupt_without_a_new_second_is_not_the_edge(monkeypatch):
+    """An update interrupt that was pending, or delivered late, comes between two ticks: the
+    read waits for the interrupt with which the second changes."""
+    # before, at the stale interrupt, at the edge
+    polls = fake_rtc(monkeypatch, [7, 7, 8], interrupts=2)
     assert agent.read_rtc("/dev/fake") == 8 and len(polls) == 2
