@@ -6634,6 +6634,10 @@ class Client:
                                   % format_address(self.addr))
             self.buf += chunk
 
+    def keepalive(self):
+        """An empty Ping while waiting (its answer is read by wait_until_gone)."""
+        self._send_all(encode_frame(MSG_PING, b"", b"keepalive"))
+
     def close(self):
         if self.sock is not None:
             self.sock.close()
@@ -6816,7 +6820,7 @@ WAIT_KEEPALIVE = 0.5
 WAIT_RECONNECTS = 3               # an agent that closed our connection but still answers
 
 
-def wait_until_gone(client, asked, deadline):
+def wait_until_gone(client, deadline):
     """Block until the guest behind `client` is gone, or `deadline`. Returns (gone at, how
     it was seen, last answer at): `gone at` None when still up at the deadline."""
     last_answer, reconnects = None, 0
@@ -6901,10 +6905,6 @@ def arcbox_shutdown(client, args):
     return reply, "shutdown accepted (grace %s)" % ("%ds" % grace if grace else "default")
 
 
-def _arcbox_keepalive(client):
-    client._send_all(encode_frame(MSG_PING, b"", b"keepalive"))
-
-
 def qga_ping(client, args):
     sent = time.monotonic()
     client.call("guest-ping")
@@ -6963,9 +6963,7 @@ def run_one(command, addr, args, timeout):
         if not getattr(args, "wait", False):
             return EXIT_OK, result, text
         acked = time.monotonic()
-        if not qga:
-            client.keepalive = lambda: _arcbox_keepalive(client)
-        gone, how, last = wait_until_gone(client, asked, started + timeout)
+        gone, how, last = wait_until_gone(client, started + timeout)
         result.update({"accepted_after_s": round(acked - asked, 3), "seen": how,
                        "gone": gone is not None})
         if last is not None:
@@ -7245,7 +7243,7 @@ class AgentLog:
             self.read(min(until, time.monotonic() + 0.1))
 
 
-def rehearsal_report(events, grace):
+def rehearsal_report(events):
     """The timeline and each process's fate, from the agent's log events."""
     import re
     process = re.compile(r"pid (\d+) \((.*?)\)(?: ([^;]*))?")
@@ -7361,7 +7359,7 @@ def rehearse_main(argv):
         code = os.waitpid(runner, 0)[1]
         os.close(log_fd)
     ended = os.waitstatus_to_exitcode(code)
-    t0, timeline, fates = rehearsal_report(log.events, args.grace)
+    t0, timeline, fates = rehearsal_report(log.events)
     killed = [f for f in fates.values() if f["fate"] == "killed"]
     powered_off = ended == signal.SIGINT          # reboot(POWER_OFF) in a PID namespace
     if status == EXIT_OK:
