@@ -2865,12 +2865,13 @@ class ClockKeeper(Source):
         source = self.source or self.find()
         if source is None:
             raise ClockError("no hardware clock: neither a KVM PTP clock nor /dev/rtc0")
-        self.looking = True
+        if not asked:              # (a host's look runs beside the keeper's own)
+            self.looking = True
         host_set_before, measure = self.host_set_at, self.measure
 
         def finish(outcome):
-            self.looking = False
-            if self.next_at is not None:
+            if not asked:
+                self.looking = False
                 self.next_at = time.monotonic() + self.interval
             if outcome[0] != "ok":
                 if asked:                              # the host is told

@@ -183,3 +183,16 @@ def test_an_update_interrupt_without_a_new_second_is_not_the_edge(monkeypatch):
     # before, at the stale interrupt, at the edge
     polls = fake_rtc(monkeypatch, [7, 7, 8], interrupts=2)
     assert agent.read_rtc("/dev/fake") == 8 and len(polls) == 2
+
+
+def test_a_hosts_look_beside_the_keepers_own_does_not_end_it():
+    """The keeper's look is still out when a host asks: the host's finishing first must not
+    let the keeper start a second look of its own meanwhile."""
+    k, steps, errands = keeper([])
+    k.tick(k.deadline())                       # a first look (its reading fails)
+    own = k.errand(asked=False)
+    asked = k.errand(asked=True)
+    asked.finish(("ok", 0.0))
+    assert k.deadline() is None                # the keeper's own look is still out
+    own.finish(("ok", 0.0))
+    assert k.deadline() is not None
