@@ -45,6 +45,10 @@ defines it (tests/unit/test_structure.py checks both that and this table):
       - the ArcBox protocol on one stream: bytes in, replies and effects out
       - the QEMU guest agent protocol: JSON commands for libvirt, Proxmox VE, KubeVirt
       - the QGA commands: what each reads or does
+      - the QGA commands that read the guest's counters: load, CPUs, disks, routes, memory
+      - the QGA commands that change the machine: vCPUs, memory blocks, fstrim, suspend
+      - credentials: a user's password and SSH keys (off by default)
+      - programs and files for the host: guest-exec, guest-file-* (off by default)
       - freezing the disks for a backup, and thawing them when the host forgets
   9. The server: listeners and connections, two kinds of each
       - the server: listeners and connections, two kinds of each
@@ -743,6 +747,47 @@ def _parse_words(text):
     return [w for w in str(text).replace(",", " ").split() if w]
 
 
+# The QGA commands, qemu-ga 10.0's on Linux (QGA_COMMANDS in "the QGA commands" has each one's
+# handler; a unit test holds the two together).
+QGA_COMMAND_NAMES = (
+    "guest-sync-delimited", "guest-sync", "guest-ping", "guest-info", "guest-shutdown",
+    "guest-get-time", "guest-set-time", "guest-get-host-name", "guest-get-osinfo",
+    "guest-get-timezone", "guest-get-users", "guest-get-load", "guest-get-cpustats",
+    "guest-get-diskstats", "guest-get-vcpus", "guest-set-vcpus", "guest-get-memory-blocks",
+    "guest-get-memory-block-info", "guest-set-memory-blocks", "guest-network-get-interfaces",
+    "guest-network-get-route", "guest-get-disks", "guest-get-fsinfo", "guest-fstrim",
+    "guest-fsfreeze-status", "guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list",
+    "guest-fsfreeze-thaw", "guest-suspend-ram", "guest-suspend-disk", "guest-suspend-hybrid",
+    "guest-ssh-get-authorized-keys", "guest-ssh-add-authorized-keys",
+    "guest-ssh-remove-authorized-keys", "guest-set-user-password", "guest-exec",
+    "guest-exec-status", "guest-file-open", "guest-file-close", "guest-file-read",
+    "guest-file-write", "guest-file-seek", "guest-file-flush")
+# Off until the operator turns them on (--qga-allow): they run programs, change credentials
+# or touch any file as root. qemu-ga enables them all; a guest that never asked for them
+# should not have them.
+QGA_OFF_BY_DEFAULT = frozenset((
+    "guest-exec", "guest-exec-status", "guest-file-open", "guest-file-close",
+    "guest-file-read", "guest-file-write", "guest-file-seek", "guest-file-flush",
+    "guest-set-user-password", "guest-ssh-add-authorized-keys",
+    "guest-ssh-remove-authorized-keys"))
+
+
+def _parse_qga_commands(word_default):
+    """--qga-allow / --qga-block: QGA command names, comma-separated; in an allow list,
+    `default` stands for the commands on by default. An unknown name is an error (a typo
+    would otherwise leave a command on that the operator meant to block)."""
+    def parse(text):
+        names = _parse_words(text)
+        known = set(QGA_COMMAND_NAMES) | ({"default"} if word_default else set())
+        for name in names:
+            if name not in known:
+                raise ConfigError("%r is not a QGA command (known: %s)" % (
+                    name, ", ".join((["default"] if word_default else [])
+                                    + list(QGA_COMMAND_NAMES))))
+        return tuple(names)
+    return parse
+
+
 def split_command(text):
     """A command line as a shell splits words: spaces separate, '...' and "..." group,
     a backslash escapes (outside single quotes). The kernel cmdline can carry one with double
@@ -1021,6 +1066,13 @@ SERVE_OPTIONS = (
      "where to answer the QEMU guest agent protocol (libvirt, Proxmox VE, KubeVirt): "
      "serial:NAME, vsock:CID:PORT, unix:PATH, or off; auto is serial:org.qemu.guest_agent.0 "
      "as PID 1, off otherwise"),
+    ("qga_allow", "LIST", _parse_qga_commands(True), "default",
+     "the QGA commands enabled, comma-separated, and only those (qemu-ga's --allow-rpcs); "
+     "`default` stands for those on by default: all but guest-exec, guest-exec-status, "
+     "guest-file-*, guest-set-user-password and guest-ssh-add/remove-authorized-keys, so "
+     "default,guest-exec,guest-exec-status turns exec on"),
+    ("qga_block", "LIST", _parse_qga_commands(False), "",
+     "QGA commands disabled even if allowed (qemu-ga's --block-rpcs)"),
     ("freeze_timeout", "SECONDS", _seconds_or_never, "600",
      "thaw the filesystems a QGA host froze (guest-fsfreeze-freeze) if it has not thawed them "
      "after this long; 0: never"),
@@ -1338,10 +1390,12 @@ class GuestMounts:
         """The mount points of this guest's writable disk filesystems in `mounts`."""
         return [m[1] for m in mounts if not m[3] and self.is_disk(m)]
 
-    def disk_filesystems(self, writable_only=False):
+    def disk_filesystems(self, writable_only=False, every_mount=False):
         """The mounted disk filesystems of this guest, in mount order, one entry per
-        superblock: [(mount point, fstype, read-only, st_dev)]. It stats each mount point,
-        which waits on a disk that does not answer: never in PID 1's loop."""
+        superblock (every_mount: per mount, bind mounts too, as qemu-ga lists them in
+        guest-get-fsinfo and guest-fstrim): [(mount point, fstype, read-only, st_dev)]. It
+        stats each mount point, which waits on a disk that does not answer: never in PID 1's
+        loop."""
         found, seen = [], set()
         for entry in read_mountinfo():
             _, target, fstype, readonly, _ = entry
@@ -1351,7 +1405,7 @@ class GuestMounts:
                 dev = os.stat(target).st_dev
             except OSError:
                 continue
-            if dev in seen:
+            if dev in seen and not every_mount:
                 continue                   # a bind mount of a filesystem already listed
             seen.add(dev)
             found.append((target, fstype, readonly, dev))
@@ -2171,7 +2225,9 @@ class Reaper(Source):
 ERRAND_MAX_OUTCOME = 16 << 20     # bytes: an outcome is a small answer; more is a bug
 ERRANDS_MAX = 16                  # children at once; past it a request is answered "busy"
 
-Errand = namedtuple("Errand", "what body timeout finish")   # finish(outcome) runs in PID 1
+# finish(outcome) runs in PID 1; thread: run the body in a thread of PID 1's, not a child
+# (it works on a descriptor PID 1 keeps, or it only waits on a pipe)
+Errand = namedtuple("Errand", "what body timeout finish thread", defaults=(False,))
 
 
 class Errands(Source):
@@ -2189,6 +2245,7 @@ class Errands(Source):
     def run(self, errand, on_done, thread=False):
         """Start it; on_done is never called from here (its caller may be in the middle of
         something): an errand that cannot start is told so at the next tick."""
+        thread = thread or errand.thread
         if len(self.running) >= ERRANDS_MAX:
             self.failed.append((on_done, ("error", None, "%s: %d others are under way; try "
                                           "again later" % (errand.what, ERRANDS_MAX))))
@@ -2753,6 +2810,28 @@ def read_rtc(path="/dev/rtc0", bound=2.1):
                 return value
             time.sleep(0.005)
         return first
+    finally:
+        os.close(fd)
+
+
+RTC_SET_TIME = 0x4024700A         # <linux/rtc.h> _IOW('p', 0x0a, struct rtc_time)
+
+
+def write_rtc(seconds, path="/dev/rtc0"):
+    """Set the RTC to `seconds` since the epoch, in UTC (as the clock keeper reads it): what
+    `hwclock -w -u` does. 0 or the errno."""
+    import ctypes
+    t = time.gmtime(seconds)
+    buf = ctypes.create_string_buffer(_RTC_TIME.pack(t.tm_sec, t.tm_min, t.tm_hour,
+                                                     t.tm_mday, t.tm_mon - 1,
+                                                     t.tm_year - 1900, 0, 0, 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno
+    try:
+        # int ioctl(int fd, RTC_SET_TIME, const struct rtc_time *)
+        return libc_call("ioctl", fd, ctypes.c_ulong(RTC_SET_TIME), buf)
     finally:
         os.close(fd)
 
@@ -3768,18 +3847,20 @@ _qga_json = None                  # made on first use: decode, encode, structura
 
 def qga_json():
     """JSON decode and encode functions (made once: json.loads and json.dumps with options
-    build a new decoder or encoder on every call) and the scanner's pattern: the structural
-    bytes outside strings, and what ends or escapes inside one. Imported here, once, so that
-    only QGA pays for them."""
+    build a new decoder or encoder on every call), the scanner's pattern (the structural
+    bytes outside strings, and what ends or escapes inside one) and binascii for base64.
+    Imported here, once, so that only QGA pays for them."""
     global _qga_json
     if _qga_json is None:
+        import binascii            # base64 for guest-exec and guest-file-* (a C built-in)
         import json
         import re
         decoder = json.JSONDecoder(parse_constant=_reject_constant)
-        _qga_json = namedtuple("QgaJson", "decode encode structural raw_decode")(
+        _qga_json = namedtuple("QgaJson", "decode encode structural raw_decode base64")(
             decode=decoder.decode,
             encode=json.JSONEncoder(separators=(", ", ": "), allow_nan=False).encode,
-            structural=re.compile(rb'["\\{}\[\]\xff]'), raw_decode=decoder.raw_decode)
+            structural=re.compile(rb'["\\{}\[\]\xff]'), raw_decode=decoder.raw_decode,
+            base64=binascii)
     return _qga_json
 
 
@@ -3790,9 +3871,10 @@ def _reject_constant(name):
 class QgaError(Exception):
     """A request answered with {"error": {"class": ..., "desc": ...}}; qemu-ga's classes."""
 
-    def __init__(self, desc, klass="GenericError"):
+    def __init__(self, desc, klass="GenericError", errno=None):
         Exception.__init__(self, desc)
         self.klass = klass
+        self.errno = errno         # the OSError behind it, where a caller tells them apart
 
 
 # One command: its handler(machine, peer, arguments), its parameters as
@@ -3801,9 +3883,9 @@ class QgaError(Exception):
 # allowed peer (--allow) may run it, and bytes sent before the answer.
 QgaCommand = namedtuple("QgaCommand", "handler params success_response guarded prefix")
 _QGA_TYPES = {"int": (int,), "str": (str,), "bool": (bool,), "list": (list,),
-              "number": (int, float)}
+              "number": (int, float), "objects": (list,), "any": (object,)}
 _QGA_TYPE_NAMES = {"int": "integer", "str": "string", "bool": "boolean", "list": "array",
-                   "number": "number"}
+                   "number": "number", "objects": "array"}
 
 
 def qga_arguments(params, args):
@@ -3821,12 +3903,13 @@ def qga_arguments(params, args):
             continue
         value = args[name]
         if not isinstance(value, _QGA_TYPES[kind]) or (
-                kind != "bool" and isinstance(value, bool)):
+                kind not in ("bool", "any") and isinstance(value, bool)):
             raise QgaError("Invalid parameter type for '%s', expected: %s"
                            % (name, _QGA_TYPE_NAMES[kind]))
-        if kind == "list" and not all(isinstance(v, str) for v in value):
-            raise QgaError("Invalid parameter type for '%s', expected: array of strings"
-                           % name)
+        for i, item in enumerate(value if kind == "list" else ()):
+            if not isinstance(item, str):
+                raise QgaError("Invalid parameter type for '%s[%d]', expected: string"
+                               % (name, i))
     return args
 
 
@@ -4041,14 +4124,54 @@ def parse_utmp(data):
 
 
 def parse_os_release(text):
+    """os-release's KEY=VALUE lines, each value shell-unquoted as qemu-ga does (GKeyFile,
+    then g_shell_unquote); a value that does not unquote is left out, as there."""
     values = {}
     for line in text.splitlines():
         key, sep, value = line.strip().partition("=")
-        if sep and not key.startswith("#"):
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-                value = value[1:-1]
-            values[key] = value
+        if sep and key.strip() and not key.startswith("#"):
+            unquoted = shell_unquote(value.strip())
+            if unquoted is not None:
+                values[key.strip()] = unquoted
     return values
+
+
+def shell_unquote(text):
+    """g_shell_unquote: '...' literal; "..." with backslash escaping only $ ` " \\ and a
+    newline; elsewhere a backslash escapes any character. None for an unterminated quote."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "'":
+            end = text.find("'", i + 1)
+            if end < 0:
+                return None
+            out.append(text[i + 1:end])
+            i = end + 1
+        elif c == '"':
+            i += 1
+            while True:
+                if i >= n:
+                    return None
+                c = text[i]
+                if c == '"':
+                    i += 1
+                    break
+                if c == "\\" and i + 1 < n and text[i + 1] in '$`"\\\n':
+                    if text[i + 1] != "\n":
+                        out.append(text[i + 1])
+                    i += 2
+                    continue
+                out.append(c)
+                i += 1
+        elif c == "\\":
+            if i + 1 < n and text[i + 1] != "\n":
+                out.append(text[i + 1])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 def netlink_addresses():
@@ -4096,9 +4219,31 @@ def _ifaddr(body):
 
 
 def _block_device_disk(dev):
-    """qemu-ga's GuestDiskAddress for the block device `dev` (st_dev of a mount point): the
-    PCI address and bus type from its sysfs path."""
+    """guest-get-fsinfo's name and disks for the block device `dev` (st_dev of a mount
+    point), as qemu-ga finds them: a device of its own (a disk, a partition) is one
+    GuestDiskAddress; a virtual one (device-mapper, loop) is the disks under it, followed
+    through /sys/.../slaves (a loop device has none: [])."""
     sys_path = os.path.realpath("/sys/dev/block/%d:%d" % (os.major(dev), os.minor(dev)))
+    return os.path.basename(sys_path), _disks_under(sys_path, 0)
+
+
+def _disks_under(sys_path, depth):
+    if "/devices/virtual/block/" not in sys_path:
+        return [_disk_address(sys_path)]
+    found = []
+    slaves = os.path.join(sys_path, "slaves")
+    try:
+        names = os.listdir(slaves) if depth < 8 else []   # (a loop of links: give up)
+    except OSError:
+        names = []
+    for name in names:
+        found.extend(_disks_under(os.path.realpath(os.path.join(slaves, name)), depth + 1))
+    return found
+
+
+def _disk_address(sys_path):
+    """qemu-ga's GuestDiskAddress of a disk or partition: its PCI address and bus type from
+    its sysfs path."""
     name = os.path.basename(sys_path)
     disk = os.path.basename(os.path.dirname(sys_path)) if os.path.exists(
         os.path.join(sys_path, "partition")) else name
@@ -4115,7 +4260,7 @@ def _block_device_disk(dev):
     serial = _read_text("/sys/block/%s/serial" % disk).strip()
     if serial:
         address["serial"] = serial
-    return name, [address]
+    return address
 
 
 # The commands whose work may block on a disk or a device run as errands (a child with a
@@ -4151,7 +4296,8 @@ def qga_ping(machine, peer, args):
 
 def qga_info(machine, peer, args):
     return {"version": __version__, "supported_commands": [
-        {"enabled": True, "name": name, "success-response": command.success_response}
+        {"enabled": machine.is_enabled(name), "name": name,
+         "success-response": command.success_response}
         for name, command in QGA_COMMANDS.items()]}
 
 
@@ -4169,6 +4315,9 @@ def qga_shutdown(machine, peer, args):
 
 def qga_get_time(machine, peer, args):
     return time.time_ns()
+
+
+QGA_TIME_YEARS = (1970, 2070)     # guest-set-time's accepted years, as qemu-ga's
 
 
 def qga_set_time(machine, peer, args):
@@ -4196,12 +4345,23 @@ def qga_set_time(machine, peer, args):
             return {}
         return Errand("guest-set-time", look.body, look.timeout, finish)
 
-    def body():                    # a clock_settime that waits for nothing, but in the
-        try:                       # errand all the same: one path for both
+    try:
+        year = time.gmtime(given // 10 ** 9).tm_year
+    except (OverflowError, OSError, ValueError):
+        year = 0
+    if not QGA_TIME_YEARS[0] <= year < QGA_TIME_YEARS[1]:
+        raise QgaError("Invalid time")
+
+    def body():                    # then the RTC, as qemu-ga's `hwclock -w` (in UTC: see
+        try:                       # docs/qga.md), which may wait on the device
             time.clock_settime_ns(time.CLOCK_REALTIME, given)
         except (OSError, OverflowError, ValueError) as exc:
             raise QgaError("Failed to set time to guest: %s"
                            % (getattr(exc, "strerror", 0) or exc))
+        err = write_rtc(given // 10 ** 9) if os.path.exists("/dev/rtc0") else 0
+        if err:
+            log("warn", "guest-set-time: the clock is set; the RTC is not: %s"
+                % os.strerror(err))
 
     def then(_):
         machine.clock.host_set()
@@ -4263,6 +4423,7 @@ def qga_vcpus(machine, peer, args):
         state = _read_text("%s/cpu%d/online" % (base, cpu)).strip()
         answer.append({"online": state != "0", "can-offline": bool(state),
                        "logical-id": cpu})
+    answer.reverse()               # the last first, as qemu-ga 10 lists them
     return answer
 
 
@@ -4284,8 +4445,10 @@ def network_interfaces():
         mac = _read_text(base + "/address").strip()
         if mac:
             entry["hardware-address"] = mac
-        if by_index.get(index):
-            entry["ip-addresses"] = by_index[index]
+        if not by_index.get(index):
+            answer.append(entry)   # no address, no counters: qemu-ga reads them for each
+            continue               # address it lists
+        entry["ip-addresses"] = by_index[index]
         stats = {}
         for key, filename in QGA_STATISTICS:
             try:
@@ -4306,7 +4469,7 @@ def filesystems_info(guest):
     """guest-get-fsinfo's answer: stat and statvfs of every mount point, which wait on a
     disk that does not answer."""
     answer = []
-    for target, fstype, _, dev in reversed(guest.disk_filesystems()):
+    for target, fstype, _, dev in reversed(guest.disk_filesystems(every_mount=True)):
         name, disks = _block_device_disk(dev)
         entry = {"name": name, "mountpoint": target, "type": fstype, "disk": disks}
         try:
@@ -4314,6 +4477,7 @@ def filesystems_info(guest):
             used = st.f_blocks - st.f_bfree
             entry["used-bytes"] = used * st.f_frsize
             entry["total-bytes"] = (used + st.f_bavail) * st.f_frsize   # as df counts
+            entry["total-bytes-privileged"] = st.f_blocks * st.f_frsize  # root's reserve too
         except OSError:
             pass
         answer.append(entry)
@@ -4332,41 +4496,1068 @@ def qga_thaw(machine, peer, args):
     return machine.freezer.thaw("thaw from " + describe_peer(peer))
 
 
-# The commands this agent offers, in guest-info's order. Everything else (guest-exec,
-# guest-file-*, guest-suspend-*, ...) answers CommandNotFound: this agent runs no programs
-# and moves no files for the host.
+# ---- the QGA commands that read the guest's counters: load, CPUs, disks, routes, memory ------
+
+# KubeVirt polls these (load every 120 s, CPU and disk statistics every 20 s, disks and routes
+# every 5 min). Each reads /proc or /sys, which never waits on a disk, so they are answered in
+# the loop -- except guest-get-disks, which reads block devices' sysfs attributes (a few, but a
+# driver's attribute may take a device's lock).
+SI_LOAD_SHIFT = 16                # <linux/kernel.h>: sysinfo()'s loads are fixed point, 2^16
+DISKSTATS_FIELDS = ("read-ios", "read-merges", "read-sectors", "read-ticks", "write-ios",
+                    "write-merges", "write-sectors", "write-ticks", "ios-pgr", "total-ticks",
+                    "weight-ticks", "discard-ios", "discard-merges", "discard-sectors",
+                    "discard-ticks", "flush-ios", "flush-ticks")   # /proc/diskstats' order
+CPUSTATS_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal",
+                   "guest", "guestnice")                            # /proc/stat's order
+RTF_SIGN = 1 << 31                # an IPv6 route's flags: qemu-ga reads them into an int,
+WIDEN = 0xFFFFFFFF00000000        # so a set top bit comes out sign-extended to 64 bits
+
+
+def qga_load(machine, peer, args):
+    """sysinfo(2)'s load averages, exactly what qemu-ga 10 answers (glibc's getloadavg has
+    read them there since 2.41; /proc/loadavg rounds them to two decimals)."""
+    import ctypes
+    info = (ctypes.c_ulong * 32)()   # struct sysinfo: long uptime, unsigned long loads[3], ...
+    if libc_call("sysinfo", info):   # int sysinfo(struct sysinfo *)
+        raise QgaError("cannot read the load averages")
+    scale = float(1 << SI_LOAD_SHIFT)
+    return {"load1m": info[1] / scale, "load5m": info[2] / scale, "load15m": info[3] / scale}
+
+
+def qga_cpustats(machine, peer, args):
+    """/proc/stat per CPU, its jiffies as milliseconds (qemu-ga's unit)."""
+    per_ms = 1000 / (os.sysconf("SC_CLK_TCK") or 100)
+    answer = []
+    for line in _read_text("/proc/stat").splitlines():
+        fields = line.split()
+        if not fields or not fields[0].startswith("cpu") or not fields[0][3:].isdigit():
+            continue
+        entry = {"type": "linux", "cpu": int(fields[0][3:])}
+        for name, value in zip(CPUSTATS_FIELDS, fields[1:]):
+            entry[name] = int(int(value) * per_ms)
+        answer.append(entry)
+    return answer
+
+
+def qga_diskstats(machine, peer, args):
+    """/proc/diskstats, every line, each counter it has (older kernels have fewer)."""
+    answer = []
+    for line in _read_text("/proc/diskstats").splitlines():
+        fields = line.split()
+        if len(fields) < 14:
+            continue
+        stats = {name: int(value) for name, value in zip(DISKSTATS_FIELDS, fields[3:])}
+        answer.append({"name": fields[2], "major": int(fields[0]), "minor": int(fields[1]),
+                       "stats": stats})
+    return answer
+
+
+def qga_routes(machine, peer, args):
+    """/proc/net/route, then /proc/net/ipv6_route, field for field as qemu-ga gives them."""
+    answer = []
+    for line in _read_text("/proc/net/route").splitlines()[1:]:
+        f = line.split()
+        if len(f) < 11:
+            continue
+        ipv4 = lambda word: socket.inet_ntop(socket.AF_INET, int(word, 16).to_bytes(4, "little"))
+        answer.append({"iface": f[0], "destination": ipv4(f[1]), "gateway": ipv4(f[2]),
+                       "flags": int(f[3], 16), "refcnt": int(f[4]), "use": int(f[5]),
+                       "metric": int(f[6]), "mask": ipv4(f[7]), "mtu": int(f[8]),
+                       "window": int(f[9]), "irtt": int(f[10]), "version": 4})
+    for line in _read_text("/proc/net/ipv6_route").splitlines():
+        f = line.split()
+        if len(f) < 10:
+            continue
+        ipv6 = lambda word: socket.inet_ntop(socket.AF_INET6, bytes.fromhex(word))
+        flags = int(f[8], 16)
+        answer.append({"iface": f[9], "destination": ipv6(f[0]),
+                       "desprefixlen": str(int(f[1], 16)), "source": ipv6(f[2]),
+                       "srcprefixlen": str(int(f[3], 16)), "nexthop": ipv6(f[4]),
+                       "metric": _int32(f[5]), "refcnt": _int32(f[6]), "use": _int32(f[7]),
+                       "flags": flags | WIDEN if flags & RTF_SIGN else flags, "version": 6})
+    return answer
+
+
+def _int32(word):
+    """A hex field qemu-ga reads into a C int: ffffffff is -1."""
+    value = int(word, 16) & 0xFFFFFFFF
+    return value - (1 << 32) if value & RTF_SIGN else value
+
+
+def qga_disks(machine, peer, args):
+    return qga_errand("guest-get-disks", block_disks)
+
+
+def block_disks():
+    """guest-get-disks' answer as qemu-ga builds it: every block device of a non-zero size
+    in /sys/block, each followed by its partitions, the whole list reversed (qemu-ga prepends
+    as it reads); a device's dependencies are its slaves; a device-mapper one's alias is its
+    dm name; a virtual one (dm, loop) has no address."""
+    answer = []
+    try:
+        names = os.listdir("/sys/block")
+    except OSError:
+        return answer
+    for name in names:
+        base = "/sys/block/" + name
+        if _read_text(base + "/size").strip() in ("", "0"):
+            continue
+        disk = {"name": "/dev/" + name, "partition": False}
+        alias = _read_text(base + "/dm/name").strip()
+        if alias:
+            disk["alias"] = alias
+        answer.append(disk)
+        sys_path = os.path.realpath(base)
+        if "/devices/virtual/block/" not in sys_path:
+            disk["address"] = _disk_address(sys_path)
+        try:
+            disk["dependencies"] = ["/dev/" + s for s in os.listdir(base + "/slaves")]
+        except OSError:
+            pass
+        try:
+            parts = [p for p in os.listdir(base) if p.startswith(name)]
+        except OSError:
+            parts = []
+        for part in parts:
+            answer.append({"name": "/dev/" + part, "partition": True,
+                           "dependencies": ["/dev/" + name]})
+    answer.reverse()
+    return answer
+
+
+MEMORY_BLOCKS = "/sys/devices/system/memory"
+
+
+def qga_memory_blocks(machine, peer, args):
+    """Every memoryN directory in sysfs' order (qemu-ga's readdir order): online from its
+    state, can-offline from its removable flag."""
+    answer = []
+    for name in _listdir(MEMORY_BLOCKS):
+        if not (name.startswith("memory") and name[6:].isdigit()):
+            continue
+        base = "%s/%s/" % (MEMORY_BLOCKS, name)
+        state = _read_bytes(base + "state")
+        if state is None:          # a kernel without the file: online, cannot go offline
+            answer.append({"phys-index": int(name[6:]), "online": True, "can-offline": False})
+            continue
+        removable = (_read_bytes(base + "removable") or b"0")[:1]
+        answer.append({"phys-index": int(name[6:]), "online": state.startswith(b"online"),
+                       "can-offline": removable != b"0"})
+    if not answer:
+        raise QgaError("guest reported zero memory blocks!")
+    return answer
+
+
+def qga_memory_block_info(machine, peer, args):
+    text = _read_text(MEMORY_BLOCKS + "/block_size_bytes").strip()
+    try:
+        return {"size": int(text, 16)}
+    except ValueError:
+        raise QgaError("could not read memory block size: %s/block_size_bytes"
+                       % MEMORY_BLOCKS)
+
+
+def _listdir(path):
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+# ---- the QGA commands that change the machine: vCPUs, memory blocks, fstrim, suspend --------
+
+FITRIM = 0xC0185879               # <linux/fs.h> _IOWR('X', 121, struct fstrim_range)
+_FSTRIM_RANGE = Struct("=QQQ")    # struct fstrim_range: start, len, minlen (all __u64)
+QGA_FSTRIM_TIMEOUT = 300.0        # a trim of a large disk on a slow backend takes minutes
+SUSPEND_MODES = {"guest-suspend-ram": "mem", "guest-suspend-disk": "disk",
+                 "guest-suspend-hybrid": "disk"}   # what /sys/power/state must offer
+
+
+def qga_members(items, param, fields):
+    """A list of objects (guest-set-vcpus' vcpus, guest-set-memory-blocks' mem-blks)
+    checked member by member, with QEMU's error texts: fields are (name, kind, required)."""
+    for i, item in enumerate(items):
+        where = "%s[%d]" % (param, i)
+        if not isinstance(item, dict):
+            raise QgaError("Invalid parameter type for '%s', expected: object" % where)
+        qga_arguments([(where + "." + name, kind, required) for name, kind, required in fields],
+                      {where + "." + name: value for name, value in item.items()})
+    return items
+
+
+def qga_set_vcpus(machine, peer, args):
+    vcpus = qga_members(args["vcpus"], "vcpus", (("logical-id", "int", True),
+                                                 ("online", "bool", True),
+                                                 ("can-offline", "bool", False)))
+    wanted = [(cpu["logical-id"], cpu["online"]) for cpu in vcpus]
+    return qga_errand("guest-set-vcpus", lambda: set_vcpus(wanted))   # CPU hotplug may wait
+
+
+def set_vcpus(wanted):
+    """Bring each logical CPU online or offline through its sysfs `online` file, as qemu-ga
+    does: how many were handled before the first failure; that failure only if none was."""
+    done = 0
+    for cpu, online in wanted:
+        path = "/sys/devices/system/cpu/cpu%d/" % cpu
+        try:
+            _set_vcpu(path, cpu, online)
+        except QgaError:
+            if not done:
+                raise
+            break
+        done += 1
+    return done
+
+
+def _set_vcpu(path, cpu, online):
+    if not os.path.isdir(path):
+        raise QgaError('open("%s"): %s' % (path, os.strerror(errno.ENOENT)))
+    try:
+        fd = os.open(path + "online", os.O_RDWR)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise QgaError('open("%sonline"): %s' % (path, exc.strerror))
+        if not online:         # no `online` file: the boot CPU, which never goes offline
+            raise QgaError("logical processor #%d can't be offlined" % cpu)
+        return
+    try:
+        status = os.pread(fd, 1, 0)
+        if not status:
+            raise QgaError('pread("%sonline"): unexpected EOF' % path)
+        if online != (status != b"0"):
+            try:
+                os.pwrite(fd, b"1" if online else b"0", 0)
+            except OSError as exc:
+                raise QgaError('pwrite("%sonline"): %s' % (path, exc.strerror))
+    finally:
+        os.close(fd)
+
+
+def qga_set_memory_blocks(machine, peer, args):
+    blocks = qga_members(args["mem-blks"], "mem-blks", (("phys-index", "int", True),
+                                                        ("online", "bool", True),
+                                                        ("can-offline", "bool", False)))
+    wanted = [(block["phys-index"], block["online"]) for block in blocks]
+    return qga_errand("guest-set-memory-blocks", lambda: set_memory_blocks(wanted))
+
+
+def set_memory_blocks(wanted):
+    """Each block online or offline through its sysfs `state`: one response per block."""
+    answer = []
+    for index, online in wanted:
+        result = {"phys-index": index, "response": "success"}
+        answer.append(result)
+        base = "%s/memory%d/" % (MEMORY_BLOCKS, index)
+        if not os.path.isdir(base):
+            result["response"], result["error-code"] = "not-found", errno.ENOENT
+            continue
+        state = _read_bytes(base + "state")
+        if state is None:
+            if not online:
+                result["response"] = "operation-not-supported"
+            continue
+        if online != state.startswith(b"online"):
+            try:
+                fd = os.open(base + "state", os.O_WRONLY)
+                try:
+                    os.write(fd, b"online" if online else b"offline")
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                result["response"] = "operation-failed"
+                result["error-code"] = exc.errno
+    return answer
+
+
+def qga_fstrim(machine, peer, args):
+    guest, minimum = machine.freezer.guest, args.get("minimum", 0)
+    return qga_errand("guest-fstrim", lambda: fstrim(guest, minimum),
+                      timeout=QGA_FSTRIM_TIMEOUT)
+
+
+def fstrim(guest, minimum):
+    """FITRIM every mounted disk filesystem, as qemu-ga lists them (every mount, the last
+    mounted first): the bytes trimmed, or why not."""
+    import ctypes
+    paths = []
+    for target, _, _, _ in reversed(guest.disk_filesystems(every_mount=True)):
+        result = {"path": target}
+        paths.append(result)
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            result["error"] = "failed to open: %s" % exc.strerror
+            continue
+        try:
+            span = ctypes.create_string_buffer(_FSTRIM_RANGE.pack(0, (1 << 64) - 1, minimum))
+            # int ioctl(int fd, FITRIM, struct fstrim_range *): the kernel writes back len
+            err = libc_call("ioctl", fd, ctypes.c_ulong(FITRIM), span)
+        finally:
+            os.close(fd)
+        if err in (errno.ENOTTY, errno.EOPNOTSUPP):
+            result["error"] = "trim not supported"
+        elif err:
+            result["error"] = "failed to trim: %s" % os.strerror(err)
+        else:
+            _, trimmed, minlen = _FSTRIM_RANGE.unpack(span.raw[:_FSTRIM_RANGE.size])
+            result["trimmed"], result["minimum"] = trimmed, minlen
+    return {"paths": paths}
+
+
+def qga_suspend(name):
+    """guest-suspend-ram / -disk / -hybrid: as qemu-ga does in a guest without systemd or
+    pm-utils, through /sys/power (hybrid: `suspend` into /sys/power/disk, then `disk`).
+    No answer on success (the guest sleeps); the write is an errand, as it returns only
+    when the guest wakes."""
+    def handler(machine, peer, args):
+        mode = SUSPEND_MODES[name]
+        offered = _read_text("/sys/power/state").split()
+        if mode not in offered or (name == "guest-suspend-hybrid" and "suspend" not in
+                                   _read_text("/sys/power/disk").replace("[", " ").replace(
+                                       "]", " ").split()):
+            raise QgaError("the requested suspend mode is not supported by the guest")
+
+        def body():
+            if name == "guest-suspend-hybrid":
+                _write_file("/sys/power/disk", b"suspend")
+            _write_file("/sys/power/state", mode.encode())
+
+        def said(outcome):
+            if outcome[0] != "ok":
+                log("warn", "%s: %s" % (name, outcome[-1]))
+            else:
+                log("info", "%s: the guest woke up" % name)
+        log("info", "%s from %s" % (name, describe_peer(peer)))
+        machine.errands.run(Errand(name, body, 24 * 3600.0, said), said)
+        return None
+    return handler
+
+
+def _write_file(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+# ---- credentials: a user's password and SSH keys (off by default) ---------------------------
+
+def passwd_entry(username, path="/etc/passwd"):
+    """getpwnam() from /etc/passwd (a busybox guest has no NSS): (uid, gid, home) or None."""
+    for line in _read_text(path).splitlines():
+        fields = line.split(":")
+        if len(fields) >= 7 and fields[0] == username:
+            try:
+                return int(fields[2]), int(fields[3]), fields[5]
+            except ValueError:
+                return None
+    return None
+
+
+def _user(username):
+    entry = passwd_entry(username)
+    if entry is None:
+        raise QgaError("failed to lookup user '%s': Success" % username)   # qemu-ga's words
+    return entry
+
+
+def qga_set_user_password(machine, peer, args):
+    username, crypted = args["username"], args["crypted"]
+    password = qga_base64_decode(args["password"])
+    if b"\n" in password:
+        raise QgaError("forbidden characters in raw password")
+    if "\n" in username or ":" in username:
+        raise QgaError("forbidden characters in username")
+    chpasswd = find_program("chpasswd")
+    if chpasswd is None:
+        raise QgaError("cannot find 'passwd' program in PATH")
+    argv = [chpasswd, "-e"] if crypted else [chpasswd]
+    data = username.encode() + b":" + password + b"\n"
+
+    def body():
+        run_command(argv, data, "set user password")
+    return qga_errand("guest-set-user-password", lambda: body() or {})
+
+
+def find_program(name):
+    for folder in (os.environ.get("PATH") or "/usr/local/sbin:/usr/local/bin:/usr/sbin:"
+                   "/usr/bin:/sbin:/bin").split(":"):
+        path = os.path.join(folder or ".", name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
+
+
+def run_command(argv, data, action):
+    """In an errand: run argv with `data` on its stdin, its output (both streams) kept for
+    the error, as qemu-ga's ga_run_command: its own session, the same error texts."""
+    r_in, w_in = os.pipe()
+    r_out, w_out = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            os.dup2(r_in, 0)
+            os.dup2(w_out, 1)
+            os.dup2(w_out, 2)
+            _close_fds_but(2)
+            os.execv(argv[0], argv)
+        except OSError as exc:
+            os.write(2, ("failed to exec '%s': %s\n" % (argv[0], exc.strerror)).encode())
+        os._exit(1)
+    os.close(r_in)
+    os.close(w_out)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(w_in, view):]
+    except OSError:
+        pass                       # it stopped reading: its status says why
+    os.close(w_in)
+    chunks = []
+    while True:
+        chunk = os.read(r_out, 65536)
+        if not chunk:
+            break
+        if sum(len(c) for c in chunks) < 65536:
+            chunks.append(chunk)
+    os.close(r_out)
+    status = os.waitpid(pid, 0)[1]
+    said = b"".join(chunks).decode("utf-8", "replace")
+    if not os.WIFEXITED(status):
+        raise QgaError("child process has terminated abnormally" + (": " + said if said
+                                                                    else ""))
+    if os.WEXITSTATUS(status):
+        raise QgaError("child process has failed to %s%s" % (action, ": " + said if said
+                                                             else ""))
+
+
+def _authorized_keys(username):
+    uid, gid, home = _user(username)
+    folder = os.path.join(home, ".ssh")
+    return uid, gid, folder, os.path.join(folder, "authorized_keys")
+
+
+def read_authorized_keys(path):
+    """The file's lines (split as g_strsplit on newlines), or the QgaError qemu-ga gives."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace").split("\n")
+    except OSError as exc:
+        raise QgaError("failed to read '%s': Failed to open file “%s”: %s"
+                       % (path, path, exc.strerror), errno=exc.errno)
+
+
+def write_authorized_keys(path, keys, uid, gid):
+    """Replace the file (a new file renamed over it, as g_file_set_contents), the user's,
+    mode 0600."""
+    new = path + ".arcbox-new"
+    try:
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, "\n".join(keys).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(new, path)
+    except OSError as exc:
+        raise QgaError("failed to write to '%s': %s" % (path, exc.strerror))
+    try:
+        os.chown(path, uid, gid)
+    except OSError as exc:
+        raise QgaError("failed to set ownership of '%s': %s" % (path, exc.strerror))
+    try:
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise QgaError("failed to set permissions of '%s': %s" % (path, exc.strerror))
+
+
+def check_ssh_keys(keys):
+    for key in keys:
+        if not key or key.startswith("#") or "\n" in key:
+            raise QgaError("invalid OpenSSH public key: '%s'" % key)
+
+
+def qga_ssh_get(machine, peer, args):
+    username = args["username"]
+
+    def body():
+        _, _, _, path = _authorized_keys(username)
+        lines = [line.strip() for line in read_authorized_keys(path)]
+        return {"keys": [line for line in lines if line and not line.startswith("#")]}
+    return qga_errand("guest-ssh-get-authorized-keys", body)
+
+
+def qga_ssh_add(machine, peer, args):
+    username, keys, reset = args["username"], args["keys"], args.get("reset", False)
+    check_ssh_keys(keys)
+
+    def body():
+        uid, gid, folder, path = _authorized_keys(username)
+        lines = None
+        if not reset:
+            try:
+                lines = read_authorized_keys(path)
+            except QgaError:
+                lines = None
+        if lines is None:
+            lines = []
+            if not os.path.isdir(folder):
+                try:
+                    os.mkdir(folder, 0o700)
+                    os.chown(folder, uid, gid)
+                    os.chmod(folder, 0o700)
+                except OSError as exc:
+                    raise QgaError("failed to create directory '%s': %s"
+                                   % (folder, exc.strerror))
+        for key in keys:
+            if key not in lines:
+                lines.append(key)
+        write_authorized_keys(path, lines, uid, gid)
+        return {}
+    return qga_errand("guest-ssh-add-authorized-keys", body)
+
+
+def qga_ssh_remove(machine, peer, args):
+    username, keys = args["username"], args["keys"]
+    check_ssh_keys(keys)
+
+    def body():
+        uid, gid, _, path = _authorized_keys(username)
+        try:
+            lines = read_authorized_keys(path)
+        except QgaError as exc:
+            if exc.errno == errno.ENOENT:
+                return {}          # nothing to remove
+            raise
+        write_authorized_keys(path, [line for line in lines if line not in keys], uid, gid)
+        return {}
+    return qga_errand("guest-ssh-remove-authorized-keys", body)
+
+
+# ---- programs and files for the host: guest-exec, guest-file-* (off by default) -------------
+
+# guest-exec's programs are PID 1's children like any other: reaped by the reaper, sent
+# SIGTERM and, past the grace, SIGKILL by the orderly power-off, named among those who held
+# the stop up. PID 1 forks them itself (a fork does not wait on a disk; the exec that may --
+# the program's file on a disk that does not answer -- happens in the child, whose success
+# or errno comes back on a close-on-exec pipe that a thread of PID 1's waits on). Their
+# output comes through non-blocking pipes the loop reads, bounded as qemu-ga bounds it.
+QGA_EXEC_MAX_OUTPUT = 16 << 20    # bytes kept of each stream (qemu-ga's GUEST_EXEC_MAX_OUTPUT);
+                                  # past it the rest is read and dropped, `truncated` said
+QGA_EXEC_MODES = ("none", "stdout", "stderr", "separated", "merged")
+QGA_FILE_FIRST_HANDLE = 1000      # qemu-ga's first handle (QGA_PSTATE_DEFAULT_FD_COUNTER)
+QGA_FILE_READ_DEFAULT = 4096      # guest-file-read's count when none is given
+QGA_FILE_READ_MAX = 48 << 20      # and its largest (qemu-ga's GUEST_FILE_READ_COUNT_MAX)
+QGA_FILE_MODES = {                # guest-file-open's modes, qemu-ga's table
+    "r": os.O_RDONLY, "rb": os.O_RDONLY,
+    "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+    "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND, "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    "r+": os.O_RDWR, "rb+": os.O_RDWR, "r+b": os.O_RDWR,
+    "w+": os.O_RDWR | os.O_CREAT | os.O_TRUNC, "wb+": os.O_RDWR | os.O_CREAT | os.O_TRUNC,
+    "w+b": os.O_RDWR | os.O_CREAT | os.O_TRUNC,
+    "a+": os.O_RDWR | os.O_CREAT | os.O_APPEND, "ab+": os.O_RDWR | os.O_CREAT | os.O_APPEND,
+    "a+b": os.O_RDWR | os.O_CREAT | os.O_APPEND}
+QGA_SEEK = {"set": os.SEEK_SET, "cur": os.SEEK_CUR, "end": os.SEEK_END}
+QGA_SEEK_CODES = {0: os.SEEK_SET, 1: os.SEEK_CUR, 2: os.SEEK_END}   # QGA_SEEK_SET, _CUR, _END
+_BASE64_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n")
+
+
+def qga_base64_decode(text):
+    """qbase64_decode: only base64's characters, else QEMU's error; then as g_base64_decode,
+    which decodes whole groups of four and drops an unfinished one."""
+    data = text.encode("utf-8", "replace")
+    if not set(data) <= _BASE64_CHARS:
+        raise QgaError("Base64 data contains invalid characters")
+    data = data.replace(b"\n", b"")
+    data = data[:len(data) - len(data) % 4]
+    try:
+        return qga_json().base64.a2b_base64(data)
+    except ValueError:             # padding inside: what comes before it
+        cut = data.index(b"=")
+        return qga_json().base64.a2b_base64(data[:cut - cut % 4])
+
+
+def qga_base64(data):
+    return qga_json().base64.b2a_base64(data, newline=False).decode()
+
+
+class ExecStream:
+    """One captured stream of a guest-exec'd program: what was kept, and whether its pipe
+    is still open."""
+    __slots__ = ("chunks", "size", "truncated", "open")
+
+    def __init__(self, is_open):
+        self.chunks, self.size, self.truncated, self.open = [], 0, False, is_open
+
+    def take(self, data):
+        room = QGA_EXEC_MAX_OUTPUT - self.size
+        if len(data) > room:
+            data, self.truncated = data[:room], True
+        if data:
+            self.chunks.append(data)
+            self.size += len(data)
+
+
+class ExecProcess:
+    __slots__ = ("pid", "argv", "out", "err", "captured", "status", "stdin")
+
+    def __init__(self, pid, argv, captured):
+        self.pid, self.argv, self.captured, self.status = pid, argv, captured, None
+        self.out, self.err = ExecStream(captured), ExecStream(captured)
+        self.stdin = b""           # input-data not yet written
+
+
+class GuestExec(Source):
+    """guest-exec and guest-exec-status: the programs started, their pipes in the loop."""
+
+    def __init__(self, reaper):
+        self.reaper = reaper
+        self.processes = {}        # pid -> ExecProcess, until its exit is told
+        self.pipes = {}            # fd -> (ExecProcess, "in" | "out" | "err")
+
+    def start(self, path, argv, env, data, mode):
+        """Fork it: the Errand that waits for its exec to succeed (its value: {"pid": N}) or
+        fail (qemu-ga's error)."""
+        fds, child_fds = [], {}
+        try:
+            if data is not None:
+                r, w = os.pipe()
+                fds += [r, w]
+                child_fds[0], stdin = r, w
+            for name, target in (("out", 1), ("err", 2)):
+                if mode == "separated" or mode == "merged" and name == "out" or mode == (
+                        "stdout" if name == "out" else "stderr"):
+                    r, w = os.pipe()
+                    fds += [r, w]
+                    child_fds[target] = w
+                    if name == "out":
+                        out_r = r
+                    else:
+                        err_r = r
+            report_r, report_w = os.pipe()        # close-on-exec: EOF says "exec'd"
+            fds += [report_r, report_w]
+            pid = os.fork()
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise QgaError("Failed to fork (%s)"
+                           % exc.strerror)
+        if pid == 0:
+            self._child(path, argv, env, child_fds, mode, report_w)
+        os.close(report_w)
+        for fd in child_fds.values():
+            os.close(fd)
+        captured = mode != "none"
+        process = ExecProcess(pid, argv, captured)
+        process.out.open = mode in ("separated", "merged", "stdout")
+        process.err.open = mode in ("separated", "stderr")
+        if data is not None:
+            process.stdin = data
+            os.set_blocking(stdin, False)
+            self.pipes[stdin] = (process, "in")
+        if process.out.open:
+            os.set_blocking(out_r, False)
+            self.pipes[out_r] = (process, "out")
+        if process.err.open:
+            os.set_blocking(err_r, False)
+            self.pipes[err_r] = (process, "err")
+        self.reaper.watch(pid, self._exited)
+        self.processes[pid] = process
+
+        def body():                # in a thread: EOF (exec'd) or the child's errno
+            try:
+                said = b""
+                while True:
+                    chunk = os.read(report_r, 16)
+                    if not chunk:
+                        return said
+                    said += chunk
+            finally:
+                os.close(report_r)
+
+        def finish(outcome):
+            said = qga_outcome(outcome)
+            if said:
+                self.processes.pop(pid, None)      # it never ran: nothing to ask about
+                for fd, (proc, _) in list(self.pipes.items()):
+                    if proc is process:
+                        self._close(fd)
+                raise QgaError("Failed to execute child process “%s” (%s)"
+                               % (path, os.strerror(int(said))))
+            log("info", "guest-exec: pid %d: %s" % (pid, " ".join(argv)))
+            return {"pid": pid}
+        return Errand("guest-exec", body, QGA_ERRAND_TIMEOUT, finish, thread=True)
+
+    @staticmethod
+    def _child(path, argv, env, child_fds, mode, report_w):
+        """In the child: the program's own session, default signals, its pipes or
+        /dev/null, nothing else of PID 1's; then exec, or the errno on the report pipe."""
+        code = 127
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in range(1, signal.NSIG):
+                if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                    try:
+                        signal.signal(sig, signal.SIG_DFL)
+                    except (OSError, ValueError):
+                        pass       # 32/33 belong to the C library's threads
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            os.setsid()
+            null = os.open("/dev/null", os.O_RDWR)
+            for target in (0, 1, 2):
+                source = child_fds.get(target, null)
+                if target == 2 and mode == "merged":
+                    source = child_fds[1]
+                os.dup2(source, target)
+            os.set_inheritable(report_w, False)
+            _close_fds_but(0, 1, 2, report_w)
+            if env is None:
+                os.execvp(path, argv)
+            os.execvpe(path, argv, dict(item.partition("=")[::2] for item in env))
+        except OSError as exc:
+            try:
+                os.write(report_w, str(exc.errno or errno.ENOENT).encode())
+            except OSError:
+                pass
+        except BaseException:     # noqa: B902 - nothing may return into the parent's loop
+            pass
+        os._exit(code)
+
+    def _exited(self, pid, status):
+        process = self.processes.get(pid)
+        if process is not None:
+            process.status = status
+
+    def status(self, pid):
+        process = self.processes.get(pid)
+        if process is None:
+            raise QgaError("PID %d does not exist" % pid)
+        exited = process.status is not None and not process.out.open and not process.err.open
+        answer = {"exited": exited}
+        if not exited:
+            return answer
+        del self.processes[pid]
+        status = process.status
+        if os.WIFEXITED(status):
+            answer["exitcode"] = os.WEXITSTATUS(status)
+        elif os.WIFSIGNALED(status):
+            answer["signal"] = os.WTERMSIG(status)
+        for key, stream in (("out", process.out), ("err", process.err)):
+            if stream.size:
+                answer[key + "-data"] = qga_base64(b"".join(stream.chunks))
+                answer[key + "-truncated"] = stream.truncated
+        return answer
+
+    # the event loop's view
+    def wants(self, now):
+        return [(fd, select.POLLOUT if which == "in" else select.POLLIN, self._ready, fd)
+                for fd, (_, which) in self.pipes.items()]
+
+    def _ready(self, fd, mask):
+        entry = self.pipes.get(fd)
+        if entry is None:
+            return
+        process, which = entry
+        try:
+            if which == "in":
+                written = os.write(fd, process.stdin[:65536])
+                process.stdin = process.stdin[written:]
+                if not process.stdin:
+                    self._close(fd)
+                return
+            data = os.read(fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:            # EPIPE: it stopped reading its input
+            data = b""
+        if not data:
+            self._close(fd)
+            return
+        (process.out if which == "out" else process.err).take(data)
+
+    def _close(self, fd):
+        process, which = self.pipes.pop(fd)
+        os.close(fd)
+        if which != "in":
+            (process.out if which == "out" else process.err).open = False
+
+
+def qga_exec(machine, peer, args):
+    capture = args.get("capture-output", False)
+    if isinstance(capture, bool):
+        mode = "separated" if capture else "none"
+    elif not isinstance(capture, str):
+        raise QgaError("Invalid parameter type for 'capture-output', expected: "
+                       "GuestExecCaptureOutput")
+    elif capture in QGA_EXEC_MODES:
+        mode = capture
+    else:
+        raise QgaError("Parameter 'capture-output' does not accept value '%s'" % capture)
+    data = None
+    if "input-data" in args:
+        data = qga_base64_decode(args["input-data"])
+    path = args["path"]
+    argv = [path] + list(args.get("arg", []))
+    return machine.execs.start(path, argv, args.get("env"), data, mode)
+
+
+def qga_exec_status(machine, peer, args):
+    return machine.execs.status(args["pid"])
+
+
+class GuestFiles:
+    """guest-file-*: the open files, by handle. Each read, write, seek, flush and close runs
+    in a thread of PID 1's with a deadline (the file may be on a disk that does not answer);
+    the descriptor stays PID 1's."""
+
+    def __init__(self):
+        self.handles = {}          # handle -> fd
+        self.next_handle = QGA_FILE_FIRST_HANDLE
+
+    def fd(self, handle):
+        fd = self.handles.get(handle)
+        if fd is None:
+            raise QgaError("handle '%d' has not been found" % handle)
+        return fd
+
+    def open(self, path, mode):
+        flags = QGA_FILE_MODES.get(mode)
+        if flags is None:
+            raise QgaError("invalid file open mode '%s'" % mode)
+
+        def body():
+            created = False
+            try:
+                if flags & os.O_CREAT:
+                    try:
+                        fd = os.open(path, flags | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                        created = True
+                    except FileExistsError:
+                        fd = os.open(path, (flags & ~os.O_CREAT) | os.O_CLOEXEC)
+                else:
+                    fd = os.open(path, flags | os.O_CLOEXEC)
+            except OSError as exc:
+                raise QgaError("failed to open file '%s' (mode: '%s'): %s"
+                               % (path, mode, exc.strerror))
+            if created:            # qemu-ga's DEFAULT_NEW_FILE_MODE, whatever the umask
+                os.fchmod(fd, 0o666)
+            return fd
+
+        def finish(outcome):
+            fd = qga_outcome(outcome)
+            handle, self.next_handle = self.next_handle, self.next_handle + 1
+            self.handles[handle] = fd
+            log("info", "guest-file-open: %s (%s) as handle %d" % (path, mode, handle))
+            return handle
+        return Errand("guest-file-open", body, QGA_ERRAND_TIMEOUT, finish, thread=True)
+
+    def read(self, handle, count):
+        fd = self.fd(handle)
+        if count < 0 or count > QGA_FILE_READ_MAX:
+            raise QgaError("value '%d' is invalid for argument count" % count)
+
+        def body():
+            chunks, left = [], count
+            while left > 0:
+                try:
+                    chunk = os.read(fd, min(left, 1 << 20))
+                except OSError as exc:
+                    raise QgaError("failed to read file: %s" % exc.strerror)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            data = b"".join(chunks)
+            return data, left > 0 and count > 0
+
+        def finish(outcome):
+            data, eof = qga_outcome(outcome)
+            return {"count": len(data), "buf-b64": qga_base64(data), "eof": eof}
+        return Errand("guest-file-read", body, QGA_ERRAND_TIMEOUT, finish, thread=True)
+
+    def write(self, handle, text, count):
+        fd = self.fd(handle)
+        data = qga_base64_decode(text)
+        if count is None:
+            count = len(data)
+        elif count < 0 or count > len(data):
+            raise QgaError("value '%d' is invalid for argument count" % count)
+        data = data[:count]
+
+        def body():
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError as exc:
+                raise QgaError("failed to write to file: %s" % exc.strerror)
+            return {"count": len(data), "eof": False}
+        return qga_thread("guest-file-write", body)
+
+    def seek(self, handle, offset, whence):
+        fd = self.fd(handle)
+        if isinstance(whence, str):
+            if whence not in QGA_SEEK:
+                raise QgaError("Parameter 'whence' does not accept value '%s'" % whence)
+            how = QGA_SEEK[whence]
+        elif isinstance(whence, int) and not isinstance(whence, bool):
+            if whence not in QGA_SEEK_CODES:
+                raise QgaError("invalid whence code %d" % whence)
+            how = QGA_SEEK_CODES[whence]
+        else:
+            raise QgaError("Invalid parameter type for 'whence', expected: GuestFileWhence")
+
+        def body():
+            try:
+                return {"position": os.lseek(fd, offset, how), "eof": False}
+            except OSError as exc:
+                raise QgaError("failed to seek file: %s" % exc.strerror)
+        return qga_thread("guest-file-seek", body)
+
+    def flush(self, handle):
+        fd = self.fd(handle)
+
+        def body():
+            return {}              # nothing is buffered here: a write is the file's at once
+        return qga_thread("guest-file-flush", body)
+
+    def close(self, handle):
+        self.fd(handle)
+        fd = self.handles.pop(handle)
+
+        def body():
+            try:
+                os.close(fd)
+            except OSError as exc:
+                raise QgaError("failed to close handle: %s" % exc.strerror)
+            return {}
+        return qga_thread("guest-file-close", body)
+
+
+def qga_file(op):
+    def handler(machine, peer, args):
+        files = machine.files
+        if op == "open":
+            return files.open(args["path"], args.get("mode", "r"))
+        if op == "read":
+            return files.read(args["handle"], args.get("count", QGA_FILE_READ_DEFAULT))
+        if op == "write":
+            return files.write(args["handle"], args["buf-b64"], args.get("count"))
+        if op == "seek":
+            return files.seek(args["handle"], args["offset"], args["whence"])
+        return getattr(files, op)(args["handle"])
+    return handler
+
+
+def qga_thread(what, body, then=None):
+    """qga_errand's twin for a body that works on a descriptor PID 1 keeps: in a thread."""
+    return qga_errand(what, body, then)._replace(thread=True)
+
+
+# The commands, in guest-info's order (qemu-ga 10.0's on Linux, all 43). `guarded`: only an
+# allowed peer (--allow) may run it; the host (vsock CID 2, a serial port) always may.
+def _c(handler, params=(), guarded=False, success_response=True, prefix=b""):
+    return QgaCommand(handler, params, success_response, guarded, prefix)
+
+
 QGA_COMMANDS = {
-    "guest-sync-delimited": QgaCommand(qga_sync, (("id", "int", True),), True, False, b"\xff"),
-    "guest-sync": QgaCommand(qga_sync, (("id", "int", True),), True, False, b""),
-    "guest-ping": QgaCommand(qga_ping, (), True, False, b""),
-    "guest-info": QgaCommand(qga_info, (), True, False, b""),
-    "guest-shutdown": QgaCommand(qga_shutdown, (("mode", "str", False),), False, True, b""),
-    "guest-get-time": QgaCommand(qga_get_time, (), True, False, b""),
-    "guest-set-time": QgaCommand(qga_set_time, (("time", "int", False),), True, True, b""),
-    "guest-get-host-name": QgaCommand(qga_host_name, (), True, False, b""),
-    "guest-get-osinfo": QgaCommand(qga_osinfo, (), True, False, b""),
-    "guest-get-timezone": QgaCommand(qga_timezone, (), True, False, b""),
-    "guest-get-users": QgaCommand(qga_users, (), True, False, b""),
-    "guest-get-vcpus": QgaCommand(qga_vcpus, (), True, False, b""),
-    "guest-network-get-interfaces": QgaCommand(qga_interfaces, (), True, False, b""),
-    "guest-get-fsinfo": QgaCommand(qga_fsinfo, (), True, False, b""),
-    "guest-fsfreeze-status": QgaCommand(qga_freeze_status, (), True, False, b""),
-    "guest-fsfreeze-freeze": QgaCommand(qga_freeze, (), True, True, b""),
-    "guest-fsfreeze-freeze-list": QgaCommand(qga_freeze, (("mountpoints", "list", False),),
-                                             True, True, b""),
-    "guest-fsfreeze-thaw": QgaCommand(qga_thaw, (), True, True, b""),
+    "guest-sync-delimited": _c(qga_sync, (("id", "int", True),), prefix=b"\xff"),
+    "guest-sync": _c(qga_sync, (("id", "int", True),)),
+    "guest-ping": _c(qga_ping),
+    "guest-info": _c(qga_info),
+    "guest-shutdown": _c(qga_shutdown, (("mode", "str", False),), True, False),
+    "guest-get-time": _c(qga_get_time),
+    "guest-set-time": _c(qga_set_time, (("time", "int", False),), True),
+    "guest-get-host-name": _c(qga_host_name),
+    "guest-get-osinfo": _c(qga_osinfo),
+    "guest-get-timezone": _c(qga_timezone),
+    "guest-get-users": _c(qga_users),
+    "guest-get-load": _c(qga_load),
+    "guest-get-cpustats": _c(qga_cpustats),
+    "guest-get-diskstats": _c(qga_diskstats),
+    "guest-get-vcpus": _c(qga_vcpus),
+    "guest-set-vcpus": _c(qga_set_vcpus, (("vcpus", "objects", True),), True),
+    "guest-get-memory-blocks": _c(qga_memory_blocks),
+    "guest-get-memory-block-info": _c(qga_memory_block_info),
+    "guest-set-memory-blocks": _c(qga_set_memory_blocks, (("mem-blks", "objects", True),),
+                                  True),
+    "guest-network-get-interfaces": _c(qga_interfaces),
+    "guest-network-get-route": _c(qga_routes),
+    "guest-get-disks": _c(qga_disks),
+    "guest-get-fsinfo": _c(qga_fsinfo),
+    "guest-fstrim": _c(qga_fstrim, (("minimum", "int", False),), True),
+    "guest-fsfreeze-status": _c(qga_freeze_status),
+    "guest-fsfreeze-freeze": _c(qga_freeze, (), True),
+    "guest-fsfreeze-freeze-list": _c(qga_freeze, (("mountpoints", "list", False),), True),
+    "guest-fsfreeze-thaw": _c(qga_thaw, (), True),
+    "guest-suspend-ram": _c(qga_suspend("guest-suspend-ram"), (), True, False),
+    "guest-suspend-disk": _c(qga_suspend("guest-suspend-disk"), (), True, False),
+    "guest-suspend-hybrid": _c(qga_suspend("guest-suspend-hybrid"), (), True, False),
+    "guest-ssh-get-authorized-keys": _c(qga_ssh_get, (("username", "str", True),), True),
+    "guest-ssh-add-authorized-keys": _c(qga_ssh_add, (("username", "str", True),
+                                                       ("keys", "list", True),
+                                                       ("reset", "bool", False)), True),
+    "guest-ssh-remove-authorized-keys": _c(qga_ssh_remove, (("username", "str", True),
+                                                             ("keys", "list", True)), True),
+    "guest-set-user-password": _c(qga_set_user_password, (("username", "str", True),
+                                                           ("password", "str", True),
+                                                           ("crypted", "bool", True)), True),
+    "guest-exec": _c(qga_exec, (("path", "str", True), ("arg", "list", False),
+                                ("env", "list", False), ("input-data", "str", False),
+                                ("capture-output", "any", False)), True),
+    "guest-exec-status": _c(qga_exec_status, (("pid", "int", True),), True),
+    "guest-file-open": _c(qga_file("open"), (("path", "str", True), ("mode", "str", False)),
+                          True),
+    "guest-file-close": _c(qga_file("close"), (("handle", "int", True),), True),
+    "guest-file-read": _c(qga_file("read"), (("handle", "int", True), ("count", "int", False)),
+                          True),
+    "guest-file-write": _c(qga_file("write"), (("handle", "int", True), ("buf-b64", "str", True),
+                                               ("count", "int", False)), True),
+    "guest-file-seek": _c(qga_file("seek"), (("handle", "int", True), ("offset", "int", True),
+                                             ("whence", "any", True)), True),
+    "guest-file-flush": _c(qga_file("flush"), (("handle", "int", True),), True),
 }
+# While the filesystems are frozen only these run, as in qemu-ga (ga_freeze_allowlist): any
+# other may write to a frozen disk and wait there, and a backup expects the guest to be idle.
+# And guest-shutdown, unlike qemu-ga: the power-off thaws first, and a host that wants the
+# guest gone should not have to know that a backup froze it.
+QGA_FREEZE_SAFE = frozenset(("guest-ping", "guest-info", "guest-sync", "guest-sync-delimited",
+                             "guest-fsfreeze-status", "guest-fsfreeze-thaw", "guest-shutdown"))
+
+
+def qga_enabled(allow, block):
+    """The enabled commands: `allow` (None: those on by default; "default" in it stands for
+    them) less `block`; qemu-ga's --allow-rpcs / --block-rpcs, a block winning."""
+    on = set(QGA_COMMANDS) - QGA_OFF_BY_DEFAULT
+    if allow is not None:
+        on = set(name for name in allow if name != "default") | (
+            on if "default" in allow else set())
+    return frozenset(on - set(block or ()))
 
 
 class QgaMachine:
     """The QGA commands and what they act on: one per agent, shared by every QGA connection.
-    `policy` (RequestPolicy) says who may run the guarded commands; `freezer` keeps the
-    fsfreeze state. answer() turns one request's bytes into an answer line and an effect."""
+    `policy` (RequestPolicy) says who may run the guarded commands; `enabled` which commands
+    run at all (qga_enabled); `freezer` keeps the fsfreeze state; `execs` the guest-exec'd
+    programs; `errands` runs what answers nobody (a suspend). answer() turns one request's
+    bytes into an answer line and an effect."""
 
-    def __init__(self, policy, freezer, clock=None):
+    def __init__(self, policy, freezer, clock=None, errands=None, execs=None, enabled=None):
         self.policy = policy
         self.freezer = freezer
         self.clock = clock or ClockKeeper(0, None)   # guest-set-time's look, and host_set()
+        self.errands = errands
+        self.execs = execs
+        self.files = GuestFiles()
+        self.enabled = qga_enabled(None, ()) if enabled is None else enabled
+
+    def is_enabled(self, name):
+        return name in self.enabled and (name in QGA_FREEZE_SAFE or not self.frozen())
+
+    def frozen(self):
+        return bool(self.freezer.frozen) or getattr(self.freezer, "busy", None) == "freeze"
 
     def answer(self, raw, peer, peer_text):
         """One request's bytes -> (answer line or b"", effect or None)."""
@@ -4420,9 +5611,9 @@ class QgaMachine:
             answer["id"] = request["id"]
         return qga_reply(answer, prefix)
 
-    @staticmethod
-    def _check(request):
-        """The QMP envelope: an object with "execute", maybe "arguments" and "id"."""
+    def _check(self, request):
+        """The QMP envelope: an object with "execute", maybe "arguments" and "id"; then
+        whether the command is there and enabled, before any argument is looked at."""
         if not isinstance(request, dict):
             raise QgaError("QMP input must be a JSON object")
         for key in request:
@@ -4439,6 +5630,12 @@ class QgaMachine:
         command = QGA_COMMANDS.get(name)
         if command is None:
             raise QgaError("The command %s has not been found" % name, "CommandNotFound")
+        if name not in self.enabled:
+            raise QgaError("Command %s has been disabled: the command is not allowed" % name,
+                           "CommandNotFound")
+        if name not in QGA_FREEZE_SAFE and self.frozen():
+            raise QgaError("Command %s has been disabled: the agent is in frozen state" % name,
+                           "CommandNotFound")
         return name, command, args
 
     def _check_peer(self, name, peer):
@@ -4501,12 +5698,7 @@ class Freezer(Source):
 
         def body():            # disk_filesystems() stats each mount point: not in PID 1
             candidates = guest.disk_filesystems(writable_only=True)
-            if wanted is not None:
-                known = {target for target, _, _, _ in candidates}
-                for target in wanted:
-                    if target not in known:
-                        raise QgaError("%s is not a mounted, writable disk filesystem of "
-                                       "this guest" % target)
+            if wanted is not None:     # one that is not mounted is left out, as by qemu-ga
                 candidates = [c for c in candidates if c[0] in wanted]
             frozen = []
             for target, _, _, _ in candidates:
@@ -6291,7 +7483,9 @@ class Agent:
         # the clock keeper: only in a real VM (in a PID namespace the clock is the host's)
         self.clock = ClockKeeper(config["clock_check"] if is_init and
                                  is_initial_pid_namespace() else 0, self.errands)
-        qga_machine = QgaMachine(policy, self.freezer, self.clock)
+        self.execs = GuestExec(self.reaper)        # guest-exec'd programs and their pipes
+        qga_machine = QgaMachine(policy, self.freezer, self.clock, self.errands, self.execs,
+                                 qga_enabled(config["qga_allow"], config["qga_block"]))
 
         # Each listener speaks one protocol: an (address, maker) pair (see "the protocol
         # seam"). The --listen addresses speak ArcBox, --qga speaks QGA.
@@ -6330,8 +7524,9 @@ class Agent:
         # the start-up last (what waits for a first answer goes once the turn's answers are
         # written).
         self.loop = EventLoop()
-        for source in (self.inbox, ConsoleBacklog(), self.reaper, self.errands, self.server,
-                       self.buttons, self.notifier, self.watchdog, self.clock, self.freezer,
+        for source in (self.inbox, ConsoleBacklog(), self.reaper, self.errands, self.execs,
+                       self.server, self.buttons, self.notifier, self.watchdog, self.clock,
+                       self.freezer,
                        self.workload, self.dhcp, self.shutdown, self.start_up):
             if source is not None:
                 self.loop.add(source)

@@ -168,12 +168,18 @@ def fetch_packages(arch=HOST_ARCH):
     return root
 
 
-# Debian's qemu-guest-agent and the libraries it needs: the real peer the QGA tests and the
-# benchmark run in the same guest image (only for the host's architecture).
-QEMU_GA_DEBS = ["qemu-guest-agent", "libglib2.0-0", "libnuma1", "libudev1", "liburing2",
-                "libmount1", "libblkid1", "libselinux1", "libpcre2-8-0", "libffi8", "zlib1g",
-                "libcap2", "libc6"]
+# qemu-ga 10.0 from Debian 13 (trixie) and the libraries it needs, its own C library
+# included: the real peer the QGA tests and benchmarks run beside the agent, on this Debian 12
+# machine and in the guest image (only for the host's architecture). Fetched through a
+# private apt state for trixie (its own sources list, lists and cache under CACHE; the
+# host's apt configuration is never touched), unpacked, never installed, and run through
+# its own dynamic loader: `ld-linux-x86-64.so.2 --library-path LIBS qemu-ga`.
+QEMU_GA_SUITE = "trixie"
+QEMU_GA_DEBS = ["qemu-guest-agent", "libc6", "libglib2.0-0t64", "libnuma1", "libudev1",
+                "liburing2", "libffi8", "libpcre2-8-0", "zlib1g", "libmount1", "libblkid1",
+                "libselinux1", "libcap2", "libatomic1"]
 QEMU_GA = "/usr/sbin/qemu-ga"
+QEMU_GA_PREFIX = "/opt/qemu-ga"   # where the guest image keeps qemu-ga 10 and its libraries
 
 
 # Debian's dmsetup and libdevmapper: the tests suspend a device-mapper disk with it, the way
@@ -205,9 +211,54 @@ def fetch_debs(name, debs):
     return root
 
 
+def _suite_apt_options(suite):
+    """apt options for a private apt state that knows only Debian's `suite` (amd64)."""
+    state = os.path.join(CACHE, "apt-" + suite)
+    for sub in ("lists/partial", "cache/archives/partial"):
+        os.makedirs(os.path.join(state, sub), exist_ok=True)
+    sources = os.path.join(state, "sources.list")
+    with open(sources, "w") as f:
+        f.write("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+                "http://deb.debian.org/debian %s main\n" % suite)
+    return ["-o", "Dir::Etc::SourceList=" + sources, "-o", "Dir::Etc::SourceParts=/dev/null",
+            "-o", "Dir::State::Lists=" + os.path.join(state, "lists"),
+            "-o", "Dir::Cache=" + os.path.join(state, "cache"),
+            "-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root",
+            "-o", "APT::Architecture=amd64", "-o", "APT::Architectures=amd64"]
+
+
 def fetch_qemu_ga():
-    """Download and unpack qemu-guest-agent and its libraries once; returns the root."""
-    return fetch_debs("qemu-ga", QEMU_GA_DEBS)
+    """Download and unpack qemu-ga 10 (Debian 13) and its libraries once; returns the root.
+    Run it with qemu_ga_command(root)."""
+    root = os.path.join(CACHE, "qemu-ga-" + QEMU_GA_SUITE)
+    stamp = root + ".json"
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            if json.load(f).get("packages") == QEMU_GA_DEBS:
+                return root
+    options = _suite_apt_options(QEMU_GA_SUITE)
+    _run(["apt-get"] + options + ["-q", "update"])
+    folder = os.path.join(CACHE, "debs-qemu-ga-" + QEMU_GA_SUITE)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    _run(["apt-get"] + options + ["download"] + QEMU_GA_DEBS, cwd=folder)
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    for deb in sorted(os.listdir(folder)):
+        if deb.endswith(".deb"):
+            _run(["dpkg-deb", "-x", os.path.join(folder, deb), root])
+    with open(stamp, "w") as f:
+        json.dump({"packages": QEMU_GA_DEBS}, f)
+    return root
+
+
+def qemu_ga_command(root, prefix=None):
+    """argv that runs qemu-ga 10 from `root` through its own loader; `prefix`: where root is
+    in the guest (None: here, on the host)."""
+    top = prefix or root
+    libs = os.path.join(top, "usr/lib/x86_64-linux-gnu")
+    return [os.path.join(libs, "ld-linux-x86-64.so.2"), "--library-path", libs,
+            os.path.join(top, QEMU_GA.lstrip("/"))]
 
 
 def _add_program(img, root, path):
@@ -220,7 +271,21 @@ def _add_program(img, root, path):
 
 
 def _add_qemu_ga(img):
-    _add_program(img, fetch_qemu_ga(), QEMU_GA)
+    """qemu-ga 10 and its libraries under QEMU_GA_PREFIX, and /usr/sbin/qemu-ga, a script
+    that runs it through its own loader (the guest's C library is Debian 12's)."""
+    root = fetch_qemu_ga()
+    binary = os.path.join(root, QEMU_GA.lstrip("/"))
+    img.host_file(QEMU_GA_PREFIX + QEMU_GA, binary, 0o755)
+    for soname, guest_path in sorted(shared_libraries(root, [binary]).items()):
+        source = os.path.realpath(os.path.join(root, guest_path.lstrip("/")))
+        if soname.startswith("ld-linux"):
+            guest_path = "/usr/lib/x86_64-linux-gnu/" + soname
+            source = os.path.realpath(os.path.join(root, "usr/lib/x86_64-linux-gnu", soname))
+        img.host_file(QEMU_GA_PREFIX + "/usr/lib/x86_64-linux-gnu/" + soname, source, 0o755)
+    argv = qemu_ga_command(root, QEMU_GA_PREFIX)
+    img.file(QEMU_GA, ("#!/bin/sh\n# qemu-ga %s from Debian's %s, through its own loader\n"
+                       "exec %s \"$@\"\n" % ("10", QEMU_GA_SUITE, " ".join(argv))).encode(),
+             0o755)
     img.dir("/var/run")                 # qemu-ga's pid file and state directory
     img.dir("/usr/local/var/run")
 
