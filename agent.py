@@ -1390,12 +1390,11 @@ class GuestMounts:
         """The mount points of this guest's writable disk filesystems in `mounts`."""
         return [m[1] for m in mounts if not m[3] and self.is_disk(m)]
 
-    def disk_filesystems(self, writable_only=False, every_mount=False):
+    def disk_filesystems(self, writable_only=False):
         """The mounted disk filesystems of this guest, in mount order, one entry per
-        superblock (every_mount: per mount, bind mounts too, as qemu-ga lists them in
-        guest-get-fsinfo and guest-fstrim): [(mount point, fstype, read-only, st_dev)]. It
-        stats each mount point, which waits on a disk that does not answer: never in PID 1's
-        loop."""
+        superblock (a bind mount of one already listed is left out, as qemu-ga does):
+        [(mount point, fstype, read-only, st_dev)]. It stats each mount point, which waits
+        on a disk that does not answer: never in PID 1's loop."""
         found, seen = [], set()
         for entry in read_mountinfo():
             _, target, fstype, readonly, _ = entry
@@ -1405,7 +1404,7 @@ class GuestMounts:
                 dev = os.stat(target).st_dev
             except OSError:
                 continue
-            if dev in seen and not every_mount:
+            if dev in seen:
                 continue                   # a bind mount of a filesystem already listed
             seen.add(dev)
             found.append((target, fstype, readonly, dev))
@@ -4243,13 +4242,13 @@ def _disks_under(sys_path, depth):
 
 def _disk_address(sys_path):
     """qemu-ga's GuestDiskAddress of a disk or partition: its PCI address and bus type from
-    its sysfs path."""
+    its sysfs path; `dev` is the node itself (a partition's, not its disk's)."""
     name = os.path.basename(sys_path)
     disk = os.path.basename(os.path.dirname(sys_path)) if os.path.exists(
         os.path.join(sys_path, "partition")) else name
     pci = [part for part in sys_path.split("/") if part.count(":") == 2 and "." in part]
     address = {"bus-type": "virtio" if "/virtio" in sys_path else "unknown",
-               "bus": 0, "target": 0, "unit": 0, "dev": "/dev/" + disk}
+               "bus": 0, "target": 0, "unit": 0, "dev": "/dev/" + name}
     if pci:
         domain, bus, slot_function = pci[-1].split(":")
         slot, _, function = slot_function.partition(".")
@@ -4469,7 +4468,7 @@ def filesystems_info(guest):
     """guest-get-fsinfo's answer: stat and statvfs of every mount point, which wait on a
     disk that does not answer."""
     answer = []
-    for target, fstype, _, dev in reversed(guest.disk_filesystems(every_mount=True)):
+    for target, fstype, _, dev in reversed(guest.disk_filesystems()):
         name, disks = _block_device_disk(dev)
         entry = {"name": name, "mountpoint": target, "type": fstype, "disk": disks}
         try:
@@ -4776,11 +4775,11 @@ def qga_fstrim(machine, peer, args):
 
 
 def fstrim(guest, minimum):
-    """FITRIM every mounted disk filesystem, as qemu-ga lists them (every mount, the last
-    mounted first): the bytes trimmed, or why not."""
+    """FITRIM every mounted disk filesystem, as qemu-ga lists them (the last mounted
+    first): the bytes trimmed, or why not."""
     import ctypes
     paths = []
-    for target, _, _, _ in reversed(guest.disk_filesystems(every_mount=True)):
+    for target, _, _, _ in reversed(guest.disk_filesystems()):
         result = {"path": target}
         paths.append(result)
         try:
@@ -4985,7 +4984,8 @@ def qga_ssh_get(machine, peer, args):
     def body():
         _, _, _, path = _authorized_keys(username)
         lines = [line.strip() for line in read_authorized_keys(path)]
-        return {"keys": [line for line in lines if line and not line.startswith("#")]}
+        keys = [line for line in lines if line and not line.startswith("#")]
+        return {"keys": keys[::-1]}          # the last first, as qemu-ga 10 lists them
     return qga_errand("guest-ssh-get-authorized-keys", body)
 
 
@@ -5633,8 +5633,8 @@ class QgaMachine:
         if name not in self.enabled:
             raise QgaError("Command %s has been disabled: the command is not allowed" % name,
                            "CommandNotFound")
-        if name not in QGA_FREEZE_SAFE and self.frozen():
-            raise QgaError("Command %s has been disabled: the agent is in frozen state" % name,
+        if name not in QGA_FREEZE_SAFE and self.frozen():    # qemu-ga 10 says the same
+            raise QgaError("Command %s has been disabled: the command is not allowed" % name,
                            "CommandNotFound")
         return name, command, args
 

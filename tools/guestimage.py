@@ -648,7 +648,7 @@ def _add_basics(img, extra_files):
 
 
 def build_initramfs(pyz, out, extra_files=None, modules=None, init=None, arch=HOST_ARCH,
-                    qemu_ga=False, dmsetup=False):
+                    qemu_ga=False, dmsetup=False, links=None):
     """Write the initramfs; returns a dict describing what went in. `init` replaces the
     .pyz as /init (the benchmarks' baseline agent); `qemu_ga` adds Debian's qemu-ga,
     `dmsetup` Debian's dmsetup."""
@@ -666,6 +666,8 @@ def build_initramfs(pyz, out, extra_files=None, modules=None, init=None, arch=HO
     else:
         img.file("/init", init, 0o755)
     _add_basics(img, extra_files)
+    for path, target in sorted((links or {}).items()):
+        img.symlink(path, target)
     img.write(out)
     return {"release": kernel_release(root), "stdlib": sorted(files), "modules": sorted(found),
             "size": os.path.getsize(out), "sha256": _sha256(out), "arch": arch}

@@ -71,6 +71,73 @@ def peer_image(pyz, tmp_path_factory):
     return info
 
 
+KEYS = (b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyOne one@host\n"
+        b"# a comment line\n"
+        b"ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC2 two@host\n")
+OS_RELEASE = (b'PRETTY_NAME="Arc \\"Box\\" Linux 1.0 (test)"\n'
+              b"NAME='ArcBox Linux'\n"
+              b"ID=arcbox\n"
+              b'VERSION="1.0 (\\$pecial \\`quoted\\`)"\n'
+              b"VERSION_ID=1.0\n"
+              b'VARIANT="Rich \\\\ Guest"\n'
+              b"VARIANT_ID=rich\\ guest\n")
+
+
+def utmp_record(user, line, pid, seconds, microseconds):
+    """One glibc struct utmp (x86_64), packed field by field from <bits/utmp.h>, not with the
+    agent's own layout: a wrong layout of ours must not pass."""
+    import struct
+    record = struct.pack("<h2xi", 7, pid)                # ut_type USER_PROCESS, ut_pid
+    record += line.encode().ljust(32, b"\0")             # ut_line[UT_LINESIZE]
+    record += b"tty1"                                    # ut_id[4]
+    record += user.encode().ljust(32, b"\0")             # ut_user[UT_NAMESIZE]
+    record += b"".ljust(256, b"\0")                      # ut_host[UT_HOSTSIZE]
+    record += struct.pack("<hh", 0, 0)                   # ut_exit
+    record += struct.pack("<i", 1)                       # ut_session
+    record += struct.pack("<ii", seconds, microseconds)  # ut_tv (32-bit on x86_64)
+    record += b"\0" * 16 + b"\0" * 20                     # ut_addr_v6, __glibc_reserved
+    assert len(record) == 384
+    return record
+
+
+def rich_files():
+    files = guest_test_files()
+    for name, path in (("rich_guest.sh", "/test/rich_guest.sh"),
+                       ("chpasswd.sh", "/usr/sbin/chpasswd")):
+        with open(os.path.join(GUEST_PROGRAMS, name), "rb") as f:
+            files[path] = f.read()
+    files["/etc/passwd"] = (b"root:x:0:0:root:/root:/bin/sh\n"
+                            b"alice:x:1000:1000:Alice:/home/alice:/bin/sh\n"
+                            b"bob:x:1001:1001:Bob:/home/bob:/bin/sh\n")
+    files["/etc/shadow"] = (b"root:*:19000:0:99999:7:::\nalice:!:19000:0:99999:7:::\n"
+                            b"bob:!:19000:0:99999:7:::\n")
+    files["/etc/group"] = b"root:x:0:\nalice:x:1000:\nbob:x:1001:\n"
+    files["/etc/os-release"] = OS_RELEASE
+    files["/etc/adjtime"] = b"0.0 0 0.0\n0\nUTC\n"
+    with open("/usr/share/zoneinfo/Europe/Berlin", "rb") as f:
+        files["/usr/share/zoneinfo/Europe/Berlin"] = f.read()
+    files["/etc/timezone"] = b"Europe/Berlin\n"
+    for user in ("alice", "bob"):
+        files["/home/%s/.ssh/authorized_keys" % user] = KEYS
+    files["/test/utmp"] = (utmp_record("alice", "tty1", 300, 1700000000, 250000)
+                           + utmp_record("bob", "pts/0", 301, 1700000100, 0)
+                           + utmp_record("alice", "pts/1", 302, 1700000200, 0))
+    return files
+
+
+@pytest.fixture(scope="session")
+def rich_image(pyz, tmp_path_factory):
+    """The x86_64 image with qemu-ga 10, dmsetup and the rich guest's files."""
+    require_vm("x86_64")
+    out = str(tmp_path_factory.mktemp("guest-rich") / "initramfs.cpio")
+    info = guestimage.build_initramfs(pyz, out, extra_files=rich_files(), qemu_ga=True,
+                                      dmsetup=True,
+                                      links={"/etc/localtime": "/usr/share/zoneinfo/Europe/Berlin"})
+    info["kernel"] = guestimage.kernel_image(guestimage.fetch_packages())
+    info["initramfs"] = out
+    return info
+
+
 @pytest.fixture(scope="session")
 def big_module_image(pyz, tmp_path_factory):
     """The x86_64 image with btrfs in it too: a large module (with raid6_pq and xor, which
