@@ -347,3 +347,43 @@ def test_a_kubevirt_poller_and_a_proxmox_session(boot, tmp_path, rich_image):
     proxmox.close()
     assert vm.shutdown(grace=2) is True
     wait_for(lambda: vm.proc.poll() is not None, 60, "the power-off")
+
+
+def answers(client):
+    try:
+        client.sync()
+        return True
+    except Exception:              # the port comes back with the guest
+        return False
+
+
+def suspended(vm):
+    return "suspended" in vm.monitor_command("info status")
+
+
+def test_suspend_to_ram_and_back_as_qemu_ga_does(boot, tmp_path, rich_image):
+    """guest-suspend-ram from each agent: no answer, the guest sleeps (QEMU says
+    "suspended"), QEMU's system_wakeup wakes it, and both agents answer again, ArcBox too.
+    The console is not read here: in these runs the guest's serial output stopped at the
+    first suspend (seen; the cause is not established)."""
+    disk = partitioned_disk(str(tmp_path / "disk.img"))
+    vm = boot("arcbox.exec=/test/rich_guest.sh arcbox.net=eth0:10.0.2.15/24:10.0.2.2",
+              disk=disk, image=rich_image, ports=[vmtool.QEMU_GA_PEER_PORT],
+              modules=["loop", "dm_mod"], qemu_args=NIC, log_level="debug")
+    vm.wait_log("RICH-GUEST-READY-42", BOOT_TIMEOUT)
+    ours = connect(vm.qga_sock, timeout=BOOT_TIMEOUT)
+    real = connect(vm.port_socket(vmtool.QEMU_GA_PEER_PORT), timeout=BOOT_TIMEOUT)
+    for client in (ours, real):
+        info = {c["name"]: c for c in client.result("guest-info")["supported_commands"]}
+        assert info["guest-suspend-ram"]["success-response"] is False
+        client.call("guest-suspend-ram", reply=False)
+        wait_for(lambda: suspended(vm), 60, "the guest to sleep")
+        time.sleep(1)
+        assert suspended(vm)
+        vm.monitor_command("system_wakeup")
+        wait_for(lambda: not suspended(vm), 60, "the guest to wake")
+        wait_for(lambda: answers(client), 60, "an answer after the wake-up")
+        assert ours.result("guest-ping") == {} and real.result("guest-ping") == {}
+    assert b"pong" in vm.request(0x0001)                 # ArcBox too, after two sleeps
+    assert vm.shutdown(grace=2) is True
+    wait_for(lambda: vm.proc.poll() is not None, 60, "the power-off")
