@@ -4123,21 +4123,25 @@ def parse_utmp(data):
 
 
 def parse_os_release(text):
-    """os-release's KEY=VALUE lines, each value shell-unquoted as qemu-ga does (GKeyFile,
-    then g_shell_unquote); a value that does not unquote is left out, as there."""
+    """os-release's KEY=VALUE lines, each value unquoted (os_release_unquote); a value with
+    an unterminated quote is left out. (The file named by $QGA_OS_RELEASE, qemu-ga's own
+    test hook, replaces /etc/os-release: QEMU's test-qga runs against both agents.)"""
     values = {}
     for line in text.splitlines():
         key, sep, value = line.strip().partition("=")
         if sep and key.strip() and not key.startswith("#"):
-            unquoted = shell_unquote(value.strip())
+            unquoted = os_release_unquote(value.strip())
             if unquoted is not None:
                 values[key.strip()] = unquoted
     return values
 
 
-def shell_unquote(text):
-    """g_shell_unquote: '...' literal; "..." with backslash escaping only $ ` " \\ and a
-    newline; elsewhere a backslash escapes any character. None for an unterminated quote."""
+def os_release_unquote(text):
+    """A value as os-release(5) writes them, for a shell: "..." where a backslash takes the
+    next character as it is (qemu-ga 10 and QEMU's test data agree: \\' is '), '...'
+    literal, and outside quotes a backslash escapes any character. (qemu-ga 10 cuts a value
+    that is not in double quotes at its first space, quotes and backslashes kept: 'ArcBox
+    Linux' comes out as 'ArcBox -- docs/qga.md.) None for an unterminated quote."""
     out, i, n = [], 0, len(text)
     while i < n:
         c = text[i]
@@ -4156,15 +4160,14 @@ def shell_unquote(text):
                 if c == '"':
                     i += 1
                     break
-                if c == "\\" and i + 1 < n and text[i + 1] in '$`"\\\n':
-                    if text[i + 1] != "\n":
-                        out.append(text[i + 1])
+                if c == "\\" and i + 1 < n:
+                    out.append(text[i + 1])
                     i += 2
                     continue
                 out.append(c)
                 i += 1
         elif c == "\\":
-            if i + 1 < n and text[i + 1] != "\n":
+            if i + 1 < n:
                 out.append(text[i + 1])
             i += 2
         else:
@@ -4381,8 +4384,9 @@ def os_info():
     uname = os.uname()
     info = {"kernel-release": uname.release, "kernel-version": uname.version,
             "machine": uname.machine}
-    release = parse_os_release(_read_text("/etc/os-release")
-                               or _read_text("/usr/lib/os-release"))
+    override = os.environ.get("QGA_OS_RELEASE")
+    release = parse_os_release(_read_text(override) if override else (
+        _read_text("/etc/os-release") or _read_text("/usr/lib/os-release")))
     for key, name in OS_RELEASE_FIELDS:
         if release.get(key):
             info[name] = release[key]
@@ -5557,7 +5561,9 @@ class QgaMachine:
         return name in self.enabled and (name in QGA_FREEZE_SAFE or not self.frozen())
 
     def frozen(self):
-        return bool(self.freezer.frozen) or getattr(self.freezer, "busy", None) == "freeze"
+        """Frozen once a freeze is done, as qemu-ga's state says. (While one is under way
+        the loop answers on; qemu-ga, one thread, answers nothing then.)"""
+        return bool(self.freezer.frozen)
 
     def answer(self, raw, peer, peer_text):
         """One request's bytes -> (answer line or b"", effect or None)."""

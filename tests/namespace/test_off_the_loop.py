@@ -39,9 +39,14 @@ def blocked_thaw(*args):
     time.sleep(%r)                 # the thaw before SIGTERM: a thread of PID 1's
     return thaw(*args)
 agent.thaw_filesystems = blocked_thaw
+real_thread = agent.Errands._in_thread
+def blocked_thread(errand, w, box):
+    time.sleep(%r)                 # guest-file-*: a thread of PID 1's on a slow disk
+    return real_thread(errand, w, box)
+agent.Errands._in_thread = staticmethod(blocked_thread)
 sys.argv = ["arcbox-agent"] + sys.argv[2:]
 agent.run_as_init()
-""" % (SLOW, SLOW)
+""" % (SLOW, SLOW, SLOW)
 
 
 def timed_pings(sock, stop, out):
@@ -75,15 +80,18 @@ while :; do (sleep 0.01 &); sleep 0.05; done
     sock, qga = str(tmp_path / "agent.sock"), str(tmp_path / "qga.sock")
     g = guest(wait_ready=False, init=" ".join(shlex.quote(a) for a in [
         sys.executable, str(script), REPO, "--listen", "unix:" + sock, "--qga", "unix:" + qga,
-        "--log", "debug", "--allow", "any", "--exec", "sh", "-c", workload]))
+        "--log", "debug", "--allow", "any", "--qga-allow", "default,guest-file-open",
+        "--exec", "sh", "-c", workload]))
     g.wait_ready(30)
     inside = "/proc/%d/root%s" % (g.init_pid(), mnt)
     wait_for(lambda: os.path.exists(inside + "/before"), timeout=30, what="the workload")
 
-    # three blocking commands at once, on three connections, while Pings go on
+    # five blocking commands at once, on five connections, while Pings go on
     answers, stop, pings = {}, threading.Event(), []
 
     def ask(name, arguments=None):
+        arguments = arguments or ({"path": mnt + "/before"} if name == "guest-file-open"
+                                  else None)
         c = connect(qga, timeout=30)
         began = time.monotonic()
         try:
@@ -94,7 +102,8 @@ while :; do (sleep 0.01 &); sleep 0.05; done
     pinger = threading.Thread(target=timed_pings, args=(sock, stop, pings))
     pinger.start()
     askers = [threading.Thread(target=ask, args=(name,)) for name in (
-        "guest-fsfreeze-freeze", "guest-get-fsinfo", "guest-network-get-interfaces")]
+        "guest-fsfreeze-freeze", "guest-get-fsinfo", "guest-network-get-interfaces",
+        "guest-get-disks", "guest-file-open")]
     zombies_seen = []
     try:
         for t in askers:

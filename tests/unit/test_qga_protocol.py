@@ -146,13 +146,13 @@ def test_the_allow_and_block_lists():
     assert agent.QGA_OFF_BY_DEFAULT <= set(agent.QGA_COMMANDS)
 
 
-def test_os_release_values_are_shell_unquoted_as_qemu_ga_does():
+def test_os_release_values_are_unquoted_as_os_release_5_says():
     text = ('NAME="Arc \\"Box\\""\nID=arc\nPRETTY_NAME=\'It\'\\\'\'s\'\n'
-            'VARIANT="A \\$dollar \\\\ and \\q"\nVERSION=unquoted\\ words\n'
+            'VARIANT="A \\$dollar \\\\ and \\q \\\' "\nVERSION=unquoted\\ words\n'
             'VERSION_ID="open\n# comment\n')
     values = agent.parse_os_release(text)
     assert values == {"NAME": 'Arc "Box"', "ID": "arc", "PRETTY_NAME": "It's",
-                      "VARIANT": "A $dollar \\ and \\q", "VERSION": "unquoted words"}
+                      "VARIANT": "A $dollar \\ and q ' ", "VERSION": "unquoted words"}
 
 
 def test_base64_is_as_lenient_and_as_strict_as_qemus():
