@@ -2144,6 +2144,9 @@ def _drain(fd, mask=0):
 
 # ---- reaping: every child, and every orphan when PID 1 --------------------------------------
 
+REAPER_UNCLAIMED = 64             # exit statuses kept for a watch() that comes late
+
+
 class Reaper(Source):
     """Owns waitpid(). SIGCHLD coalesces, and as PID 1 every orphan is ours, so every wake-up
     loops waitpid(-1, WNOHANG) until nothing more. ECHILD means no process is left besides
@@ -2155,11 +2158,17 @@ class Reaper(Source):
 
     def __init__(self):
         self.watched = {}          # pid -> callback(pid, wait status)
-        self.uncounted = set()
+        self.unclaimed = {}        # pid -> wait status of the last REAPER_UNCLAIMED nobody
+        self.uncounted = set()     # watched (orphans, mostly: their statuses are dropped)
         self.no_children = False
         self.reaped_at = None      # {pid: monotonic time} once a stop asks for it (who exited)
 
     def watch(self, pid, callback, uncounted=False):
+        """callback(pid, status) when it is reaped -- at once if it was already (a child
+        started from a thread of PID 1's may exit before its starter gets here)."""
+        if pid in self.unclaimed:
+            callback(pid, self.unclaimed.pop(pid))
+            return
         self.watched[pid] = callback
         if uncounted:
             self.uncounted.add(pid)
@@ -2202,6 +2211,10 @@ class Reaper(Source):
             callback = self.watched.pop(pid, None)
             if callback is not None:
                 callback(pid, status)
+            else:
+                self.unclaimed[pid] = status
+                if len(self.unclaimed) > REAPER_UNCLAIMED:
+                    del self.unclaimed[next(iter(self.unclaimed))]   # the oldest
 
 
 # ---- errands: calls that may block, in a child with a deadline ------------------------------
@@ -4265,9 +4278,9 @@ def _disk_address(sys_path):
     return address
 
 
-# The commands whose work may block on a disk or a device run as errands (a child with a
-# deadline; see "errands"), their answers sent when done; a deadline passed is a
-# GenericError. A freeze flushes every dirty page first: tens of MB on a throttled disk take
+# The commands whose work may block on a disk or a device run as errands (a child or a
+# thread with a deadline; see "errands"), their answers sent when done; a deadline passed is
+# a GenericError. A freeze flushes every dirty page first: tens of MB on a throttled disk take
 # tens of seconds, and qemu-ga's hosts wait for it (libvirt blocks on fsfreeze).
 QGA_ERRAND_TIMEOUT = 10.0
 QGA_FREEZE_TIMEOUT = 300.0
@@ -4286,6 +4299,14 @@ def qga_errand(what, body, then=None, timeout=QGA_ERRAND_TIMEOUT):
     """A command's work as an errand: body() in the child, then(value) back in PID 1."""
     return Errand(what, body, timeout,
                   lambda outcome: (then or (lambda value: value))(qga_outcome(outcome)))
+
+
+def qga_thread(what, body, then=None):
+    """qga_errand's twin, its body in a thread of PID 1's: for what only reads (a fork of
+    PID 1 costs tens of ms under TCG, more than the reading; KubeVirt polls these) and for
+    what works on a descriptor PID 1 keeps (guest-file-*). Stuck on a disk, a thread is left
+    there as a child would be."""
+    return qga_errand(what, body, then)._replace(thread=True)
 
 
 def qga_sync(machine, peer, args):
@@ -4377,7 +4398,7 @@ def qga_host_name(machine, peer, args):
 
 
 def qga_osinfo(machine, peer, args):
-    return qga_errand("guest-get-osinfo", os_info)   # /etc/os-release is on the root's disk
+    return qga_thread("guest-get-osinfo", os_info)   # /etc/os-release is on the root's disk
 
 
 def os_info():
@@ -4394,7 +4415,7 @@ def os_info():
 
 
 def qga_timezone(machine, peer, args):
-    return qga_errand("guest-get-timezone", timezone)   # the C library reads /etc/localtime
+    return qga_thread("guest-get-timezone", timezone)   # the C library reads /etc/localtime
 
 
 def timezone():
@@ -4406,7 +4427,7 @@ def timezone():
 
 
 def qga_users(machine, peer, args):
-    return qga_errand("guest-get-users", users)      # /var/run/utmp may be on a disk
+    return qga_thread("guest-get-users", users)      # /var/run/utmp may be on a disk
 
 
 def users():
@@ -4431,7 +4452,7 @@ def qga_vcpus(machine, peer, args):
 
 
 def qga_interfaces(machine, peer, args):
-    return qga_errand("guest-network-get-interfaces", network_interfaces)
+    return qga_thread("guest-network-get-interfaces", network_interfaces)
 
 
 def network_interfaces():
@@ -4465,7 +4486,7 @@ def network_interfaces():
 
 def qga_fsinfo(machine, peer, args):
     guest = machine.freezer.guest
-    return qga_errand("guest-get-fsinfo", lambda: filesystems_info(guest))
+    return qga_thread("guest-get-fsinfo", lambda: filesystems_info(guest))
 
 
 def filesystems_info(guest):
@@ -4588,7 +4609,7 @@ def _int32(word):
 
 
 def qga_disks(machine, peer, args):
-    return qga_errand("guest-get-disks", block_disks)
+    return qga_thread("guest-get-disks", block_disks)
 
 
 def block_disks():
@@ -4883,9 +4904,11 @@ def qga_set_user_password(machine, peer, args):
     return qga_errand("guest-set-user-password", lambda: body() or {})
 
 
-def find_program(name):
-    for folder in (os.environ.get("PATH") or "/usr/local/sbin:/usr/local/bin:/usr/sbin:"
-                   "/usr/bin:/sbin:/bin").split(":"):
+def find_program(name, search=None):
+    """`name` in the folders of `search` (a PATH; default this process's, or the usual
+    ones): its path, or None."""
+    for folder in (search or os.environ.get("PATH") or "/usr/local/sbin:/usr/local/bin:"
+                   "/usr/sbin:/usr/bin:/sbin:/bin").split(":"):
         path = os.path.join(folder or ".", name)
         if os.access(path, os.X_OK) and not os.path.isdir(path):
             return path
@@ -4990,7 +5013,7 @@ def qga_ssh_get(machine, peer, args):
         lines = [line.strip() for line in read_authorized_keys(path)]
         keys = [line for line in lines if line and not line.startswith("#")]
         return {"keys": keys[::-1]}          # the last first, as qemu-ga 10 lists them
-    return qga_errand("guest-ssh-get-authorized-keys", body)
+    return qga_thread("guest-ssh-get-authorized-keys", body)
 
 
 def qga_ssh_add(machine, peer, args):
@@ -5122,112 +5145,80 @@ class GuestExec(Source):
         self.pipes = {}            # fd -> (ExecProcess, "in" | "out" | "err")
 
     def start(self, path, argv, env, data, mode):
-        """Fork it: the Errand that waits for its exec to succeed (its value: {"pid": N}) or
-        fail (qemu-ga's error)."""
-        fds, child_fds = [], {}
+        """The Errand that starts it (its value: {"pid": N}) or says why not, in qemu-ga's
+        words. The pipes are made here; posix_spawn (a vfork, then exec: no copy of PID 1's
+        memory) runs in the errand's thread, since the exec reads the program's file."""
+        pipes = {}                 # "in" / "out" / "err" -> (PID 1's end, the child's end)
         try:
             if data is not None:
                 r, w = os.pipe()
-                fds += [r, w]
-                child_fds[0], stdin = r, w
-            for name, target in (("out", 1), ("err", 2)):
-                if mode == "separated" or mode == "merged" and name == "out" or mode == (
-                        "stdout" if name == "out" else "stderr"):
+                pipes["in"] = (w, r)
+            for name in ("out", "err"):
+                if mode in ("separated", "merged" if name == "out" else "-", (
+                        "stdout" if name == "out" else "stderr")):
                     r, w = os.pipe()
-                    fds += [r, w]
-                    child_fds[target] = w
-                    if name == "out":
-                        out_r = r
-                    else:
-                        err_r = r
-            report_r, report_w = os.pipe()        # close-on-exec: EOF says "exec'd"
-            fds += [report_r, report_w]
-            pid = os.fork()
+                    pipes[name] = (r, w)
         except OSError as exc:
-            for fd in fds:
-                os.close(fd)
-            raise QgaError("Failed to fork (%s)"
+            for ends in pipes.values():
+                for fd in ends:
+                    os.close(fd)
+            raise QgaError("Failed to create pipe for communicating with child process (%s)"
                            % exc.strerror)
-        if pid == 0:
-            self._child(path, argv, env, child_fds, mode, report_w)
-        os.close(report_w)
-        for fd in child_fds.values():
-            os.close(fd)
-        captured = mode != "none"
-        process = ExecProcess(pid, argv, captured)
-        process.out.open = mode in ("separated", "merged", "stdout")
-        process.err.open = mode in ("separated", "stderr")
-        if data is not None:
-            process.stdin = data
-            os.set_blocking(stdin, False)
-            self.pipes[stdin] = (process, "in")
-        if process.out.open:
-            os.set_blocking(out_r, False)
-            self.pipes[out_r] = (process, "out")
-        if process.err.open:
-            os.set_blocking(err_r, False)
-            self.pipes[err_r] = (process, "err")
-        self.reaper.watch(pid, self._exited)
-        self.processes[pid] = process
+        null = [(os.POSIX_SPAWN_OPEN, fd, "/dev/null", os.O_RDWR, 0) for fd in (0, 1, 2)]
+        actions = [action for action in null if not (
+            action[1] == 0 and "in" in pipes or action[1] == 1 and "out" in pipes
+            or action[1] == 2 and ("err" in pipes or mode == "merged"))]
+        for name, target in (("in", 0), ("out", 1), ("err", 2)):
+            if name in pipes:
+                actions.append((os.POSIX_SPAWN_DUP2, pipes[name][1], target))
+        if mode == "merged":
+            actions.append((os.POSIX_SPAWN_DUP2, pipes["out"][1], 2))
+        environment = os.environ if env is None else dict(
+            item.partition("=")[::2] for item in env)
+        defaults = [s for s in signal.valid_signals()
+                    if s not in (signal.SIGKILL, signal.SIGSTOP)]
 
-        def body():                # in a thread: EOF (exec'd) or the child's errno
+        def body():                # in a thread: the pid, or the errno of the exec
+            program = find_program(path, environment.get("PATH")) if "/" not in path \
+                else path
+            if program is None:
+                raise QgaError("Failed to execute child process “%s” (%s)"
+                               % (path, os.strerror(errno.ENOENT)))
+            spawn = lambda what, args: os.posix_spawn(   # noqa: E731
+                what, args, environment, file_actions=actions, setsid=True,
+                setsigdef=defaults, setsigmask=())
             try:
-                said = b""
-                while True:
-                    chunk = os.read(report_r, 16)
-                    if not chunk:
-                        return said
-                    said += chunk
-            finally:
-                os.close(report_r)
+                try:
+                    return spawn(program, argv)
+                except OSError as exc:     # a script without #!: sh runs it, as with glib
+                    if exc.errno != errno.ENOEXEC:
+                        raise
+                    return spawn("/bin/sh", ["/bin/sh", program] + argv[1:])
+            except OSError as exc:
+                raise QgaError("Failed to execute child process “%s” (%s)"
+                               % (path, exc.strerror))
 
         def finish(outcome):
-            said = qga_outcome(outcome)
-            if said:
-                self.processes.pop(pid, None)      # it never ran: nothing to ask about
-                for fd, (proc, _) in list(self.pipes.items()):
-                    if proc is process:
-                        self._close(fd)
-                raise QgaError("Failed to execute child process “%s” (%s)"
-                               % (path, os.strerror(int(said))))
+            for ends in pipes.values():
+                os.close(ends[1])                  # the child's ends: its own now
+            try:
+                pid = qga_outcome(outcome)
+            except QgaError:
+                for ends in pipes.values():
+                    os.close(ends[0])
+                raise
+            process = ExecProcess(pid, argv, mode != "none")
+            process.out.open, process.err.open = "out" in pipes, "err" in pipes
+            if data is not None:
+                process.stdin = data
+            for name, ends in pipes.items():
+                os.set_blocking(ends[0], False)
+                self.pipes[ends[0]] = (process, name)
+            self.processes[pid] = process
+            self.reaper.watch(pid, self._exited)   # (reaped already: told at once)
             log("info", "guest-exec: pid %d: %s" % (pid, " ".join(argv)))
             return {"pid": pid}
         return Errand("guest-exec", body, QGA_ERRAND_TIMEOUT, finish, thread=True)
-
-    @staticmethod
-    def _child(path, argv, env, child_fds, mode, report_w):
-        """In the child: the program's own session, default signals, its pipes or
-        /dev/null, nothing else of PID 1's; then exec, or the errno on the report pipe."""
-        code = 127
-        try:
-            signal.set_wakeup_fd(-1)
-            for sig in range(1, signal.NSIG):
-                if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                    try:
-                        signal.signal(sig, signal.SIG_DFL)
-                    except (OSError, ValueError):
-                        pass       # 32/33 belong to the C library's threads
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            os.setsid()
-            null = os.open("/dev/null", os.O_RDWR)
-            for target in (0, 1, 2):
-                source = child_fds.get(target, null)
-                if target == 2 and mode == "merged":
-                    source = child_fds[1]
-                os.dup2(source, target)
-            os.set_inheritable(report_w, False)
-            _close_fds_but(0, 1, 2, report_w)
-            if env is None:
-                os.execvp(path, argv)
-            os.execvpe(path, argv, dict(item.partition("=")[::2] for item in env))
-        except OSError as exc:
-            try:
-                os.write(report_w, str(exc.errno or errno.ENOENT).encode())
-            except OSError:
-                pass
-        except BaseException:     # noqa: B902 - nothing may return into the parent's loop
-            pass
-        os._exit(code)
 
     def _exited(self, pid, status):
         process = self.processes.get(pid)
@@ -5453,11 +5444,6 @@ def qga_file(op):
             return files.seek(args["handle"], args["offset"], args["whence"])
         return getattr(files, op)(args["handle"])
     return handler
-
-
-def qga_thread(what, body, then=None):
-    """qga_errand's twin for a body that works on a descriptor PID 1 keeps: in a thread."""
-    return qga_errand(what, body, then)._replace(thread=True)
 
 
 # The commands, in guest-info's order (qemu-ga 10.0's on Linux, all 43). `guarded`: only an

@@ -206,10 +206,14 @@ EXEC_CASES = [
 ]
 
 
-def test_guest_exec_as_qemu_ga_10_case_by_case(pair):
+def test_guest_exec_as_qemu_ga_10_case_by_case(pair, tmp_path):
+    script = tmp_path / "no-shebang"
+    script.write_text("echo run by sh: $1\n")
+    script.chmod(0o755)
+    cases = EXEC_CASES + [{"path": str(script), "arg": ["x"], "capture-output": True}]
     p = pair(allow=RISKY_ON)
     differences = []
-    for case in EXEC_CASES:
+    for case in cases:
         ours, real = run(p.ours, case), run(p.real, case)
         if ours != real:
             differences.append((case, ours, real))

@@ -143,3 +143,19 @@ def test_requests_behind_a_pending_errand_are_taken_and_answered_in_order():
     assert lines == [{"return": [{"name": "vda", "mountpoint": "/data"}], "id": 1},
                      {"return": {}, "id": 2}]
     theirs.close()
+
+
+def test_a_child_reaped_before_anyone_watches_it_is_told_when_watched():
+    # guest-exec's child is spawned from a thread of PID 1's: it may exit, and be reaped by
+    # the loop, before the thread's answer lets anyone watch() it
+    reaper = agent.Reaper()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    deadline = time.monotonic() + 10
+    while pid not in reaper.unclaimed and time.monotonic() < deadline:
+        reaper.reap()
+        time.sleep(0.01)
+    told = []
+    reaper.watch(pid, lambda p, status: told.append((p, os.WEXITSTATUS(status))))
+    assert told == [(pid, 7)] and pid not in reaper.unclaimed and pid not in reaper.watched
