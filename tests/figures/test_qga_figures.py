@@ -39,3 +39,24 @@ def test_the_side_by_side_is_what_qemu_ga_answered():
     assert shutdown["arcbox-agent: QEMU exit status"] == 0
     assert "`%s`" % json.dumps(shutdown["qemu-ga"]) in text
     assert "qemu-ga %s" % data["qemu_ga_version"] in text
+
+
+def test_the_exec_and_fsinfo_paragraph_is_the_saved_run_on_the_agent_that_ships():
+    """docs/qga.md's guest-exec / guest-get-fsinfo paragraph is regenerated whole from the
+    saved run (bench/qga_exec.py's published_paragraph), and that run measured this agent.py
+    (its sha256)."""
+    import hashlib
+    import os
+    import sys
+    bench = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
+    sys.path.insert(0, bench)
+    import qga_exec
+    data = saved_result("qga-exec.json")
+    assert len(data["boots"]) >= 3 and all(
+        len(b["samples_ms"][kind][who]) >= 200 for b in data["boots"]
+        for kind in ("exec", "fsinfo") for who in ("arcbox-agent", "qemu-ga"))
+    text = doc("qga.md", "**guest-exec and guest-get-fsinfo against")
+    assert text == qga_exec.published_paragraph(data)
+    with open(os.path.join(bench, "..", "agent.py"), "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == data["sha256"]["agent.py"], \
+            "the published exec/fsinfo figures were measured on another agent.py"
