@@ -4523,9 +4523,10 @@ def qga_thaw(machine, peer, args):
 # ---- the QGA commands that read the guest's counters: load, CPUs, disks, routes, memory ------
 
 # KubeVirt polls these (load every 120 s, CPU and disk statistics every 20 s, disks and routes
-# every 5 min). Each reads /proc or /sys, which never waits on a disk, so they are answered in
-# the loop -- except guest-get-disks, which reads block devices' sysfs attributes (a few, but a
-# driver's attribute may take a device's lock).
+# every 5 min). Each reads /proc or /sys, which never waits on a disk, so most are answered in
+# the loop; guest-get-disks reads block devices' sysfs attributes (a driver's attribute may
+# take a device's lock) and guest-get-memory-blocks two files per 128 MiB of memory (16,384
+# for a guest of 1 TiB): those run in an errand's thread.
 SI_LOAD_SHIFT = 16                # <linux/kernel.h>: sysinfo()'s loads are fixed point, 2^16
 DISKSTATS_FIELDS = ("read-ios", "read-merges", "read-sectors", "read-ticks", "write-ios",
                     "write-merges", "write-sectors", "write-ticks", "ios-pgr", "total-ticks",
@@ -4653,6 +4654,10 @@ MEMORY_BLOCKS = "/sys/devices/system/memory"
 
 
 def qga_memory_blocks(machine, peer, args):
+    return qga_thread("guest-get-memory-blocks", memory_blocks)
+
+
+def memory_blocks():
     """Every memoryN directory in sysfs' order (qemu-ga's readdir order): online from its
     state, can-offline from its removable flag."""
     answer = []
@@ -4923,7 +4928,8 @@ def run_command(argv, data, action):
     pid = os.fork()
     if pid == 0:
         try:
-            os.setsid()
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])   # the errand's handlers are
+            os.setsid()                                      # default already (child_signals)
             os.dup2(r_in, 0)
             os.dup2(w_out, 1)
             os.dup2(w_out, 2)
@@ -5067,10 +5073,12 @@ def qga_ssh_remove(machine, peer, args):
 
 # guest-exec's programs are PID 1's children like any other: reaped by the reaper, sent
 # SIGTERM and, past the grace, SIGKILL by the orderly power-off, named among those who held
-# the stop up. PID 1 forks them itself (a fork does not wait on a disk; the exec that may --
-# the program's file on a disk that does not answer -- happens in the child, whose success
-# or errno comes back on a close-on-exec pipe that a thread of PID 1's waits on). Their
-# output comes through non-blocking pipes the loop reads, bounded as qemu-ga bounds it.
+# the stop up. The loop makes their pipes; posix_spawn (a vfork and an exec: no copy of
+# PID 1's memory, half the time of a fork under TCG) runs in an errand's thread, since the
+# exec reads the program's file, which may be on a disk that does not answer. A program that
+# exits before that thread's answer reaches the loop is reaped all the same: the reaper keeps
+# its status for the watch that comes late. Its output comes through non-blocking pipes the
+# loop reads, bounded as qemu-ga bounds it.
 QGA_EXEC_MAX_OUTPUT = 16 << 20    # bytes kept of each stream (qemu-ga's GUEST_EXEC_MAX_OUTPUT);
                                   # past it the rest is read and dropped, `truncated` said
 QGA_EXEC_MODES = ("none", "stdout", "stderr", "separated", "merged")
@@ -5137,7 +5145,9 @@ class ExecProcess:
 
 
 class GuestExec(Source):
-    """guest-exec and guest-exec-status: the programs started, their pipes in the loop."""
+    """guest-exec and guest-exec-status: the programs started, their pipes in the loop, each
+    one's exit as the reaper tells it; a program's status is given once, then forgotten, as
+    qemu-ga does."""
 
     def __init__(self, reaper):
         self.reaper = reaper
