@@ -102,3 +102,21 @@ class RawClient:
 
     def close(self):
         self.s.close()
+
+
+def between_readings(first, ours, second, where):
+    """Counters (QGA conformance): ours, read between two readings of qemu-ga's, lie between
+    them; every other value, and the shape, is equal in all three."""
+    if isinstance(ours, dict):
+        assert set(ours) == set(first) == set(second), where
+        for key in ours:
+            between_readings(first[key], ours[key], second[key], where + "." + key)
+    elif isinstance(ours, list):
+        assert len(ours) == len(first) == len(second), where
+        for i, (a, b, c) in enumerate(zip(first, ours, second)):
+            between_readings(a, b, c, "%s[%d]" % (where, i))
+    elif isinstance(ours, int) and not isinstance(ours, bool) and where.rsplit(".", 1)[-1] \
+            not in ("cpu", "major", "minor", "prefix"):
+        assert first <= ours <= second, (where, first, ours, second)
+    else:
+        assert first == ours == second, (where, first, ours, second)

@@ -10,10 +10,11 @@ to both and their answers compared. (What a guest has and this machine has not -
 user, partitions, device-mapper, a second vCPU to take offline, a user's keys and password --
 is compared in a VM: tests/vm/test_qga_rich_guest.py.)
 
-Replies that must differ are named where they are compared: the interface counters and the
-CPU and disk counters move between two calls (compared after both agents answered twice, the
-values ours between qemu-ga's), and `guest-exec-status` of an unknown pid, where qemu-ga 10.0.13
-answers "PID ld does not exist" (its format string lacks the %) and we give the number."""
+Replies that must differ are named where they are compared: the interface, CPU and disk
+counters move between two calls (ours is read between two readings of qemu-ga's and must lie
+between them), a disk's serial (sysfs for us, udev's database for qemu-ga), and
+`guest-exec-status` of an unknown pid, where qemu-ga 10.0.13 answers "PID ld does not exist"
+(its format string lacks the %) and we give the number."""
 
 import json
 import os
@@ -24,7 +25,7 @@ import time
 
 import pytest
 
-from helpers import wait_for
+from helpers import between_readings, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
@@ -120,23 +121,6 @@ def test_every_read_only_command_answers_exactly_as_qemu_ga_10(pair):
     assert differences == {}, json.dumps(differences, indent=1)[:4000]
 
 
-def _between(first, ours, second, where):
-    """Counters: ours, read between qemu-ga's two readings, lie between them."""
-    if isinstance(ours, dict):
-        assert set(ours) == set(first) == set(second), where
-        for key in ours:
-            _between(first[key], ours[key], second[key], where + "." + key)
-    elif isinstance(ours, list):
-        assert len(ours) == len(first) == len(second), where
-        for i, (a, b, c) in enumerate(zip(first, ours, second)):
-            _between(a, b, c, "%s[%d]" % (where, i))
-    elif isinstance(ours, int) and not isinstance(ours, bool) and where.split(".")[-1] not in (
-            "cpu", "major", "minor"):
-        assert first <= ours <= second, where
-    else:
-        assert first == ours == second, where
-
-
 @pytest.mark.parametrize("name", ["guest-get-cpustats", "guest-get-diskstats",
                                   "guest-get-disks", "guest-get-fsinfo",
                                   "guest-network-get-interfaces"])
@@ -157,7 +141,7 @@ def test_counters_and_devices_as_qemu_ga_10_between_two_of_its_readings(pair, na
     if name == "guest-get-fsinfo":      # used bytes move as this machine writes
         for entry in ours["return"] + first["return"] + second["return"]:
             entry.pop("used-bytes", None)
-    _between(first["return"], ours["return"], second["return"], name)
+    between_readings(first["return"], ours["return"], second["return"], name)
 
 
 def run(path, args):

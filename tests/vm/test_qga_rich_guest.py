@@ -23,7 +23,7 @@ import time
 import pytest
 
 import vm as vmtool
-from helpers import wait_for
+from helpers import between_readings, wait_for
 from qgaclient import connect
 
 pytestmark = pytest.mark.vm
@@ -62,23 +62,6 @@ def ask_both(ours, real, name, args=None):
 def strip_ids(answer):
     answer.pop("id", None)
     return answer
-
-
-def between(first, ours, second, where):
-    """Counters: ours, read between qemu-ga's two readings, lie between them."""
-    if isinstance(ours, dict):
-        assert set(ours) == set(first) == set(second), where
-        for key in ours:
-            between(first[key], ours[key], second[key], where + "." + key)
-    elif isinstance(ours, list):
-        assert len(ours) == len(first) == len(second), where
-        for i, (a, b, c) in enumerate(zip(first, ours, second)):
-            between(a, b, c, "%s[%d]" % (where, i))
-    elif isinstance(ours, int) and not isinstance(ours, bool) and where.rsplit(".", 1)[-1] \
-            not in ("cpu", "major", "minor", "prefix"):
-        assert first <= ours <= second, (where, first, ours, second)
-    else:
-        assert first == ours == second, (where, first, ours, second)
 
 
 def run(client, path, *args, data=None):
@@ -167,7 +150,7 @@ def test_the_agent_and_qemu_ga_10_agree_in_a_rich_guest(boot, tmp_path, rich_ima
     assert differences == {}, json.dumps(differences, indent=1)[:8000]
     for name in BETWEEN:
         first, a, second = real.call(name), ours.call(name), real.call(name)
-        between(first["return"], a["return"], second["return"], name)
+        between_readings(first["return"], a["return"], second["return"], name)
     # what the rich guest has, seen in the replies
     osinfo = report["guest-get-osinfo"]["return"]
     assert osinfo["pretty-name"] == 'Arc "Box" Linux 1.0 (test)'
@@ -373,11 +356,24 @@ def test_suspend_to_ram_and_back_as_qemu_ga_does(boot, tmp_path, rich_image):
     vm.wait_log("RICH-GUEST-READY-42", BOOT_TIMEOUT)
     ours = connect(vm.qga_sock, timeout=BOOT_TIMEOUT)
     real = connect(vm.port_socket(vmtool.QEMU_GA_PEER_PORT), timeout=BOOT_TIMEOUT)
+    refused = []
     for client in (ours, real):
         info = {c["name"]: c for c in client.result("guest-info")["supported_commands"]}
         assert info["guest-suspend-ram"]["success-response"] is False
-        client.call("guest-suspend-ram", reply=False)
-        wait_for(lambda: suspended(vm), 60, "the guest to sleep")
+        for attempt in range(3):
+            # The kernel may refuse: "Freezing of tasks failed after 20 s (1 tasks refusing
+            # to freeze)", seen once in a CI run, 0.7 s after boot, with our agent's request
+            # (which logged "guest-suspend-ram: Device or resource busy" and served on). The
+            # same sysfs write from either agent; asked again, it sleeps.
+            client.call("guest-suspend-ram", reply=False)
+            try:
+                wait_for(lambda: suspended(vm), 45, "the guest to sleep")
+                break
+            except AssertionError:
+                refused.append(client is ours and "arcbox-agent" or "qemu-ga")
+                assert answers(client), "the agent did not answer after a refused suspend"
+        else:
+            raise AssertionError("the guest never slept: %r" % refused)
         time.sleep(1)
         assert suspended(vm)
         vm.monitor_command("system_wakeup")
@@ -385,5 +381,6 @@ def test_suspend_to_ram_and_back_as_qemu_ga_does(boot, tmp_path, rich_image):
         wait_for(lambda: answers(client), 60, "an answer after the wake-up")
         assert ours.result("guest-ping") == {} and real.result("guest-ping") == {}
     assert b"pong" in vm.request(0x0001)                 # ArcBox too, after two sleeps
+    print("suspend requests the kernel refused (then asked again): %r" % refused)
     assert vm.shutdown(grace=2) is True
     wait_for(lambda: vm.proc.poll() is not None, 60, "the power-off")
