@@ -395,3 +395,27 @@ def test_qga_is_on_the_usual_port_as_pid1_only_unless_told():
     assert config["qga"] == "auto" and "needs a port" in problems[0][1]
     config, problems = agent.build_config({"freeze_timeout": ["0"]}, {})
     assert config["freeze_timeout"] == 0.0 and problems == []
+
+
+def test_a_suspend_the_kernel_does_not_offer_is_refused_in_qemu_gas_words(monkeypatch):
+    offered = {"/sys/power/state": "freeze mem\n", "/sys/power/disk": "[platform] shutdown\n"}
+    monkeypatch.setattr(agent, "_read_text", lambda path, limit=1 << 20: offered.get(path, ""))
+    started = []
+
+    class Errands:
+        def run(self, errand, on_done):
+            started.append(errand.what)
+    machine = agent.QgaMachine(None, None, errands=Errands())
+    for name in ("guest-suspend-disk", "guest-suspend-hybrid"):
+        with pytest.raises(agent.QgaError, match="^the requested suspend mode is not "
+                                                 "supported by the guest$"):
+            agent.qga_suspend(name)(machine, PEER, {})
+    assert started == []
+    assert agent.qga_suspend("guest-suspend-ram")(machine, PEER, {}) is None   # no answer
+    offered["/sys/power/state"] = "freeze mem disk\n"
+    with pytest.raises(agent.QgaError):          # hybrid needs `suspend` in /sys/power/disk
+        agent.qga_suspend("guest-suspend-hybrid")(machine, PEER, {})
+    agent.qga_suspend("guest-suspend-disk")(machine, PEER, {})
+    offered["/sys/power/disk"] = "[platform] shutdown reboot suspend\n"
+    agent.qga_suspend("guest-suspend-hybrid")(machine, PEER, {})
+    assert started == ["guest-suspend-ram", "guest-suspend-disk", "guest-suspend-hybrid"]
