@@ -2231,14 +2231,14 @@ class Reaper(Source):
 #
 # An outcome is ("ok", value), ("error", class or None, text) when the body raised (an
 # exception's `klass`, QGA's error class, travels with it), or ("timeout", text). A body that
-# only makes a few system calls on the stop's path (the thaw before SIGTERM) runs in a thread
-# instead (thread=True): the same deadline and the same pipe to wake the loop, without the
+# only makes a few system calls (the thaw before SIGTERM, the clock keeper's look, QGA's
+# reading commands) or works on a descriptor PID 1 keeps (guest-file-*) runs in a thread
+# instead (Errand.thread): the same deadline and the same pipe to wake the loop, without the
 # fork's cost (83 ms before SIGTERM under TCG as a child).
 ERRAND_MAX_OUTCOME = 16 << 20     # bytes: an outcome is a small answer; more is a bug
 ERRANDS_MAX = 16                  # children at once; past it a request is answered "busy"
 
-# finish(outcome) runs in PID 1; thread: run the body in a thread of PID 1's, not a child
-# (it works on a descriptor PID 1 keeps, or it only waits on a pipe)
+# finish(outcome) runs in PID 1; thread: the body in a thread of PID 1's, not a child
 Errand = namedtuple("Errand", "what body timeout finish thread", defaults=(False,))
 
 
@@ -2254,10 +2254,10 @@ class Errands(Source):
         self.running = {}
         self.failed = []           # (on_done, outcome) of errands that could not start
 
-    def run(self, errand, on_done, thread=False):
+    def run(self, errand, on_done):
         """Start it; on_done is never called from here (its caller may be in the middle of
         something): an errand that cannot start is told so at the next tick."""
-        thread = thread or errand.thread
+        thread = errand.thread
         if len(self.running) >= ERRANDS_MAX:
             self.failed.append((on_done, ("error", None, "%s: %d others are under way; try "
                                           "again later" % (errand.what, ERRANDS_MAX))))
@@ -2948,7 +2948,7 @@ class ClockKeeper(Source):
     def tick(self, now):
         if self.next_at is not None and not self.looking and now >= self.next_at:
             errand = self.errand(asked=False)
-            self.errands.run(errand, errand.finish, thread=True)
+            self.errands.run(errand, errand.finish)
 
     def errand(self, asked):
         """One look: the source read off the loop, then _correct() in PID 1. Asked by a
@@ -2971,7 +2971,7 @@ class ClockKeeper(Source):
                 return None
             return self._correct(outcome[1], source, asked, host_set_before)
         return Errand("reading %s" % source[1], lambda: measure(source), CLOCK_READ_TIMEOUT,
-                      finish)
+                      finish, thread=True)
 
     def _correct(self, offset, source, asked, host_set_before):
         """Step the clock by what the source says; returns the step in seconds (0.0:
@@ -4366,7 +4366,7 @@ def qga_set_time(machine, peer, args):
                 raise QgaError(str(exc))
             log("info", "clock set from the hardware clock by %s (%+.3fs)" % (who, step))
             return {}
-        return Errand("guest-set-time", look.body, look.timeout, finish)
+        return look._replace(what="guest-set-time", finish=finish)
 
     try:
         year = time.gmtime(given // 10 ** 9).tm_year
@@ -5422,15 +5422,12 @@ class GuestFiles:
         return qga_thread("guest-file-seek", body)
 
     def flush(self, handle):
-        fd = self.fd(handle)
-
-        def body():
-            return {}              # nothing is buffered here: a write is the file's at once
-        return qga_thread("guest-file-flush", body)
+        self.fd(handle)
+        return {}                  # nothing is buffered here: a write is the file's at once
 
     def close(self, handle):
-        self.fd(handle)
-        fd = self.handles.pop(handle)
+        fd = self.fd(handle)
+        del self.handles[handle]
 
         def body():
             try:
@@ -6489,7 +6486,7 @@ class ShutdownSequence(Source):
             return
         self.errands.run(Errand("the thaw before SIGTERM",
                                 lambda: thaw_filesystems(KernelStorage(), guest),
-                                THAW_BUDGET, None), self._thaw_over, thread=True)
+                                THAW_BUDGET, None, thread=True), self._thaw_over)
 
     def _thaw_over(self, outcome):
         if self.thawed:

@@ -166,13 +166,10 @@ def published_paragraph(report):
            "%d to %d" % (extra[0], extra[-1]), rss("qemu-ga")))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pings", type=int, default=400, help="round trips per agent and boot")
-    parser.add_argument("--boots", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "qga.json"))
-    args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="arcbox-qga-bench-")
+def bench_guest(prefix):
+    """The benchmarks' guest, built fresh in a new folder: (folder, initramfs, its info, the
+    kernel, a 64 MiB ext4 disk). The agent as /init, qemu-ga 10 and /test/qga-bench.sh."""
+    work = tempfile.mkdtemp(prefix=prefix)
     pyz = os.path.join(work, "arcbox-agent.pyz")
     build.build_pyz(pyz)
     image = os.path.join(work, "initramfs.cpio")
@@ -183,6 +180,16 @@ def main():
     with open(disk, "wb") as f:
         f.truncate(64 << 20)
     subprocess.run(["mkfs.ext4", "-q", "-F", disk], check=True)
+    return work, image, info, kernel, disk
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pings", type=int, default=400, help="round trips per agent and boot")
+    parser.add_argument("--boots", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "qga.json"))
+    args = parser.parse_args()
+    work, image, info, kernel, disk = bench_guest("arcbox-qga-bench-")
     boots = [one_boot(work, image, kernel, disk, args.pings) for _ in range(args.boots)]
     per_boot = [{who: dist(b["times"][who]) for who in WHO} for b in boots]
     ping = {who: dist([t for b in boots for t in b["times"][who]]) for who in WHO}

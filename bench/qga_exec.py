@@ -21,7 +21,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,10 +29,9 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 sys.path.insert(0, HERE)
 
-import build  # noqa: E402
 import guestimage  # noqa: E402
 import vm as vmtool  # noqa: E402
-from qga import SCRIPT, PEER_PORT, memory  # noqa: E402
+from qga import PEER_PORT, bench_guest, memory  # noqa: E402
 from qgaclient import connect  # noqa: E402
 
 WHO = ("arcbox-agent", "qemu-ga")
@@ -118,17 +116,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=200, help="of each, per agent and boot")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "qga-exec.json"))
     args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="arcbox-qga-exec-")
-    pyz = os.path.join(work, "arcbox-agent.pyz")
-    build.build_pyz(pyz)
-    image = os.path.join(work, "initramfs.cpio")
-    info = guestimage.build_initramfs(pyz, image, extra_files={"/test/qga-bench.sh": SCRIPT},
-                                      qemu_ga=True)
-    kernel = guestimage.kernel_image(guestimage.fetch_packages())
-    disk = os.path.join(work, "disk.img")
-    with open(disk, "wb") as f:
-        f.truncate(64 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", disk], check=True)
+    work, image, info, kernel, disk = bench_guest("arcbox-qga-exec-")
     boots = [one_boot(work, image, kernel, disk, args.rounds) for _ in range(args.boots)]
     git = lambda *a: subprocess.run(["git", "-C", REPO] + list(a), capture_output=True,  # noqa
                                     text=True).stdout.strip()

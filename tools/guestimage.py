@@ -100,19 +100,24 @@ ARCHES = {
 HOST_ARCH = "x86_64"
 
 
-def _apt_options(arch):
-    """apt-get/apt-cache options: the host's own state for the host's architecture, a
-    private one (lists, cache, an empty dpkg status) for another."""
-    if arch == HOST_ARCH:
-        return []
-    state = os.path.join(CACHE, "apt-" + ARCHES[arch]["deb"])
+def _private_apt_state(name, deb_arch):
+    """(folder, apt options) of a private apt state under CACHE: its own lists and cache, an
+    empty dpkg status, one architecture; the host's apt and dpkg setup are never touched."""
+    state = os.path.join(CACHE, "apt-" + name)
     for sub in ("lists/partial", "cache/archives/partial"):
         os.makedirs(os.path.join(state, sub), exist_ok=True)
-    deb = ARCHES[arch]["deb"]
-    return ["-o", "APT::Architecture=" + deb, "-o", "APT::Architectures=" + deb,
-            "-o", "Dir::State::Lists=" + os.path.join(state, "lists"),
-            "-o", "Dir::Cache=" + os.path.join(state, "cache"),
-            "-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root"]
+    return state, ["-o", "APT::Architecture=" + deb_arch, "-o", "APT::Architectures=" + deb_arch,
+                   "-o", "Dir::State::Lists=" + os.path.join(state, "lists"),
+                   "-o", "Dir::Cache=" + os.path.join(state, "cache"),
+                   "-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root"]
+
+
+def _apt_options(arch):
+    """apt-get/apt-cache options: the host's own state for the host's architecture, a
+    private one for another."""
+    if arch == HOST_ARCH:
+        return []
+    return _private_apt_state(ARCHES[arch]["deb"], ARCHES[arch]["deb"])[1]
 
 
 def _apt_update(arch):
@@ -189,9 +194,10 @@ DMSETUP_DEBS = ["dmsetup", "libdevmapper1.02.1", "libselinux1", "libudev1", "lib
 DMSETUP = "/sbin/dmsetup"
 
 
-def fetch_debs(name, debs):
+def fetch_debs(name, debs, apt=(), update=False):
     """Download the host architecture's packages `debs` and unpack them into one root, once
-    (again when the list changes); returns the root."""
+    (again when the list changes); returns the root. `apt`: options for another apt state
+    (`update`: refresh its lists first)."""
     root = os.path.join(CACHE, name)
     stamp = root + ".json"
     if os.path.exists(stamp):
@@ -200,7 +206,10 @@ def fetch_debs(name, debs):
                 return root
     folder = os.path.join(CACHE, "debs-" + name)
     os.makedirs(folder, exist_ok=True)
-    _run(["apt-get", "download", "-o", "APT::Sandbox::User=root"] + debs, cwd=folder)
+    if update:
+        _run(["apt-get"] + list(apt) + ["-q", "update"])
+    _run(["apt-get"] + list(apt) + ["download", "-o", "APT::Sandbox::User=root"] + debs,
+         cwd=folder)
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     for deb in sorted(os.listdir(folder)):
@@ -213,43 +222,20 @@ def fetch_debs(name, debs):
 
 def _suite_apt_options(suite):
     """apt options for a private apt state that knows only Debian's `suite` (amd64)."""
-    state = os.path.join(CACHE, "apt-" + suite)
-    for sub in ("lists/partial", "cache/archives/partial"):
-        os.makedirs(os.path.join(state, sub), exist_ok=True)
+    state, options = _private_apt_state(suite, "amd64")
     sources = os.path.join(state, "sources.list")
     with open(sources, "w") as f:
         f.write("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
                 "http://deb.debian.org/debian %s main\n" % suite)
-    return ["-o", "Dir::Etc::SourceList=" + sources, "-o", "Dir::Etc::SourceParts=/dev/null",
-            "-o", "Dir::State::Lists=" + os.path.join(state, "lists"),
-            "-o", "Dir::Cache=" + os.path.join(state, "cache"),
-            "-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root",
-            "-o", "APT::Architecture=amd64", "-o", "APT::Architectures=amd64"]
+    return options + ["-o", "Dir::Etc::SourceList=" + sources,
+                      "-o", "Dir::Etc::SourceParts=/dev/null"]
 
 
 def fetch_qemu_ga():
     """Download and unpack qemu-ga 10 (Debian 13) and its libraries once; returns the root.
     Run it with qemu_ga_command(root)."""
-    root = os.path.join(CACHE, "qemu-ga-" + QEMU_GA_SUITE)
-    stamp = root + ".json"
-    if os.path.exists(stamp):
-        with open(stamp) as f:
-            if json.load(f).get("packages") == QEMU_GA_DEBS:
-                return root
-    options = _suite_apt_options(QEMU_GA_SUITE)
-    _run(["apt-get"] + options + ["-q", "update"])
-    folder = os.path.join(CACHE, "debs-qemu-ga-" + QEMU_GA_SUITE)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
-    _run(["apt-get"] + options + ["download"] + QEMU_GA_DEBS, cwd=folder)
-    shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(root)
-    for deb in sorted(os.listdir(folder)):
-        if deb.endswith(".deb"):
-            _run(["dpkg-deb", "-x", os.path.join(folder, deb), root])
-    with open(stamp, "w") as f:
-        json.dump({"packages": QEMU_GA_DEBS}, f)
-    return root
+    return fetch_debs("qemu-ga-" + QEMU_GA_SUITE, QEMU_GA_DEBS,
+                      _suite_apt_options(QEMU_GA_SUITE), update=True)
 
 
 def qemu_ga_command(root, prefix=None):
@@ -276,12 +262,10 @@ def _add_qemu_ga(img):
     root = fetch_qemu_ga()
     binary = os.path.join(root, QEMU_GA.lstrip("/"))
     img.host_file(QEMU_GA_PREFIX + QEMU_GA, binary, 0o755)
-    for soname, guest_path in sorted(shared_libraries(root, [binary]).items()):
-        source = os.path.realpath(os.path.join(root, guest_path.lstrip("/")))
-        if soname.startswith("ld-linux"):
-            guest_path = "/usr/lib/x86_64-linux-gnu/" + soname
-            source = os.path.realpath(os.path.join(root, "usr/lib/x86_64-linux-gnu", soname))
-        img.host_file(QEMU_GA_PREFIX + "/usr/lib/x86_64-linux-gnu/" + soname, source, 0o755)
+    libs = "usr/lib/x86_64-linux-gnu/"    # every library, the loader too (trixie: merged /usr)
+    for soname in sorted(shared_libraries(root, [binary])):
+        img.host_file(QEMU_GA_PREFIX + "/" + libs + soname,
+                      os.path.realpath(os.path.join(root, libs, soname)), 0o755)
     argv = qemu_ga_command(root, QEMU_GA_PREFIX)
     img.file(QEMU_GA, ("#!/bin/sh\n# qemu-ga %s from Debian's %s, through its own loader\n"
                        "exec %s \"$@\"\n" % ("10", QEMU_GA_SUITE, " ".join(argv))).encode(),
@@ -650,8 +634,8 @@ def _add_basics(img, extra_files):
 def build_initramfs(pyz, out, extra_files=None, modules=None, init=None, arch=HOST_ARCH,
                     qemu_ga=False, dmsetup=False, links=None):
     """Write the initramfs; returns a dict describing what went in. `init` replaces the
-    .pyz as /init (the benchmarks' baseline agent); `qemu_ga` adds Debian's qemu-ga,
-    `dmsetup` Debian's dmsetup."""
+    .pyz as /init (the benchmarks' baseline agent); `qemu_ga` adds qemu-ga 10 (Debian 13's),
+    `dmsetup` Debian's dmsetup; `links`: {path: target} symlinks."""
     root = fetch_packages(arch)
     img = Cpio()
     _add_busybox(img, arch)

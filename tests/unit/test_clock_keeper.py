@@ -17,8 +17,8 @@ class InlineErrands:
     def __init__(self):
         self.runs = []
 
-    def run(self, errand, on_done, thread=False):
-        self.runs.append((errand.what, thread))
+    def run(self, errand, on_done):
+        self.runs.append((errand.what, errand.thread))
         try:
             outcome = ("ok", errand.body())
         except Exception as exc:

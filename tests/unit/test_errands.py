@@ -70,10 +70,10 @@ def test_an_errand_in_a_thread_answers_through_the_same_pipe_and_deadline(logged
     import threading
     reaper, got, never = Watching(), [], threading.Event()
     errands = agent.Errands(reaper)
-    errands.run(agent.Errand("quick", lambda: [1, {"a": os.getpid()}], 5.0, None), got.append,
-                thread=True)
-    errands.run(agent.Errand("stuck", lambda: never.wait(30), 0.3, None), got.append,
-                thread=True)
+    errands.run(agent.Errand("quick", lambda: [1, {"a": os.getpid()}], 5.0, None,
+                             thread=True), got.append)
+    errands.run(agent.Errand("stuck", lambda: never.wait(30), 0.3, None, thread=True),
+                got.append)
     began = time.monotonic()
     run_errands(errands, lambda: len(got) == 2)
     never.set()
