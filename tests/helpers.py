@@ -50,6 +50,24 @@ def wait_for(predicate, timeout=15, what="condition"):
         time.sleep(0.02)
 
 
+
+def connect_when_listening(path, timeout=20):
+    """A connected Unix socket to `path`, once its server listens. A server binds the path
+    before it calls listen(): between the two, the file exists and connect() is refused
+    (qemu-ga 10 was caught there once in CI), so waiting for the file alone is a race."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+            return s
+        except (FileNotFoundError, ConnectionRefusedError):
+            s.close()
+            assert time.monotonic() < deadline, "nothing listening on %s after %g s" % (
+                path, timeout)
+            time.sleep(0.02)
+
 # A log line's stamp is taken just after the event it reports (the signal is sent, the
 # deadline set, then the line is formatted), so the gap between two stamps can fall short of
 # the gap between the events by the microseconds that takes. 1 ms is far above that, and

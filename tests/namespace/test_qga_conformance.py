@@ -18,14 +18,13 @@ between them), a disk's serial (sysfs for us, udev's database for qemu-ga), and
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from helpers import between_readings, wait_for
+from helpers import between_readings, connect_when_listening, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
@@ -37,9 +36,7 @@ RISKY_ON = ("default,guest-exec,guest-exec-status,guest-file-open,guest-file-clo
 
 
 def ask(path, request):
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(20)
-        s.connect(path)
+    with connect_when_listening(path, 20) as s:
         s.sendall(json.dumps(request).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):

@@ -18,13 +18,12 @@ import base64
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from helpers import wait_for
+from helpers import connect_when_listening
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
@@ -57,10 +56,7 @@ class Agent:
                 argv += ["--qga-block", extra["block"]]
         self.proc = subprocess.Popen(argv, cwd=self.dir, env=dict(os.environ, **(env or {})),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: os.path.exists(sock), 20, sock)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(20)
-        self.sock.connect(sock)
+        self.sock = connect_when_listening(sock, 20)
         self.buf = b""
         self.which = which
 
