@@ -230,8 +230,8 @@ def use_own_console():
         pass                       # fd 2 cannot be opened again: written as before
 
 
-# A VM's serial console is slow: every byte is a trap into the VMM (~30 ms for one line under
-# TCG, on the only vCPU). While PID 1 starts, its info and debug lines are held and written
+# A VM's serial console is slow: every byte is a trap into the VMM (under TCG, on the only
+# vCPU, a line costs the guest milliseconds). While PID 1 starts, its info and debug lines are held and written
 # in one go once the host has had its first answer, or the agent is ready, or START_HOLD has
 # passed (Agent), so that no console line stands between the kernel's hand-off and the first
 # answer. Warnings and errors are never held: they write what is held, then themselves. The
@@ -1824,7 +1824,7 @@ def write_resolv_conf(servers):
 
 def loopback_up():
     """PID 1, at the end of the loop turn of "ready" or of the host's first answer (bringing
-    lo up costs ~30 ms of kernel time under TCG: not before it), or before the workload
+    lo up is kernel work the first answer need not wait for), or before the workload
     starts if that comes first (StartUp.release), so that 127.0.0.1 works for QGA's
     interface list from then on and for the workload from its start."""
     state = interface_up("lo")
@@ -6084,7 +6084,7 @@ class Server(Source):
                           for addr, make in listen]
         self.conns = {}            # fd -> Connection, in accept order
         self.summary_at = None     # when suppressed log lines are next summarised
-        self.first_answer_at = None   # when the first reply was queued (it is logged)
+        self.first_answer_at = None   # when the first reply was written (it is logged)
         self.gate = gate or OpenGate()
 
     def open(self):
@@ -6258,9 +6258,6 @@ class Server(Source):
             consumed, reply, effect, close = turn
             del conn.inbuf[:consumed]
             conn.queue(reply)
-            if self.first_answer_at is None and reply:
-                self.first_answer_at = time.monotonic()
-                log("info", "first answer, to %s" % conn.peer_text)
             if close:
                 conn.closing = True
                 conn.inbuf = bytearray()
@@ -6304,6 +6301,11 @@ class Server(Source):
                     return
                 del conn.outbuf[:sent]
                 conn.last_active = time.monotonic()
+                if self.first_answer_at is None and sent:
+                    # stamped once written, not when queued: bench/boot.py compares this
+                    # line with the floor's stamp, which its write() precedes
+                    self.first_answer_at = conn.last_active
+                    log("info", "first answer, to %s" % conn.peer_text)
             if conn.closing:
                 self.close_conn(conn)
                 return
@@ -7194,9 +7196,11 @@ class PowerOffChild(Source):
 # finit_module(2): a module's init runs in the caller and can wait on its device for good.
 #
 # Why a thread, in a guest path that is otherwise one thread: a forked child did the same
-# and cost the first answer 0.11 s under TCG (bench/boot.py, 8 boots each: agent - floor per
-# round +0.185 s against +0.070 s; p10-p90 +0.153..+0.200 against +0.058..+0.090): the
-# fork's copy-on-write faults, on the one vCPU. The thread makes system calls and writes to
+# and cost the first answer 0.11 s under TCG (saved runs of bench/boot.py, 8 boots each,
+# agent - floor per round: bench/results/boot-loader-child.json +0.185 s, p10-p90
+# +0.153..+0.200, against boot-loader-pid1.json, the loading done by PID 1 itself, +0.070 s,
+# +0.058..+0.090; boot-loader-thread.json, this thread, +0.097 s): the fork's copy-on-write
+# faults, on the one vCPU. The thread makes system calls and writes to
 # its pipe, blocks every signal (they go to the loop), and holds nothing a fork() could copy
 # half-taken: CPython and glibc reset their own locks in a forked child, and it holds no
 # Python lock while in the kernel. It outlives a stop if a module hangs; it writes only its
@@ -7380,8 +7384,8 @@ class StartUp(Source):
 
     # ---- 4. after the turn of "ready" or of a first answer ----------------------------------
     def release(self):
-        """The start-up lines held on the console go out; lo comes up (~30 ms of kernel
-        time under TCG: after the answer, not before it). Once."""
+        """The start-up lines held on the console go out; lo comes up (kernel work: after the
+        answer, not before it). Once."""
         if self.released:
             return
         self.released = True

@@ -5,15 +5,19 @@ One boot of the image the conformance test uses (tests/vm/test_qga_vm.py): the a
 and answers QGA on org.qemu.guest_agent.0; qemu-ga runs on a second virtio-serial port.
 - guest-ping round trip from the host, both agents interleaved in blocks (n per agent);
 - each agent's memory in the guest after the pings (RSS and PSS from /proc/PID/smaps_rollup,
-  printed on the console by a small loop in the guest);
+  printed on the console by a small loop in the guest), and the card's floor beside them in
+  the same boot: `python3 -S` that imports the card's five modules and waits; the agent's
+  RSS, idle (before any QGA request) and after serving both protocols, against the floor's
+  (target <= 1.2x, judged on the range of the boots' ratios: memory barely varies);
 - every compared command's reply side by side, and qemu-ga's guest-shutdown in a busybox
   guest.
 
-    python3 bench/qga.py [--pings 400] [--out bench/results/qga.json]
+    python3 bench/qga.py [--pings 400] [--boots 5] [--publish]
+
+Every run is kept in bench/results/runs/qga/; --publish also makes it bench/results/qga.json.
 """
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -29,11 +33,16 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import agent  # noqa: E402
 import build  # noqa: E402
+import provenance  # noqa: E402
+import verdict as rule  # noqa: E402
 import guestimage  # noqa: E402
 import vm as vmtool  # noqa: E402
 from qgaclient import connect  # noqa: E402
 
 PEER_PORT = vmtool.QEMU_GA_PEER_PORT
+MEMORY_TARGET = 1.2               # the agent's RSS / the card floor's, in the same boot
+HARNESS = ["bench/qga.py", "bench/verdict.py", "bench/provenance.py", "tools/guestimage.py",
+           "tools/vm.py", "tools/qgaclient.py"]
 SCRIPT = b"""#!/bin/sh
 for p in /sys/class/virtio-ports/*; do
     [ "$(cat $p/name)" = %s ] && dev=/dev/${p##*/}
@@ -41,10 +50,13 @@ done
 mkdir -p /data && mount -t ext4 /dev/vda /data
 /usr/sbin/qemu-ga -m virtio-serial -p "$dev" -t /run &
 ga=$!
+/usr/bin/python3 -S -c 'import os, signal, socket, time, ctypes; signal.pause()' &
+floor=$!
 sleep 1
 while :; do
     echo "MEM agent $(grep -E '^(Rss|Pss):' /proc/1/smaps_rollup | tr -s ' ' | tr '\\n' ' ')" \\
-         "qemu-ga $(grep -E '^(Rss|Pss):' /proc/$ga/smaps_rollup | tr -s ' ' | tr '\\n' ' ')"
+         "qemu-ga $(grep -E '^(Rss|Pss):' /proc/$ga/smaps_rollup | tr -s ' ' | tr '\\n' ' ')" \\
+         "floor $(grep -E '^(Rss|Pss):' /proc/$floor/smaps_rollup | tr -s ' ' | tr '\\n' ' ')"
     sleep 1
 done
 """ % PEER_PORT.encode()
@@ -82,12 +94,13 @@ def dist(xs):
 
 def memory(console):
     lines = re.findall(r"^MEM agent Rss: (\d+) kB Pss: (\d+) kB\s+qemu-ga Rss: (\d+) kB "
-                       r"Pss: (\d+) kB", console, re.M)
+                       r"Pss: (\d+) kB\s+floor Rss: (\d+) kB Pss: (\d+) kB", console, re.M)
     if not lines:
         raise SystemExit("no MEM line on the console:\n" + console[-2000:])
-    a_rss, a_pss, q_rss, q_pss = map(int, lines[-1])
+    a_rss, a_pss, q_rss, q_pss, f_rss, f_pss = map(int, lines[-1])
     return {"arcbox-agent": {"rss_kib": a_rss, "pss_kib": a_pss},
-            "qemu-ga": {"rss_kib": q_rss, "pss_kib": q_pss}}
+            "qemu-ga": {"rss_kib": q_rss, "pss_kib": q_pss},
+            "floor": {"rss_kib": f_rss, "pss_kib": f_pss}}
 
 
 def one_boot(work, image, kernel, disk, pings_per_agent):
@@ -104,7 +117,7 @@ def one_boot(work, image, kernel, disk, pings_per_agent):
             if time.monotonic() > deadline:
                 raise SystemExit("no MEM line:\n" + machine.console()[-2000:])
             time.sleep(0.1)
-        before = memory(machine.console())["arcbox-agent"]
+        before = memory(machine.console())
         ours = connect(machine.qga_sock, timeout=120)
         real = connect(machine.port_socket(PEER_PORT), timeout=120)
         replies = {}
@@ -135,35 +148,51 @@ def one_boot(work, image, kernel, disk, pings_per_agent):
 WHO = ("arcbox-agent", "qemu-ga", "arcbox-agent, ArcBox Ping")
 
 
+def memory_ratios(report):
+    """Per boot, the agent's RSS over the card floor's read on the same console line: idle
+    (before any QGA request) and after serving both protocols."""
+    idle = [b["arcbox-agent"]["rss_kib"] / b["floor"]["rss_kib"]
+            for b in report["memory_before_qga_per_boot"]]
+    after = [m["arcbox-agent"]["rss_kib"] / m["floor"]["rss_kib"]
+             for m in report["memory_per_boot"]]
+    return idle, after
+
+
 def published_paragraph(report):
-    """docs/performance.md's figures, recomputed from the saved raw samples and memory readings (a
-    test in tests/figures/ checks that the page says exactly this)."""
+    """docs/performance.md's QGA and memory figures, recomputed from the saved raw samples and
+    memory readings (the figures tests check that the page says exactly this)."""
     boots = report["samples_ms_per_boot"]
     med = lambda xs: statistics.median(xs)                      # noqa: E731
     per_boot = [(med(b["arcbox-agent"]), med(b["qemu-ga"])) for b in boots]
     whole = {who: sorted(t for b in boots for t in b[who]) for who in WHO}
     pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
-    mem, before = report["memory_per_boot"], report["memory_agent_before_qga_per_boot"]
-    rss = lambda who: "/".join(str(m[who]["rss_kib"]) for m in mem)   # noqa: E731
-    extra = sorted(m["arcbox-agent"]["rss_kib"] - b["rss_kib"] for m, b in zip(mem, before))
+    mem, before = report["memory_per_boot"], report["memory_before_qga_per_boot"]
+    rss = lambda rows, who: "/".join(str(m[who]["rss_kib"]) for m in rows)  # noqa: E731
+    idle, after = memory_ratios(report)
+    judged = [rule.judge("range", [xs], at_most=MEMORY_TARGET) for xs in (idle, after)]
+    span = lambda xs: "%.2f–%.2f×" % (min(xs), max(xs))          # noqa: E731
     return (
-        "**What it costs** (`bench/qga.py`: %d boots of the conformance test's guest, %d round "
-        "trips per agent per boot, interleaved in blocks of 20, the same host client; commit "
-        "%s, %s). guest-ping round trip over the same virtio-serial path, median per boot: "
+        "**What it costs** (`bench/qga.py`, %s: %d boots of the conformance test's guest, %d "
+        "round trips per agent per boot, interleaved in blocks of 20, the same host client). "
+        "guest-ping round trip over the same virtio-serial path, median per boot: "
         "arcbox-agent %s ms, qemu-ga %s ms (ratio %s); all %d samples each: arcbox-agent "
         "%.2f ms (p10 %.2f, p90 %.2f), qemu-ga %.2f ms (p10 %.2f, p90 %.2f); the agent's loop "
-        "with ArcBox's binary Ping on its own port, for scale: %.2f ms. Memory in the guest "
-        "after the pings, RSS per boot: arcbox-agent %s KiB — it is also PID 1 and the ArcBox "
-        "server; QGA itself (json and re, loaded on the first request) added %s KiB — "
-        "and qemu-ga, which only answers QGA, %s KiB."
-        % (len(boots), report["pings_per_agent_per_boot"], report["commit"], report["when"],
+        "with ArcBox's binary Ping on its own port, for scale: %.2f ms.\n\n"
+        "**Memory, next to the card's floor** (the same boots; RSS in KiB per boot, read on "
+        "one console line each time): the floor — `python3 -S` importing os, signal, socket, "
+        "time and ctypes, then waiting — %s; the agent idle (PID 1 serving, before any QGA "
+        "request) %s, %s the floor's: target ≤ %.1f×: %s (on the range of the boots' ratios: "
+        "memory barely varies); after serving both protocols (QGA loads json and re on its "
+        "first request) %s, %s: %s. qemu-ga, in C and answering only QGA: %s."
+        % (provenance.says(report), len(boots), report["pings_per_agent_per_boot"],
            "/".join("%.2f" % a for a, _ in per_boot), "/".join("%.2f" % q for _, q in per_boot),
            "/".join("%.2f" % (a / q) for a, q in per_boot), len(whole["qemu-ga"]),
            med(whole["arcbox-agent"]), pct(whole["arcbox-agent"], 0.1),
            pct(whole["arcbox-agent"], 0.9), med(whole["qemu-ga"]), pct(whole["qemu-ga"], 0.1),
            pct(whole["qemu-ga"], 0.9), med(whole["arcbox-agent, ArcBox Ping"]),
-           rss("arcbox-agent"), "%d" % extra[0] if extra[0] == extra[-1] else
-           "%d to %d" % (extra[0], extra[-1]), rss("qemu-ga")))
+           rss(mem, "floor"), rss(before, "arcbox-agent"), span(idle), MEMORY_TARGET,
+           judged[0]["verdict"], rss(mem, "arcbox-agent"), span(after), judged[1]["verdict"],
+           rss(mem, "qemu-ga")))
 
 
 def bench_guest(prefix):
@@ -186,8 +215,9 @@ def bench_guest(prefix):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pings", type=int, default=400, help="round trips per agent and boot")
-    parser.add_argument("--boots", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "qga.json"))
+    parser.add_argument("--boots", type=int, default=5)
+    parser.add_argument("--publish", action="store_true",
+                        help="make this run bench/results/qga.json (every run is kept)")
     args = parser.parse_args()
     work, image, info, kernel, disk = bench_guest("arcbox-qga-bench-")
     boots = [one_boot(work, image, kernel, disk, args.pings) for _ in range(args.boots)]
@@ -197,14 +227,9 @@ def main():
               for p in per_boot]
     qemu_version = subprocess.run([vmtool.QEMU, "--version"], capture_output=True,
                                   text=True).stdout.splitlines()[0]
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "agent.py"],
-                           capture_output=True, text=True).stdout.strip()
     replies = boots[-1]["replies"]
     report = {
-        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": commit + ("+dirty agent.py" if dirty else ""),
+        "provenance": provenance.collect(HARNESS),
         "qemu": qemu_version, "guest_kernel": info["release"],
         "qemu_ga_version": replies["guest-info"]["qemu-ga"]["return"]["version"],
         "boots": args.boots, "pings_per_agent_per_boot": args.pings,
@@ -213,28 +238,27 @@ def main():
                                  for who in WHO} for b in boots],
         "guest_ping_median_ratio_per_boot": ratios,
         "memory_per_boot": [b["memory"] for b in boots],
-        "memory_agent_before_qga_per_boot": [b["memory_agent_before_qga"] for b in boots],
+        "memory_before_qga_per_boot": [b["memory_agent_before_qga"] for b in boots],
         "replies": replies,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True)
-        f.write("\n")
-    print("QGA, this agent vs qemu-ga %s, same guest, same client (%s, commit %s, %d boots)"
-          % (report["qemu_ga_version"], report["when"], report["commit"], args.boots))
+    print("kept %s" % os.path.relpath(provenance.keep("qga", report), REPO))
+    if args.publish:
+        provenance.publish(report, os.path.join(HERE, "results", "qga.json"))
+        print("published bench/results/qga.json")
+    print("QGA, this agent vs qemu-ga %s, same guest, same client (%s, %d boots)"
+          % (report["qemu_ga_version"], provenance.says(report), args.boots))
     for who in WHO:
         p = ping[who]
         print("  %-26s round trip median %.2f ms (p10 %.2f, p90 %.2f, n=%d)"
               % (who, p["median_ms"], p["p10_ms"], p["p90_ms"], p["n"]))
     print("  guest-ping median ratio per boot (agent / qemu-ga): %s" % ratios)
-    for who in ("arcbox-agent", "qemu-ga"):
+    for who in ("arcbox-agent", "qemu-ga", "floor"):
         print("  %-13s memory after the pings, per boot: RSS %s KiB, PSS %s KiB" % (
             who, [b["memory"][who]["rss_kib"] for b in boots],
             [b["memory"][who]["pss_kib"] for b in boots]))
     print("  the agent before its first QGA request, per boot: RSS %s KiB"
-          % [b["memory_agent_before_qga"]["rss_kib"] for b in boots])
+          % [b["memory_agent_before_qga"]["arcbox-agent"]["rss_kib"] for b in boots])
     print("  qemu-ga guest-shutdown: %r" % replies["guest-shutdown"]["qemu-ga"])
-    print("saved %s" % args.out)
     print("\nfor docs/performance.md:\n" + published_paragraph(report))
 
 

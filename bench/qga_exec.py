@@ -10,14 +10,14 @@ in the guest (RSS and PSS from /proc/PID/smaps_rollup, printed on the console by
 the guest). Every sample of every boot is saved; the published paragraph (docs/qga.md) is
 recomputed from them by published_paragraph(), which tests/figures/ checks.
 
-    python3 bench/qga_exec.py [--boots 3] [--rounds 200] [--out bench/results/qga-exec.json]
+    python3 bench/qga_exec.py [--boots 3] [--rounds 200] [--publish]
+
+Every run is kept in bench/results/runs/qga-exec/; --publish also makes it
+bench/results/qga-exec.json.
 """
 
 import argparse
-import hashlib
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,11 +30,14 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 sys.path.insert(0, HERE)
 
 import guestimage  # noqa: E402
+import provenance  # noqa: E402
 import vm as vmtool  # noqa: E402
 from qga import PEER_PORT, bench_guest, memory  # noqa: E402
 from qgaclient import connect  # noqa: E402
 
 WHO = ("arcbox-agent", "qemu-ga")
+HARNESS = ["bench/qga_exec.py", "bench/qga.py", "bench/provenance.py", "tools/guestimage.py",
+           "tools/vm.py", "tools/qgaclient.py"]
 BLOCK = 10
 
 
@@ -79,11 +82,6 @@ def one_boot(work, image, kernel, disk, rounds):
             "memory": mem}
 
 
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def published_paragraph(report):
     """docs/qga.md's paragraph, recomputed from the saved samples (tests/figures/ checks that
     the page says exactly this)."""
@@ -102,46 +100,37 @@ def published_paragraph(report):
     rss = {who: "/".join(str(b["memory"][who]["rss_kib"]) for b in boots) for who in WHO}
     return ("**guest-exec and guest-get-fsinfo against qemu-ga %s** (`bench/qga_exec.py`: %d "
             "boots of a busybox guest under TCG, %d of each per agent per boot, interleaved in "
-            "blocks of %d, the same host client; commit %s, agent.py sha256 %s…, %s). %s; %s. "
+            "blocks of %d, the same host client; %s). %s; %s. "
             "Memory in the guest after them, RSS per boot: arcbox-agent %s KiB (also PID 1 "
             "and the ArcBox server), qemu-ga %s KiB."
             % (report["qemu_ga_version"], len(boots), report["rounds_per_boot"], BLOCK,
-               report["commit"], report["sha256"]["agent.py"][:12], report["when"],
-               lines[0], lines[1], rss["arcbox-agent"], rss["qemu-ga"]))
+               provenance.says(report), lines[0], lines[1], rss["arcbox-agent"],
+               rss["qemu-ga"]))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--boots", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=200, help="of each, per agent and boot")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "qga-exec.json"))
+    parser.add_argument("--publish", action="store_true",
+                        help="make this run bench/results/qga-exec.json (every run is kept)")
     args = parser.parse_args()
     work, image, info, kernel, disk = bench_guest("arcbox-qga-exec-")
     boots = [one_boot(work, image, kernel, disk, args.rounds) for _ in range(args.boots)]
-    git = lambda *a: subprocess.run(["git", "-C", REPO] + list(a), capture_output=True,  # noqa
-                                    text=True).stdout.strip()
     version = subprocess.run(guestimage.qemu_ga_command(guestimage.fetch_qemu_ga())
                              + ["--version"], capture_output=True, text=True).stdout.split()
     report = {
-        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "dirty": git("status", "--porcelain", "agent.py", "bench/qga_exec.py", "bench/qga.py"),
-        "sha256": {name: sha256(os.path.join(REPO, name))
-                   for name in ("agent.py", "build.py", "bench/qga_exec.py", "bench/qga.py",
-                                "tools/guestimage.py")},
-        "machine": {"host": platform.node(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
+        "provenance": provenance.collect(HARNESS),
         "qemu": subprocess.run([vmtool.QEMU, "--version"], capture_output=True,
                                text=True).stdout.splitlines()[0],
         "guest_kernel": info["release"], "qemu_ga_version": version[-1],
         "rounds_per_boot": args.rounds, "boots": boots,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True)
-        f.write("\n")
+    print("kept %s" % os.path.relpath(provenance.keep("qga-exec", report), REPO))
+    if args.publish:
+        provenance.publish(report, os.path.join(HERE, "results", "qga-exec.json"))
+        print("published bench/results/qga-exec.json")
     print(published_paragraph(report))
-    print("saved %s" % args.out)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Start-up cost of the artifacts, as ratios against the bare interpreter in the same run.
 
-    python3 bench/startup.py [--runs N]
+    python3 bench/startup.py [--runs N] [--publish]
 
 Each figure is the median (min-max) wall time of `ARTIFACT --version` over N runs; memory is
 VmRSS of the artifact *serving* on a Unix socket (after a Ping), against a bare interpreter
 sleeping. (ru_maxrss from wait4 is useless here: it keeps the forking parent's high-water
-mark across exec.) Builds what it measures into a temporary folder.
+mark across exec.) Builds what it measures into a temporary folder. Every run is kept in
+bench/results/runs/startup/; --publish also makes it bench/results/startup.json.
 """
 
 import argparse
@@ -21,8 +22,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import build  # noqa: E402
+import provenance  # noqa: E402
 
 PY = "/usr/bin/python3"
+HARNESS = ["bench/startup.py", "bench/provenance.py"]
 
 
 def measure(cmd, runs, env=None, fresh_dir=None):
@@ -68,23 +71,19 @@ def serving_rss(cmd, sock, env=None):
         proc.wait()
 
 
-PUBLISHED_MARK = "for docs/performance.md (tests/figures/test_startup_figures.py checks it is there):"
 PUBLISHED_NAMES = ["`python3 -I -S -c pass` (baseline)", "`python3 -c pass`",
-                "**.pyz with agent.pyc, `-S` (default)**", ".pyz with agent.pyc, `-I -S`",
-                ".pyz with agent.pyc, with site", ".pyz source only, `-S`",
-                "shiv, `~/.shiv` already extracted", "shiv, first start (extracts)"]
+                   "**.pyz with agent.pyc, `-S` (default)**", ".pyz with agent.pyc, `-I -S`",
+                   ".pyz with agent.pyc, with site", ".pyz source only, `-S`",
+                   "shiv, `~/.shiv` already extracted", "shiv, first start (extracts)"]
 
 
-def published_text(runs, rows, mem, sizes):
-    """docs/performance.md's artifact table and the two lines under it, from this run."""
-    commit = subprocess.run(["git", "-C", os.path.dirname(HERE), "rev-parse", "--short",
-                             "HEAD"], capture_output=True, text=True).stdout.strip()
-    version = subprocess.run([PY, "-c", "import sys; print(sys.version.split()[0])"],
-                             capture_output=True, text=True).stdout.strip()
+def published_text(report):
+    """docs/performance.md's artifact table and the line under it, from a saved run."""
+    rows, mem, sizes = report["rows"], report["memory_kib"], report["sizes"]
     base = statistics.median(rows[0][1])
-    out = ["Measured with `python3 bench/startup.py --runs %d` (%s %s, %s, commit %s; the "
-           "output is saved in `bench/results/startup.txt`):" % (
-               runs, PY, version, time.strftime("%Y-%m-%d"), commit), "",
+    out = ["Measured with `python3 bench/startup.py --runs %d` (%s %s, %s):" % (
+               report["runs"], PY, report["provenance"]["python"].get(PY, "?"),
+               provenance.says(report)), "",
            "| `ARTIFACT --version` | median | min–max | vs bare `python3 -I -S` |",
            "|---|---|---|---|"]
     for label, (_, times) in zip(PUBLISHED_NAMES, rows):
@@ -104,6 +103,8 @@ def published_text(runs, rows, mem, sizes):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--publish", action="store_true",
+                        help="make this run bench/results/startup.json (every run is kept)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="arcbox-bench-")
     try:
@@ -146,7 +147,14 @@ def main():
                                                           (kib - mem[0][1]) / 1024))
         sizes = (os.path.getsize(pyc), os.path.getsize(nopyc), os.path.getsize(shiv))
         print("sizes: .pyz %d bytes (pyc) / %d (source only), shiv %d" % sizes)
-        print("\n" + PUBLISHED_MARK + "\n" + published_text(args.runs, rows, mem, sizes))
+        report = {"provenance": provenance.collect(HARNESS), "runs": args.runs,
+                  "rows": rows, "memory_kib": mem, "sizes": sizes}
+        print("kept %s" % os.path.relpath(provenance.keep("startup", report),
+                                          os.path.dirname(HERE)))
+        if args.publish:
+            provenance.publish(report, os.path.join(HERE, "results", "startup.json"))
+            print("published bench/results/startup.json")
+        print("\nfor docs/performance.md:\n" + published_text(report))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -43,6 +43,7 @@ def logged(monkeypatch):
 
 _FIGURES = {}      # test name -> the figures it recorded
 _PASSED = set()
+_FILES = {}        # test name -> its file, for the figures' provenance
 
 
 @pytest.fixture
@@ -52,6 +53,7 @@ def figures(request):
     failed check is not a figure."""
     table = {}
     _FIGURES[request.node.name] = table
+    _FILES[request.node.name] = os.path.relpath(str(request.node.fspath), ROOT)
     return table
 
 
@@ -71,6 +73,12 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("soak figures (tests that passed)")
     for name, table in published.items():
         terminalreporter.write_line("%s: %s" % (name, json.dumps(table, sort_keys=True)))
+    # what measured them: agent.py, build.py and the tests' files, by sha256 (bench/provenance.py);
+    # `python3 bench/soak_table.py --publish` keeps the run and makes it the published one
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import provenance
+    published["provenance"] = provenance.collect(sorted(
+        {_FILES[name] for name in published} | {"tests/conftest.py", "tests/helpers.py"}))
     os.makedirs(os.path.join(ROOT, "dist"), exist_ok=True)
     with open(os.path.join(ROOT, "dist", "soak-figures.json"), "w") as f:
         json.dump(published, f, indent=1, sort_keys=True)

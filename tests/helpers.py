@@ -138,3 +138,20 @@ def between_readings(first, ours, second, where):
         assert first <= ours <= second, (where, first, ours, second)
     else:
         assert first == ours == second, (where, first, ours, second)
+
+
+def utmp_record(user, line, pid, seconds, microseconds, kind=7):
+    """One glibc struct utmp (x86_64), packed field by field from <bits/utmp.h>, not with the
+    agent's own layout: a wrong layout of ours must not pass."""
+    import struct
+    record = struct.pack("<h2xi", kind, pid)             # ut_type (7: USER_PROCESS), ut_pid
+    record += line.encode().ljust(32, b"\0")             # ut_line[UT_LINESIZE]
+    record += b"tty1"                                    # ut_id[4]
+    record += user.encode().ljust(32, b"\0")             # ut_user[UT_NAMESIZE]
+    record += b"".ljust(256, b"\0")                      # ut_host[UT_HOSTSIZE]
+    record += struct.pack("<hh", 0, 0)                   # ut_exit
+    record += struct.pack("<i", 1)                       # ut_session
+    record += struct.pack("<ii", seconds, microseconds)  # ut_tv (32-bit on x86_64)
+    record += b"\0" * 16 + b"\0" * 20                     # ut_addr_v6, __glibc_reserved
+    assert len(record) == 384
+    return record

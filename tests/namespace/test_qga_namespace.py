@@ -108,6 +108,11 @@ def test_guest_shutdown_is_refused_to_a_peer_not_allowed_and_runs_in_order_other
     started = [m for m in msgs if m.startswith("shutdown requested (guest-shutdown from "
                                                 "unix peer")]
     assert started and "action poweroff, grace 3s" in started[0], msgs
+    # in order: the workload had its SIGTERM, said so and exited, so no SIGKILL was needed
+    log = g.log()
+    assert log.count("TERMED") == 1, log
+    assert log.index("SIGTERM sent") < log.index("TERMED"), log
+    assert not any("SIGKILL sent" in m for m in msgs), msgs
     g, c = qga_guest(guest, tmp_path)
     c.call("guest-shutdown", {"mode": "reboot"}, reply=False)
     assert g.wait(timeout=30) == REBOOT_RETURNCODE

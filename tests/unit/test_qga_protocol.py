@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import agent
+from helpers import utmp_record
 
 PEER = ("unix", 1, 0, 0)
 
@@ -238,12 +239,12 @@ def test_days_from_civil_is_timegm():
 
 
 def test_utmp_records_give_each_user_once_with_the_first_login():
+    """The records packed field by field from glibc's <bits/utmp.h> (tests/helpers.py), not
+    with the agent's own struct: a wrong layout of ours fails here."""
     def record(kind, user, sec, usec=0):
-        return agent._UTMP.pack(kind, 1, b"pts/0", b"ts/0", user, b"", 0, 0, 0, sec, usec,
-                                b"")
-    data = (record(agent.USER_PROCESS, b"root", 200) + record(8, b"gone", 50)
-            + record(agent.USER_PROCESS, b"alice", 100, 500000)
-            + record(agent.USER_PROCESS, b"root", 150))
+        return utmp_record(user, "pts/0", 1, sec, usec, kind=kind)
+    data = (record(7, "root", 200) + record(8, "gone", 50)     # 7 USER_, 8 DEAD_PROCESS
+            + record(7, "alice", 100, 500000) + record(7, "root", 150))
     assert len(data) == 4 * 384
     assert agent.parse_utmp(data) == [("alice", 100.5), ("root", 150.0)]
 

@@ -4,9 +4,12 @@ request. The agent is a plain process here (not PID 1)."""
 
 import os
 import pty
+import socket
 import select
 import time
 import tty
+
+import agent
 
 from helpers import start_agent, wait_for
 
@@ -41,3 +44,40 @@ def test_a_partial_request_left_on_the_serial_stream_is_dropped_and_the_next_is_
         proc.stop()
         os.close(master)
         os.close(slave)
+
+
+def test_a_serial_port_with_no_host_is_looked_at_again_every_serial_recheck_not_spun_on(
+        monkeypatch):
+    """docs/guest.md: while no host is connected the port reports POLLHUP and reads EOF; the
+    agent looks at it again every SERIAL_RECHECK (0.1 s) rather than spinning. On a fake
+    port (a socketpair whose other end is closed: POLLHUP and EOF, as a virtio-serial port
+    without a host gives), through the real loop for one second: each read of the port is
+    timed."""
+    from test_fuzz_connections import Harness
+    h = Harness(0)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.close()                                   # no host on the other side
+    peer = ("serial", "fake")
+    conn = agent.SerialStream(ours.fileno(), peer, time.monotonic(), h.protocol(peer, True),
+                              on_closed=lambda: None)
+    h.server.add_connection(conn)
+    reads, real_read = [], os.read
+
+    def timed_read(fd, n):
+        if fd == conn.fd:
+            reads.append(time.monotonic())
+        return real_read(fd, n)
+    monkeypatch.setattr(agent.os, "read", timed_read)
+    try:
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            h.agent.loop.run_once(end - time.monotonic())
+    finally:
+        monkeypatch.undo()
+        h.server.conns.pop(conn.fd, None)
+        ours.close()
+        h.close()
+    gaps = [b - a for a, b in zip(reads, reads[1:])]
+    assert 5 <= len(reads) <= 11, reads              # ~10 looks in a second, not thousands
+    assert min(gaps) >= agent.SERIAL_RECHECK - 0.002, gaps   # poll() rounds to milliseconds

@@ -8,6 +8,7 @@ import pytest
 import guestimage
 import storagecheck
 import vm as vmtool
+from helpers import utmp_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GUEST_PROGRAMS = os.path.join(HERE, "..", "..", "tools", "guest")
@@ -81,23 +82,6 @@ OS_RELEASE = (b'PRETTY_NAME="Arc \\"Box\\" Linux 1.0 (test)"\n'
               b"VERSION_ID=1.0\n"
               b'VARIANT="Rich \\\\ Guest"\n'
               b"VARIANT_ID=rich\\ guest\n")
-
-
-def utmp_record(user, line, pid, seconds, microseconds):
-    """One glibc struct utmp (x86_64), packed field by field from <bits/utmp.h>, not with the
-    agent's own layout: a wrong layout of ours must not pass."""
-    import struct
-    record = struct.pack("<h2xi", 7, pid)                # ut_type USER_PROCESS, ut_pid
-    record += line.encode().ljust(32, b"\0")             # ut_line[UT_LINESIZE]
-    record += b"tty1"                                    # ut_id[4]
-    record += user.encode().ljust(32, b"\0")             # ut_user[UT_NAMESIZE]
-    record += b"".ljust(256, b"\0")                      # ut_host[UT_HOSTSIZE]
-    record += struct.pack("<hh", 0, 0)                   # ut_exit
-    record += struct.pack("<i", 1)                       # ut_session
-    record += struct.pack("<ii", seconds, microseconds)  # ut_tv (32-bit on x86_64)
-    record += b"\0" * 16 + b"\0" * 20                     # ut_addr_v6, __glibc_reserved
-    assert len(record) == 384
-    return record
 
 
 def rich_files():

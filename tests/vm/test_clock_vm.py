@@ -41,7 +41,7 @@ def wait_near(client, within, limit):
     return time.monotonic() - began
 
 
-def test_the_keeper_brings_the_clock_back_after_a_pause_and_a_restore(boot, tmp_path):
+def test_the_keeper_brings_the_clock_back_after_a_pause_and_a_restore(boot, tmp_path, figures):
     (tmp_path / "on").mkdir()
     (tmp_path / "off").mkdir()
     on = boot("arcbox.clock_check=%d" % CHECK, log_level="debug",
@@ -60,6 +60,8 @@ def test_the_keeper_brings_the_clock_back_after_a_pause_and_a_restore(boot, tmp_
     after = behind(c_on)
     print("after a %d s pause: %.3f s behind at first, within 1 s after %.2f s, then "
           "%.3f s" % (PAUSE, first, took, after))
+    figures["after_pause"] = {"behind_first_s": round(first, 3), "within_1s_after_s": round(took, 2),
+                              "behind_then_s": round(after, 3)}
     stepped = steps(on)
     assert len(stepped) == 1 and PAUSE - 3 < stepped[0] < PAUSE + 5, stepped
     assert first > PAUSE - 3 or took < 0.5, first   # behind, unless the look came at once
@@ -76,6 +78,9 @@ def test_the_keeper_brings_the_clock_back_after_a_pause_and_a_restore(boot, tmp_
     after = behind(c)
     print("after a restore %d s later: %.3f s behind at first, within 1 s after %.2f s, "
           "then %.3f s" % (RESTORE_AFTER, first, took, after))
+    figures["after_restore"] = {"behind_first_s": round(first, 3),
+                                "within_1s_after_s": round(took, 2),
+                                "behind_then_s": round(after, 3)}
     assert first > RESTORE_AFTER - 5 or took < 0.5, first
     assert [s for s in steps(restored) if RESTORE_AFTER - 5 < s < RESTORE_AFTER + 15], \
         steps(restored)
