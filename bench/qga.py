@@ -18,6 +18,7 @@ Every run is kept in bench/results/runs/qga/; --publish also makes it bench/resu
 """
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -193,6 +194,25 @@ def published_paragraph(report):
            rss(mem, "floor"), rss(before, "arcbox-agent"), span(idle), MEMORY_TARGET,
            judged[0]["verdict"], rss(mem, "arcbox-agent"), span(after), judged[1]["verdict"],
            rss(mem, "qemu-ga")))
+
+
+def shutdown_side_by_side(report):
+    """docs/qga.md's guest-shutdown in a busybox guest, from the saved replies."""
+    r = report["replies"]["guest-shutdown"]
+    still = r["qemu-ga: guest still running 2 s later"]
+    return (
+        "**In a busybox guest, side by side** (same guest, same host client; `bench/qga.py`, "
+        "%s):\n\n"
+        "| `guest-shutdown` | qemu-ga %s | arcbox-agent |\n"
+        "|---|---|---|\n"
+        "| what it does | forks `/sbin/shutdown`, which busybox has not | the orderly sequence: "
+        "TERM, grace, KILL, teardown, sync, power-off |\n"
+        "| answer | `%s` | none (as specified); QEMU exits %d |\n"
+        "| the guest | %s | %s |"
+        % (provenance.says(report), report["qemu_ga_version"],
+           json.dumps(r["qemu-ga"]).replace("|", "\\|"), r["arcbox-agent: QEMU exit status"],
+           "still running 2 s later" if still else "gone",
+           "powered off in order" if r["arcbox-agent: QEMU exit status"] == 0 else "not off"))
 
 
 def bench_guest(prefix):
