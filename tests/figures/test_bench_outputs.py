@@ -1,8 +1,10 @@
 """The published figures: docs/performance.md's table is exactly what `bench/run.py
---markdown` makes of the saved run; every row made from samples is made again here from
-them (medians, ranges, ratios, met or MISSED), independently of bench/run.py's formatting;
-the run says which commit and interpreters it measured; the chart can be drawn from it
-(matplotlib is a bench-only dependency, installed by .ci/run)."""
+--markdown` makes of the saved run (tests/figures/test_published_blocks.py); every row made
+from samples is made again here from them (medians, ranges, ratios), independently of
+bench/run.py's formatting, and every target's verdict is checked against its interval by the
+rule (met: the whole 90 % interval meets the target; missed: none of it; else not
+established); the run says which code and interpreters it measured; the chart can be drawn
+from it (matplotlib is a bench-only dependency, installed by .ci/run)."""
 
 import json
 import os
@@ -15,7 +17,6 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 SAVED = os.path.join(ROOT, "bench", "results", "bench.json")
 
 import chart  # noqa: E402
-import run  # noqa: E402
 from helpers import doc  # noqa: E402
 
 
@@ -24,13 +25,23 @@ def saved_run():
         return json.load(f)
 
 
-def test_the_published_table_is_generated_from_the_saved_run():
-    table = run.markdown(saved_run())
-    assert run.TABLE_BEGIN + "\n" + table + run.TABLE_END in doc("performance.md")
+def test_the_published_run_is_a_full_one_and_each_row_says_its_verdict():
     data = saved_run()
-    assert not data["meta"]["quick"], "the README must quote a full run"
-    for target in data["targets"]:                      # missed targets say so
-        assert ("met" if target["met"] else "MISSED") in target["target"]
+    assert not data["meta"]["quick"], "the docs must quote a full run"
+    for target in data["targets"]:
+        assert ": %s" % target["verdict"] in target["target"], target
+    assert "<!-- figures: bench/run.py markdown bench/results/bench.json -->" in doc(
+        "performance.md")
+
+
+def rule(low, high, target, n):
+    if n < 5:
+        return "not established (only %d readings)" % n
+    if "max" in target:
+        return "met" if high <= target["max"] else "missed" if low > target["max"] \
+            else "not established"
+    return "met" if low >= target["min"] else "missed" if high < target["min"] \
+        else "not established"
 
 
 def test_the_chart_draws_from_the_saved_run(tmp_path):
@@ -75,21 +86,33 @@ def test_every_row_with_samples_is_made_again_from_them():
             kib, fds = raw["growth"]["kib"], raw["growth"]["fds"]
             assert "%+d KiB, fds %d -> %d" % (kib[1] - kib[0], fds[0], fds[1]) == row[2]
             met = kib[1] - kib[0] <= raw["growth"]["max_kib"] and fds[0] == fds[1]
-            assert row[5].endswith("met" if met else "MISSED"), row
+            assert row[5].endswith(("met" if met else "missed") + " (one reading)"), row
             targets += 1
         target = raw.get("target")
         if target:
-            on = ratio if target["on"] == "ratio" else statistics.median(raw["value"])
-            met = on <= target["max"] if "max" in target else on >= target["min"]
-            assert row[5].endswith(": met" if met else ": MISSED"), (row, on, target)
             listed = [t for t in data["targets"] if t["case"] == row[1]]
-            assert listed and listed[0]["met"] == met, row
+            assert len(listed) == 1, row
+            low, high = listed[0]["interval"]
+            if target["on"] == "ratio":
+                on = statistics.median(raw["value"]) / statistics.median(raw["baseline"])
+                if raw.get("ratio") == "baseline/value":
+                    on = 1 / on
+            else:
+                on = statistics.median(raw["value"])
+            assert low <= on <= high, (row, on, low, high)
+            n = min(len(raw["value"]), len(raw.get("baseline") or raw["value"]))
+            expected = rule(low, high, target, n)
+            assert listed[0]["verdict"] == expected, (row, listed[0], expected)
+            assert ": %s (90%% CI " % expected in row[5], row
             targets += 1
     assert checked >= 20 and targets == len(data["targets"]), (checked, targets)
 
 
 def test_the_run_says_what_it_measured():
-    meta = saved_run()["meta"]
-    assert re.fullmatch(r"[0-9a-f]{7,}", meta["commit"]) and not meta["dirty"]
+    data = saved_run()
+    meta, p = data["meta"], data["provenance"]
+    assert re.fullmatch(r"[0-9a-f]{7,}", p["commit"]) and not p["differs_from_commit"]
+    assert set(p["sha256"]) >= {"agent.py", "build.py", "bench/run.py", "bench/verdict.py"}
     assert meta["agent_python"] and meta["runner_python"] and meta["cpu_model"]
-    assert "at commit %s on %s" % (meta["commit"], meta["cpu_model"]) in doc("performance.md")
+    assert "commit %s, agent.py sha256 %s" % (p["commit"], p["sha256"]["agent.py"][:12]) \
+        in doc("performance.md")
