@@ -46,7 +46,7 @@ def test_the_memory_beside_the_card_floor_and_its_verdicts():
 
 def test_the_side_by_side_is_what_qemu_ga_answered():
     data = saved_result("qga.json")
-    text = doc("qga.md", "**In a busybox guest, side by side**", "\n\n\n")
+    text = doc("qga.md", "**In a busybox guest, side by side**", "<!-- end figures -->")
     shutdown = data["replies"]["guest-shutdown"]
     assert shutdown["qemu-ga: guest still running 2 s later"] is True
     assert shutdown["arcbox-agent: QEMU exit status"] == 0
