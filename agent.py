@@ -231,12 +231,12 @@ def use_own_console():
 
 
 # A VM's serial console is slow: every byte is a trap into the VMM (under TCG, on the only
-# vCPU, a line costs the guest milliseconds). While PID 1 starts, its info and debug lines are held and written
-# in one go once the host has had its first answer, or the agent is ready, or START_HOLD has
-# passed (Agent), so that no console line stands between the kernel's hand-off and the first
-# answer. Warnings and errors are never held: they write what is held, then themselves. The
-# loop ends the hold; should the start hang before the loop turns, an alarm (SIGALRM, at
-# START_HOLD) writes them all the same.
+# vCPU, a line costs the guest milliseconds). While PID 1 starts, its info and debug lines
+# are held and written in one go once the host has had its first answer, or the agent is
+# ready, or START_HOLD has passed (Agent), so that no console line stands between the
+# kernel's hand-off and the first answer. Warnings and errors are never held: they write
+# what is held, then themselves. The loop ends the hold; should the start hang before the
+# loop turns, an alarm (SIGALRM, at START_HOLD) writes them all the same.
 START_HOLD = 2.0                  # seconds: the longest a start-up line waits for the console
 LOG_INFO = LOG_LEVELS["info"]
 _held_lines = None                # a list while holding
@@ -5840,16 +5840,28 @@ class SocketListener(Listener):
             bind_to = unix_sockaddr(self.addr[1])
             if not is_abstract(self.addr[1]):
                 _remove_stale_socket(bind_to)
+        # A socket file appears at bind(), before listen(): a client that waits for the file
+        # (as supervisors and our tests do) could find it and be refused. So a path is bound
+        # and listened on under a name beside it, then renamed into place (atomic), where the
+        # name fits in sun_path.
+        staged = _staging_name(bind_to) if kind == "unix" and not is_abstract(
+            self.addr[1]) else None
         try:
-            sock.bind(bind_to)
+            if staged:
+                _remove_stale_socket(staged)
+            sock.bind(staged or bind_to)
             if kind == "unix" and not is_abstract(self.addr[1]):
                 # Ping and GetSystemInfo are open to every local user; Shutdown is checked by
                 # the peer's credentials, not by file modes.
-                os.chmod(bind_to, 0o666)
+                os.chmod(staged or bind_to, 0o666)
             sock.listen(LISTEN_BACKLOG)
+            if staged:
+                os.rename(staged, bind_to)
             sock.setblocking(False)
         except BaseException:
             sock.close()
+            if staged:
+                _remove_stale_socket(staged)
             raise
         self.sock = sock
         return None
@@ -5908,6 +5920,18 @@ def resolve_serial_port(name):
         if _read_text("%s/%s/name" % (VIRTIO_PORTS, port)).strip() == name:
             return "/dev/" + port
     raise OSError(errno.ENOENT, "no virtio-serial port named %r (yet)" % name)
+
+
+SUN_PATH_MAX = 107                # bytes of a socket path, sun_path[108] less its NUL
+
+
+def _staging_name(path):
+    """Where a Unix socket is bound and listened on before it is renamed to `path`: a
+    hidden name in the same directory (rename(2) stays on one filesystem), or None when
+    that name would not fit in sun_path."""
+    head, tail = os.path.split(path)
+    staged = os.path.join(head, ".%s.%d" % (tail, os.getpid()))
+    return staged if len(os.fsencode(staged)) <= SUN_PATH_MAX else None
 
 
 def _remove_stale_socket(path):

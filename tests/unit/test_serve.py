@@ -286,3 +286,47 @@ def test_boot_time_waits_are_bounded():
     assert time.monotonic() - started < 5
     pid = agent.run_in_child(lambda: os.execv("/bin/sh", ["sh", "-c", "exit 3"]))
     assert os.waitstatus_to_exitcode(agent._wait_bounded(pid, 10)) == 3
+
+
+def test_a_unix_socket_path_appears_only_once_it_listens(tmp_path, monkeypatch):
+    """A client that waits for the socket file (supervisors do; so do our tests) must never
+    find it refusing connections: the path is bound and listened on under another name and
+    renamed into place. Checked at the moment of listen(): the path is not there yet."""
+    path = str(tmp_path / "agent.sock")
+    seen_at_listen = []
+
+    class Watched(socket.socket):
+        def listen(self, *args):
+            seen_at_listen.append(os.path.exists(path))
+            return super().listen(*args)
+    monkeypatch.setattr(agent.socket, "socket", Watched)
+    listener = agent.SocketListener(("unix", path), None)
+    listener.open(time.monotonic())
+    monkeypatch.undo()
+    try:
+        assert seen_at_listen == [False]
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o666)
+        assert os.listdir(str(tmp_path)) == ["agent.sock"]        # nothing staged left
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(path)
+        c.close()
+    finally:
+        listener.close()
+    assert not os.path.exists(path)
+
+
+def test_a_unix_socket_path_too_long_to_stage_is_bound_in_place(tmp_path):
+    """The staging name is longer than the path: where it would not fit in sun_path, the
+    path is bound directly, as before, and still serves."""
+    folder = tmp_path / ("d" * (agent.SUN_PATH_MAX - len(str(tmp_path)) - 12))
+    folder.mkdir()
+    path = str(folder / "a.sock")
+    assert len(path) <= agent.SUN_PATH_MAX and agent._staging_name(path) is None
+    listener = agent.SocketListener(("unix", path), None)
+    listener.open(time.monotonic())
+    try:
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(path)
+        c.close()
+    finally:
+        listener.close()
