@@ -5,7 +5,8 @@ minimal guest need not carry); the first QGA request is the one place that loads
 The agent runs under an interpreter whose import system refuses those modules: a finder
 first on sys.meta_path that writes the module's name, and the agent's frames that asked for
 it, to a file, then raises ImportError. The .pyz itself runs through runpy as `python3
-arcbox-agent.pyz` runs it (the zip first on sys.path, its __main__ run as the main module), so this is the shipped artifact (its optimize=2 agent.pyc)."""
+arcbox-agent.pyz` runs it (the zip first on sys.path, its __main__ run as the main module),
+so this is the shipped artifact (its optimize=2 agent.pyc)."""
 
 import os
 import stat
