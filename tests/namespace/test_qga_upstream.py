@@ -211,13 +211,19 @@ HELLO = b"Hello World!\n\0"         # sizeof(helloworld): the C string's NUL too
 ENC = base64.b64encode(HELLO).decode()
 
 
-def test_file_ops(fixture):
+def open_and_write_hello(fixture):
+    """Both file cases begin alike in test-qga.c: "foo" opened w+, HELLO written whole."""
     ret = fixture.qmp("guest-file-open", path="foo", mode="w+")
     assert_no_error(ret)
     handle = ret["return"]
     ret = fixture.qmp("guest-file-write", handle=handle, **{"buf-b64": ENC})
     assert_no_error(ret)
     assert ret["return"] == {"count": len(HELLO), "eof": False}
+    return handle
+
+
+def test_file_ops(fixture):
+    handle = open_and_write_hello(fixture)
     fixture.qmp("guest-file-flush", handle=handle)
     fixture.qmp("guest-file-close", handle=handle)
     with open(os.path.join(fixture.dir, "foo"), "rb") as f:
@@ -239,12 +245,7 @@ def test_file_ops(fixture):
 
 
 def test_file_write_read(fixture):
-    ret = fixture.qmp("guest-file-open", path="foo", mode="w+")
-    assert_no_error(ret)
-    handle = ret["return"]
-    ret = fixture.qmp("guest-file-write", handle=handle, **{"buf-b64": ENC})
-    assert_no_error(ret)
-    assert ret["return"] == {"count": len(HELLO), "eof": False}
+    handle = open_and_write_hello(fixture)
     ret = fixture.qmp("guest-file-read", handle=handle)["return"]   # implicit flush
     assert ret["count"] == 0 and ret["eof"] and ret["buf-b64"] == ""
     ret = fixture.qmp("guest-file-seek", handle=handle, offset=0, whence="set")
